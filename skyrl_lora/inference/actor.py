@@ -1,0 +1,62 @@
+"""VLLMServerActor: one inference server per Ray actor, reachable over HTTP by any client."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import ray
+
+from skyrl_lora.inference.server import EmbeddedVLLMServer, ServerConfig, vllm_env
+
+logger = logging.getLogger(__name__)
+
+
+class VLLMServerActor:
+    """Runs vLLM's OpenAI server in-process (our routes beside it) inside a Ray async actor."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        logging.basicConfig(level=logging.INFO)
+        self.server = EmbeddedVLLMServer(config)
+
+    async def start(self) -> str:
+        return await self.server.start()
+
+    def url(self) -> str | None:
+        return self.server.url
+
+    def startup_seconds(self) -> float | None:
+        return self.server.startup_s
+
+    async def health(self) -> bool:
+        if self.server.engine is None:
+            return False
+        await self.server.engine.check_health()
+        return True
+
+    def state(self) -> dict[str, Any]:
+        return self.server.controller.state().model_dump() if self.server.controller else {}
+
+    def log_tail(self) -> str:
+        return self.server.log_tail()
+
+    async def shutdown(self) -> None:
+        await self.server.stop()
+
+
+def start_server_actor(config: ServerConfig, *, num_gpus: float = 0, num_cpus: float = 1,
+                       name: str | None = None, max_restarts: int = 0) -> tuple[Any, str]:
+    """Create the actor, start its server and return (handle, url). Raises with vLLM's log tail on failure."""
+    actor_cls = ray.remote(VLLMServerActor)
+    options: dict[str, Any] = {
+        "num_cpus": num_cpus,
+        "num_gpus": num_gpus,
+        "max_restarts": max_restarts,
+        "max_concurrency": 1000,
+        "runtime_env": {"env_vars": vllm_env(config)},
+    }
+    if name is not None:
+        options["name"] = name
+    handle = actor_cls.options(**options).remote(config)
+    url = ray.get(handle.start.remote(), timeout=config.startup_timeout_s + 60)
+    return handle, url

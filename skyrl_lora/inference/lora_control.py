@@ -1,0 +1,382 @@
+"""Per-tenant LoRA control inside one vLLM server: gated generation, targeted abort, versioned swaps.
+
+A tenant's adapter is served under a *stable* name (what clients send) backed by *versioned* engine
+adapters (``name::vN``, a fresh ``lora_int_id`` each). Why versions:
+
+* vLLM keys prefix-cache blocks by adapter name and path; a new engine adapter per version can never
+  reuse KV computed with old weights, while other tenants' cached prefixes are untouched (no global
+  prefix-cache reset).
+* vLLM's ``load_inplace`` is sticky (every later step reloads the adapter from disk); a versioned swap
+  never needs it. The ``inplace`` sync mode hands the engine exactly one in-place request and serves
+  later requests with a plain one.
+* An old version is unloaded from the engine only when no admitted request still uses it.
+
+Every generation entry point of the server goes through :meth:`LoraController.generate`, which
+replaces the engine's ``generate``: vLLM's ``/v1/completions`` and ``/v1/chat/completions`` honour a
+tenant's pause exactly like our own token route.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from skyrl_lora.inference import vllm_compat as compat
+from skyrl_lora.inference.gate import PauseGates
+from skyrl_lora.inference.protocol import LoraInfo, ServerState
+
+logger = logging.getLogger(__name__)
+
+VERSION_SEP = "::v"
+
+
+class LoraError(Exception):
+    """A request about a LoRA that cannot be served; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str, field_name: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.field = field_name
+
+
+@dataclass
+class TenantAdapter:
+    name: str
+    version: int
+    lora_id: int
+    path: str
+    engine_request: Any  # LoRARequest (plain, never load_inplace) that new requests carry
+
+    @property
+    def engine_name(self) -> str:
+        return self.engine_request.lora_name
+
+
+@dataclass(eq=False)
+class Admission:
+    """One request admitted past a tenant's gate; tracked until its generator exits."""
+
+    request_id: str
+    tenant: str | None
+    version: int
+    lora_id: int | None
+    epoch: int
+    abort_sent: bool = False
+    tokens: int = 0  # output tokens seen so far (token route only); for observability and tests
+
+
+@dataclass
+class _TenantRuntime:
+    admissions: set[Admission] = field(default_factory=set)
+    waiting: int = 0  # requests held at the closed gate
+    drained: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.drained.set()
+
+
+class LoraController:
+    """Owns the tenant registry, the pause gates and the engine's generate entry point."""
+
+    _ids = itertools.count(10_000)  # far from vLLM's own counter, which starts at 1
+
+    def __init__(self, engine: Any, *, adapter_roots: list[str] | None = None, drain_timeout_s: float = 30.0) -> None:
+        self.engine = engine
+        self.adapter_roots = [Path(r).resolve() for r in (adapter_roots or [])]
+        self.drain_timeout_s = drain_timeout_s
+        self.gates = PauseGates(on_reopen=self._on_reopen)
+        self.tenants: dict[str, TenantAdapter] = {}
+        self._by_engine_name: dict[str, str] = {}
+        self._runtime: dict[str | None, _TenantRuntime] = {}
+        self._by_request: dict[str, Admission] = {}
+        self._retiring: dict[int, str] = {}  # engine lora id -> tenant, of versions replaced but maybe in use
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._serving_models: Any = None
+        self._inner_generate = engine.generate
+        self._lora_cfg = compat.lora_config(engine)
+        # Shadow the bound method on the instance: every route that holds this engine now gates.
+        engine.generate = self.generate
+
+    # ------------------------------------------------------------------ wiring
+    def attach_serving_models(self, serving_models: Any) -> None:
+        """Keep vLLM's OpenAI model list in step, so /v1/models and model resolution see tenants."""
+        self._serving_models = serving_models
+
+    def _publish_to_openai(self, adapter: TenantAdapter) -> None:
+        if self._serving_models is None:
+            return
+        self._serving_models.lora_requests[adapter.name] = compat.make_lora_request(adapter.name, adapter.lora_id, adapter.path)
+
+    def _unpublish_from_openai(self, name: str) -> None:
+        if self._serving_models is not None:
+            self._serving_models.lora_requests.pop(name, None)
+
+    # ------------------------------------------------------------------ lookup
+    def tenant_of(self, lora_name: str) -> str | None:
+        if lora_name in self.tenants:
+            return lora_name
+        return self._by_engine_name.get(lora_name)
+
+    def require(self, name: str) -> TenantAdapter:
+        adapter = self.tenants.get(name)
+        if adapter is None:
+            raise LoraError(404, f"unknown LoRA '{name}'", "lora_name")
+        return adapter
+
+    def _rt(self, tenant: str | None) -> _TenantRuntime:
+        rt = self._runtime.get(tenant)
+        if rt is None:
+            rt = self._runtime[tenant] = _TenantRuntime()
+        return rt
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        lock = self._locks.get(name)
+        if lock is None:
+            lock = self._locks[name] = asyncio.Lock()
+        return lock
+
+    def version_of(self, adm: Admission) -> int:
+        """Version producing this request's tokens *now* (an in-place load keeps the engine id)."""
+        if adm.tenant is None:
+            return 0
+        current = self.tenants.get(adm.tenant)
+        if current is not None and current.lora_id == adm.lora_id:
+            return current.version
+        return adm.version
+
+    # ------------------------------------------------------------------ generation
+    async def admit(self, lora_request: Any) -> tuple[Admission, Any]:
+        """Wait at the tenant's gate, then register the request before anything can await."""
+        tenant = None if lora_request is None else self.tenant_of(lora_request.lora_name)
+        if lora_request is not None and tenant is None:
+            raise LoraError(404, f"unknown LoRA '{lora_request.lora_name}'", "lora_name")
+        while tenant is not None and self.gates.is_paused(tenant):
+            rt = self._rt(tenant)
+            rt.waiting += 1
+            try:
+                await self.gates.wait_open(tenant)
+            finally:
+                rt.waiting -= 1
+            if tenant not in self.tenants:
+                raise LoraError(404, f"LoRA '{tenant}' was unloaded while the request waited", "lora_name")
+        adapter = self.tenants.get(tenant) if tenant is not None else None
+        adm = Admission(
+            request_id="",
+            tenant=tenant,
+            version=adapter.version if adapter else 0,
+            lora_id=adapter.lora_id if adapter else None,
+            epoch=self.gates.epoch(tenant),
+        )
+        rt = self._rt(tenant)
+        rt.admissions.add(adm)
+        rt.drained.clear()
+        return adm, (adapter.engine_request if adapter else None)
+
+    def admission(self, request_id: str) -> Admission | None:
+        return self._by_request.get(request_id)
+
+    def release(self, adm: Admission) -> None:
+        self._by_request.pop(adm.request_id, None)
+        rt = self._rt(adm.tenant)
+        rt.admissions.discard(adm)
+        if not rt.admissions:
+            rt.drained.set()
+        if adm.lora_id in self._retiring and not any(a.lora_id == adm.lora_id for a in rt.admissions):
+            asyncio.get_running_loop().create_task(self._remove_engine_lora(adm.lora_id))
+
+    async def generate(self, prompt: Any, sampling_params: Any, request_id: str, *args: Any,
+                       lora_request: Any = None, **kwargs: Any) -> AsyncGenerator[Any, None]:
+        """The engine's generate, behind the tenant's gate and with the tenant's current version."""
+        adm, engine_lora = await self.admit(lora_request)
+        adm.request_id = request_id
+        self._by_request[request_id] = adm
+        try:
+            async for out in self._inner_generate(prompt, sampling_params, request_id, *args,
+                                                  lora_request=engine_lora, **kwargs):
+                # Registered too late for the pause's abort sweep: stop it at its first output.
+                if adm.tenant is not None and not adm.abort_sent and adm.epoch != self.gates.epoch(adm.tenant):
+                    adm.abort_sent = True
+                    await compat.abort_external(self.engine, request_id)
+                yield out
+        finally:
+            self.release(adm)
+
+    # ------------------------------------------------------------------ abort / pause / resume
+    def _abort_sweep(self, tenant: str) -> list[str]:
+        """Internal ids of every engine request of this tenant (all versions, all n>1 children)."""
+        names = {a_name for a_name, t in self._by_engine_name.items() if t == tenant}
+        ids = [rid for rid, st in compat.request_states(self.engine).items() if compat.state_lora_name(st) in names]
+        for adm in self._rt(tenant).admissions:
+            adm.abort_sent = True
+        return ids
+
+    async def abort_lora_requests(self, name: str) -> int:
+        self.require(name)
+        ids = self._abort_sweep(name)
+        await compat.abort_internal(self.engine, ids)
+        return len(ids)
+
+    async def _wait_drained(self, tenant: str | None) -> bool:
+        try:
+            await asyncio.wait_for(self._rt(tenant).drained.wait(), self.drain_timeout_s)
+            return True
+        except asyncio.TimeoutError:
+            logger.error("requests of %r did not drain within %.0f s", tenant, self.drain_timeout_s)
+            return False
+
+    async def pause(self, name: str | None, owner: str, lease_s: float) -> tuple[int, bool]:
+        """Close the gate and abort in-flight requests in one loop step; returns (aborted, drained)."""
+        if name is None:
+            if self.gates.close(None, owner, lease_s):
+                await compat.pause_engine(self.engine)
+            return 0, True
+        self.require(name)
+        self.gates.close(name, owner, lease_s)
+        ids = self._abort_sweep(name)  # no await between closing the gate and this sweep
+        await compat.abort_internal(self.engine, ids)
+        return len(ids), await self._wait_drained(name)
+
+    def resume(self, name: str | None, owner: str | None) -> bool:
+        """Returns whether the gate is still closed (other owners hold it)."""
+        if name is not None and name not in self.tenants:
+            return False
+        return not self.gates.open(name, owner)
+
+    def _on_reopen(self, key: str | None) -> None:
+        if key is None:
+            asyncio.get_running_loop().create_task(compat.resume_engine(self.engine))
+
+    # ------------------------------------------------------------------ adapters
+    def _check_path(self, path: str) -> str:
+        real = Path(path).resolve()
+        if self.adapter_roots and not any(real.is_relative_to(root) for root in self.adapter_roots):
+            raise LoraError(403, f"lora_path '{path}' is outside the configured adapter roots", "lora_path")
+        config = real / "adapter_config.json"
+        if not config.is_file():
+            raise LoraError(400, f"lora_path '{path}' has no adapter_config.json", "lora_path")
+        try:
+            rank = int(json.loads(config.read_text()).get("r", 0))
+        except (ValueError, TypeError) as exc:
+            raise LoraError(400, f"lora_path '{path}': unreadable adapter_config.json ({exc})", "lora_path") from exc
+        max_rank = getattr(self._lora_cfg, "max_lora_rank", None)
+        if max_rank is not None and rank > max_rank:
+            raise LoraError(400, f"lora_path '{path}': rank {rank} exceeds the server's max_lora_rank {max_rank}", "lora_path")
+        return str(real)
+
+    async def _engine_add(self, request: Any, name: str) -> None:
+        try:
+            ok = await self.engine.add_lora(request)
+        except Exception as exc:  # vLLM raises plain exceptions for bad adapters
+            raise LoraError(400, f"LoRA '{name}' failed to load from '{request.lora_path}': {exc}", "lora_path") from exc
+        if ok is False:
+            raise LoraError(400, f"LoRA '{name}' failed to load from '{request.lora_path}'", "lora_path")
+
+    async def _remove_engine_lora(self, lora_id: int) -> None:
+        tenant = self._retiring.pop(lora_id, None)
+        if tenant is None:
+            return
+        for engine_name, t in list(self._by_engine_name.items()):
+            if t == tenant and engine_name.endswith(VERSION_SEP + str(lora_id)):
+                del self._by_engine_name[engine_name]
+        try:
+            await self.engine.remove_lora(lora_id)
+        except Exception:  # an engine that already evicted it is fine
+            logger.debug("remove_lora(%d) failed", lora_id, exc_info=True)
+
+    def _engine_name(self, name: str, lora_id: int) -> str:
+        return f"{name}{VERSION_SEP}{lora_id}"
+
+    async def load(self, name: str, path: str, *, load_inplace: bool = True, mode: str = "abort") -> tuple[TenantAdapter, int, float]:
+        """Load or replace a tenant's adapter. Returns (adapter, aborted, seconds spent loading).
+
+        ``abort``: the new version is loaded beside the old one, then in one loop step the tenant's
+        name points at it and every request still on the old version is aborted (its client continues
+        it on the new weights). ``inplace``: one in-place engine load under the same engine id;
+        running requests pick the new weights up mid-generation.
+        """
+        real = self._check_path(path)
+        async with self._lock(name):
+            old = self.tenants.get(name)
+            if old is not None and not load_inplace:
+                raise LoraError(409, f"LoRA '{name}' is already loaded; pass load_inplace=true to replace it", "lora_name")
+            t0 = time.perf_counter()
+            if old is not None and mode == "inplace":
+                await self._engine_add(compat.make_lora_request(old.engine_name, old.lora_id, real, load_inplace=True), name)
+                load_s = time.perf_counter() - t0
+                new = TenantAdapter(name, old.version + 1, old.lora_id, real,
+                                    compat.make_lora_request(old.engine_name, old.lora_id, real))
+                self.tenants[name] = new
+                self._publish_to_openai(new)
+                return new, 0, load_s
+            lora_id = next(self._ids)
+            engine_name = self._engine_name(name, lora_id)
+            request = compat.make_lora_request(engine_name, lora_id, real)
+            await self._engine_add(request, name)
+            load_s = time.perf_counter() - t0
+            new = TenantAdapter(name, (old.version + 1) if old else 1, lora_id, real, request)
+            # --- one loop step: flip the name, sweep the old version's requests
+            self._by_engine_name[engine_name] = name
+            self.tenants[name] = new
+            self._publish_to_openai(new)
+            aborted = 0
+            if old is not None:
+                self._retiring[old.lora_id] = name
+                ids = [rid for rid, st in compat.request_states(self.engine).items()
+                       if compat.state_lora_name(st) == old.engine_name]
+                for adm in self._rt(name).admissions:
+                    if adm.lora_id == old.lora_id:
+                        adm.abort_sent = True
+                aborted = len(ids)
+                # ---
+                await compat.abort_internal(self.engine, ids)
+                if not any(a.lora_id == old.lora_id for a in self._rt(name).admissions):
+                    await self._remove_engine_lora(old.lora_id)
+            logger.info("LoRA %s -> v%d (%s), %d requests moved to the new version", name, new.version, real, aborted)
+            return new, aborted, load_s
+
+    async def unload(self, name: str) -> None:
+        adapter = self.require(name)
+        async with self._lock(name):
+            self.gates.close(name, "unload", 60.0)
+            ids = self._abort_sweep(name)
+            await compat.abort_internal(self.engine, ids)
+            await self._wait_drained(name)
+            del self.tenants[name]
+            self._unpublish_from_openai(name)
+            for engine_name in [n for n, t in self._by_engine_name.items() if t == name]:
+                del self._by_engine_name[engine_name]
+            for lora_id in [i for i, t in self._retiring.items() if t == name] + [adapter.lora_id]:
+                self._retiring.pop(lora_id, None)
+                try:
+                    await self.engine.remove_lora(lora_id)
+                except Exception:
+                    logger.debug("remove_lora(%d) failed", lora_id, exc_info=True)
+            self.gates.forget(name)
+
+    # ------------------------------------------------------------------ state
+    def info(self, name: str) -> LoraInfo:
+        a = self.require(name)
+        rt = self._rt(name)
+        admissions = rt.admissions
+        return LoraInfo(name=a.name, version=a.version, path=a.path, in_flight=len(admissions), waiting=rt.waiting,
+                        in_flight_tokens=sum(adm.tokens for adm in admissions), paused_by=self.gates.owners(name))
+
+    def state(self) -> ServerState:
+        return ServerState(
+            loras=[self.info(n) for n in sorted(self.tenants)],
+            engine_paused_by=self.gates.owners(None),
+            in_flight=sum(len(rt.admissions) for rt in self._runtime.values()),
+        )
+
+
+def new_request_id(prefix: str = "skyrl") -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"

@@ -1,0 +1,143 @@
+"""Messages of the /skyrl/v1 routes: what crosses the HTTP boundary between client and server."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+LORA_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+LoraName = Annotated[str, Field(pattern=LORA_NAME_PATTERN, description="tenant-visible adapter name")]
+FinishReason = Literal["stop", "length", "abort"]
+SyncMode = Literal["abort", "inplace"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SamplingParamsIn(_Frozen):
+    """The subset of vLLM's sampling parameters a token-in/token-out RL client needs."""
+
+    max_tokens: int = Field(16, ge=1)
+    min_tokens: int = Field(0, ge=0)
+    temperature: float = Field(1.0, ge=0.0, le=100.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(-1, ge=-1)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: list[str] = Field(default_factory=list, max_length=16)
+    stop_token_ids: list[int] = Field(default_factory=list, max_length=64)
+    ignore_eos: bool = False
+    logprobs: int = Field(0, ge=0, le=20, description="top-k logprobs per token; the sampled token's is always returned")
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> SamplingParamsIn:
+        if self.min_tokens > self.max_tokens:
+            raise ValueError("min_tokens must not exceed max_tokens")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+        return self
+
+
+class GenerateRequest(_Frozen):
+    prompt_token_ids: list[int] = Field(min_length=1)
+    # Tokens this request already produced before an abort; the server continues after them and
+    # checks stop strings across the seam.
+    prefix_output_token_ids: list[int] = Field(default_factory=list)
+    sampling_params: SamplingParamsIn = SamplingParamsIn()
+    lora_name: LoraName | None = None
+    num_samples: int = Field(1, ge=1, le=64)
+
+
+class VersionSpan(_Frozen):
+    """Tokens [start, end) of a sample were produced by adapter version ``version`` (0 = base model)."""
+
+    version: int
+    start: int
+    end: int
+
+
+class SampleOut(_Frozen):
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list[dict[int, float]] | None = None
+    finish_reason: FinishReason
+    stop_reason: str | int | None = None
+    version_spans: list[VersionSpan] = Field(default_factory=list)
+    num_cached_tokens: int = 0
+
+
+class GenerateResponse(_Frozen):
+    samples: list[SampleOut]
+
+
+class PauseRequest(_Frozen):
+    lora_name: LoraName | None = None
+    owner: str = Field("anonymous", min_length=1, max_length=256)
+    lease_s: float = Field(60.0, gt=0, le=3600)
+
+
+class PauseResponse(_Frozen):
+    paused: bool
+    aborted: int
+    drained: bool
+
+
+class ResumeRequest(_Frozen):
+    lora_name: LoraName | None = None
+    owner: str | None = Field(None, min_length=1, max_length=256, description="None drops every holder")
+
+
+class ResumeResponse(_Frozen):
+    paused: bool
+
+
+class AbortLoraRequest(_Frozen):
+    lora_name: LoraName
+
+
+class AbortLoraResponse(_Frozen):
+    aborted: int
+
+
+class LoadLoraRequest(_Frozen):
+    lora_name: LoraName
+    lora_path: str = Field(min_length=1, max_length=4096)
+    load_inplace: bool = True
+    mode: SyncMode = "abort"
+
+
+class UnloadLoraRequest(_Frozen):
+    lora_name: LoraName
+
+
+class UpdateLoraRequest(_Frozen):
+    """One-call sync of a loaded LoRA on one server. ``abort``: the new version is loaded beside the old
+    one, then the name flips to it and the old version's in-flight requests are aborted in one step
+    (clients continue them on the new weights). ``inplace``: running requests pick the new weights up."""
+
+    lora_name: LoraName
+    lora_path: str = Field(min_length=1, max_length=4096)
+    mode: SyncMode = "abort"
+
+
+class LoraInfo(_Frozen):
+    name: str
+    version: int
+    path: str
+    in_flight: int
+    in_flight_tokens: int = 0
+    waiting: int = 0
+    paused_by: dict[str, float]
+
+
+class LoadLoraResponse(_Frozen):
+    lora: LoraInfo
+    aborted: int = 0
+    load_s: float = 0.0
+
+
+class ServerState(_Frozen):
+    loras: list[LoraInfo]
+    engine_paused_by: dict[str, float]
+    in_flight: int

@@ -1,0 +1,255 @@
+"""Our routes, mounted beside vLLM's in the same app so they reach the engine object directly."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.routing import Route
+
+from skyrl_lora.inference import vllm_compat as compat
+from skyrl_lora.inference.lora_control import LoraController, LoraError, new_request_id
+from skyrl_lora.inference.protocol import (
+    AbortLoraRequest,
+    AbortLoraResponse,
+    GenerateRequest,
+    GenerateResponse,
+    LoadLoraRequest,
+    LoadLoraResponse,
+    PauseRequest,
+    PauseResponse,
+    ResumeRequest,
+    ResumeResponse,
+    SampleOut,
+    ServerState,
+    UnloadLoraRequest,
+    UpdateLoraRequest,
+    VersionSpan,
+)
+from skyrl_lora.inference.stitching import find_seam_stop
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "/skyrl/v1"
+SEAM_TAIL_TOKENS = 16
+
+
+def _controller(raw: Request) -> LoraController:
+    return raw.app.state.skyrl_controller
+
+
+def lora_error_response(exc: LoraError) -> JSONResponse:
+    return JSONResponse(status_code=exc.status, content={"error": {"message": exc.message, "field": exc.field,
+                                                                    "code": exc.status}})
+
+
+class TokenGenerator:
+    """Token-in/token-out sampling for RL clients: ids, per-token logprobs, finish reason, versions."""
+
+    def __init__(self, controller: LoraController) -> None:
+        self.controller = controller
+        self.engine = controller.engine
+        self._tokenizer: Any = None
+
+    async def _decode_fn(self):
+        if self._tokenizer is None:
+            self._tokenizer = await compat.get_tokenizer(self.engine)
+        tok = self._tokenizer
+        return lambda ids: tok.decode(list(ids), skip_special_tokens=True)
+
+    def validate(self, req: GenerateRequest) -> None:
+        vocab = compat.vocab_size(self.engine)
+        for field_name, ids in (("prompt_token_ids", req.prompt_token_ids),
+                                ("prefix_output_token_ids", req.prefix_output_token_ids),
+                                ("sampling_params.stop_token_ids", req.sampling_params.stop_token_ids)):
+            bad = next((t for t in ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise LoraError(400, f"{field_name}: token id {bad} is outside the vocabulary [0, {vocab})", field_name)
+        limit = compat.max_model_len(self.engine)
+        total = len(req.prompt_token_ids) + len(req.prefix_output_token_ids) + req.sampling_params.max_tokens
+        if total > limit:
+            raise LoraError(400, f"sampling_params.max_tokens: prompt ({len(req.prompt_token_ids)}) + prefix "
+                                 f"({len(req.prefix_output_token_ids)}) + max_tokens ({req.sampling_params.max_tokens}) "
+                                 f"= {total} exceeds the model length {limit}", "sampling_params.max_tokens")
+        if req.lora_name is not None:
+            self.controller.require(req.lora_name)
+
+    async def generate(self, req: GenerateRequest) -> GenerateResponse:
+        self.validate(req)
+        samples = await asyncio.gather(*(self._one(req, i) for i in range(req.num_samples)))
+        return GenerateResponse(samples=list(samples))
+
+    async def _one(self, req: GenerateRequest, index: int) -> SampleOut:
+        p = req.sampling_params
+        seed = None if p.seed is None else (p.seed + index) % (2**63)
+        params = compat.make_sampling_params(
+            n=1, max_tokens=p.max_tokens, min_tokens=p.min_tokens, temperature=p.temperature, top_p=p.top_p,
+            top_k=p.top_k, seed=seed, stop=list(p.stop) or None, stop_token_ids=list(p.stop_token_ids) or None,
+            ignore_eos=p.ignore_eos, logprobs=p.logprobs, detokenize=bool(p.stop),
+        )
+        prompt = compat.tokens_prompt(list(req.prompt_token_ids) + list(req.prefix_output_token_ids))
+        lora_request = None
+        if req.lora_name is not None:
+            lora_request = compat.make_lora_request(req.lora_name, 1, "-")  # resolved by name in the controller
+        tail = list(req.prefix_output_token_ids[-SEAM_TAIL_TOKENS:])
+        check_seam = bool(p.stop) and bool(tail)
+        decode = await self._decode_fn() if check_seam else None
+        request_id = new_request_id()
+        token_ids: list[int] = []
+        logprobs: list[float] = []
+        top: list[dict[int, float]] | None = [] if p.logprobs > 0 else None
+        spans: list[VersionSpan] = []
+        finish: str | None = None
+        stop_reason: str | int | None = None
+        cached = 0
+        gen = self.controller.generate(prompt, params, request_id, lora_request=lora_request)
+        adm = None
+        try:
+            async for out in gen:
+                if adm is None:
+                    adm = self.controller.admission(request_id)
+                    cached = int(getattr(out, "num_cached_tokens", 0) or 0)
+                comp = out.outputs[0]
+                new_ids = list(comp.token_ids)
+                if new_ids:
+                    if adm is not None:
+                        adm.tokens += len(new_ids)
+                    start = len(token_ids)
+                    token_ids.extend(new_ids)
+                    for pos, tid in enumerate(new_ids):
+                        entry = comp.logprobs[pos] if comp.logprobs is not None else {}
+                        lp = entry.get(tid)
+                        logprobs.append(float(lp.logprob) if lp is not None else float("nan"))
+                        if top is not None:
+                            top.append({int(k): float(v.logprob) for k, v in entry.items()})
+                    version = self.controller.version_of(adm) if adm is not None else 0
+                    if spans and spans[-1].version == version and spans[-1].end == start:
+                        spans[-1] = VersionSpan(version=version, start=spans[-1].start, end=len(token_ids))
+                    else:
+                        spans.append(VersionSpan(version=version, start=start, end=len(token_ids)))
+                if check_seam and decode is not None:
+                    hit = find_seam_stop(decode, tail, token_ids, p.stop)
+                    if hit is not None:
+                        keep, stop = hit
+                        del token_ids[keep:], logprobs[keep:]
+                        if top is not None:
+                            del top[keep:]
+                        spans = _clip_spans(spans, keep)
+                        finish, stop_reason = "stop", stop
+                        break
+                    if len(decode(token_ids)) >= max(len(s) for s in p.stop):
+                        check_seam = False
+                if comp.finish_reason is not None:
+                    finish, stop_reason = comp.finish_reason, comp.stop_reason
+        finally:
+            await gen.aclose()
+        if finish is None:
+            finish = "abort"
+        return SampleOut(token_ids=token_ids, logprobs=logprobs, top_logprobs=top, finish_reason=finish,
+                         stop_reason=stop_reason, version_spans=spans, num_cached_tokens=cached)
+
+
+def _clip_spans(spans: list[VersionSpan], end: int) -> list[VersionSpan]:
+    out = []
+    for s in spans:
+        if s.start >= end:
+            break
+        out.append(VersionSpan(version=s.version, start=s.start, end=min(s.end, end)))
+    return out
+
+
+def build_router() -> APIRouter:
+    router = APIRouter(prefix=PREFIX)
+
+    @router.post("/generate", response_model=GenerateResponse)
+    async def generate(body: GenerateRequest, raw: Request) -> Any:
+        try:
+            return await raw.app.state.skyrl_generator.generate(body)
+        except LoraError as exc:
+            return lora_error_response(exc)
+
+    @router.post("/abort_lora_requests", response_model=AbortLoraResponse)
+    async def abort_lora_requests(body: AbortLoraRequest, raw: Request) -> Any:
+        try:
+            return AbortLoraResponse(aborted=await _controller(raw).abort_lora_requests(body.lora_name))
+        except LoraError as exc:
+            return lora_error_response(exc)
+
+    @router.post("/pause", response_model=PauseResponse)
+    async def pause(body: PauseRequest, raw: Request) -> Any:
+        try:
+            aborted, drained = await _controller(raw).pause(body.lora_name, body.owner, body.lease_s)
+        except LoraError as exc:
+            return lora_error_response(exc)
+        return PauseResponse(paused=True, aborted=aborted, drained=drained)
+
+    @router.post("/resume", response_model=ResumeResponse)
+    async def resume(body: ResumeRequest, raw: Request) -> Any:
+        return ResumeResponse(paused=_controller(raw).resume(body.lora_name, body.owner))
+
+    @router.post("/load_lora_adapter", response_model=LoadLoraResponse)
+    async def load_lora_adapter(body: LoadLoraRequest, raw: Request) -> Any:
+        ctl = _controller(raw)
+        try:
+            adapter, aborted, load_s = await ctl.load(body.lora_name, body.lora_path, load_inplace=body.load_inplace,
+                                                      mode=body.mode)
+            return LoadLoraResponse(lora=ctl.info(adapter.name), aborted=aborted, load_s=load_s)
+        except LoraError as exc:
+            return lora_error_response(exc)
+
+    @router.post("/update_lora", response_model=LoadLoraResponse)
+    async def update_lora(body: UpdateLoraRequest, raw: Request) -> Any:
+        ctl = _controller(raw)
+        try:
+            ctl.require(body.lora_name)
+            adapter, aborted, load_s = await ctl.load(body.lora_name, body.lora_path, load_inplace=True, mode=body.mode)
+            return LoadLoraResponse(lora=ctl.info(adapter.name), aborted=aborted, load_s=load_s)
+        except LoraError as exc:
+            return lora_error_response(exc)
+
+    @router.post("/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadLoraRequest, raw: Request) -> Any:
+        try:
+            await _controller(raw).unload(body.lora_name)
+        except LoraError as exc:
+            return lora_error_response(exc)
+        return {"unloaded": body.lora_name}
+
+    @router.get("/state", response_model=ServerState)
+    async def state(raw: Request) -> Any:
+        return _controller(raw).state()
+
+    return router
+
+
+def install_routes(app: FastAPI, controller: LoraController) -> None:
+    """Mount our routes and route vLLM's own adapter routes through the controller.
+
+    vLLM's /v1/load_lora_adapter would register an adapter the controller does not know (ungated,
+    sticky in-place reloads); the same paths now answer with the controller's versioned loads.
+    """
+    app.state.skyrl_controller = controller
+    app.state.skyrl_generator = TokenGenerator(controller)
+    overridden = {"/v1/load_lora_adapter", "/v1/unload_lora_adapter"}
+    app.router.routes[:] = [r for r in app.router.routes if not (isinstance(r, Route) and r.path in overridden)]
+    router = build_router()
+    app.include_router(router)
+
+    @app.post("/v1/load_lora_adapter")
+    async def vllm_load(body: LoadLoraRequest, raw: Request) -> Any:
+        try:
+            await controller.load(body.lora_name, body.lora_path, load_inplace=body.load_inplace, mode=body.mode)
+        except LoraError as exc:
+            return lora_error_response(exc)
+        return f"Success: LoRA adapter '{body.lora_name}' added successfully."
+
+    @app.post("/v1/unload_lora_adapter")
+    async def vllm_unload(body: UnloadLoraRequest, raw: Request) -> Any:
+        try:
+            await controller.unload(body.lora_name)
+        except LoraError as exc:
+            return lora_error_response(exc)
+        return f"Success: LoRA adapter '{body.lora_name}' removed successfully."

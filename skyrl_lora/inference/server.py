@@ -1,0 +1,221 @@
+"""vLLM's OpenAI server run in-process, plus our routes, served by plain uvicorn.
+
+vLLM's ``serve_http`` installs signal handlers, which only works on the main thread; a Ray async actor
+runs its loop elsewhere. So we build the engine client and the app ourselves, add our routes and the
+LoRA controller, and run uvicorn on a socket we bound first (port 0 = a free port).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+logger = logging.getLogger(__name__)
+
+
+class ServerConfig(BaseModel):
+    """How to start one inference server. Crosses the Ray boundary, hence frozen and plain."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str
+    served_model_name: str = "base"
+    host: str = "127.0.0.1"
+    port: int = Field(0, ge=0, le=65535, description="0 picks a free port")
+    max_loras: int = Field(4, ge=1)
+    max_cpu_loras: int | None = Field(None, ge=1)
+    max_lora_rank: int = Field(16, ge=1)
+    max_model_len: int = Field(1024, ge=16)
+    dtype: str = "bfloat16"
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    enforce_eager: bool = True
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    cpu_kv_cache_gib: int = Field(1, ge=1)
+    extra_args: tuple[str, ...] = ()
+    loras: dict[str, str] = Field(default_factory=dict, description="LoRAs to load at start, name -> path")
+    adapter_roots: tuple[str, ...] = ()
+    drain_timeout_s: float = 30.0
+    startup_timeout_s: float = 600.0
+
+    def vllm_argv(self, port: int) -> list[str]:
+        argv = [
+            "--model", self.model, "--served-model-name", self.served_model_name,
+            "--host", self.host, "--port", str(port),
+            "--enable-lora", "--max-loras", str(self.max_loras), "--max-lora-rank", str(self.max_lora_rank),
+            "--max-model-len", str(self.max_model_len), "--dtype", self.dtype, "--seed", str(self.seed),
+            "--disable-uvicorn-access-log",
+        ]
+        if self.max_cpu_loras is not None:
+            argv += ["--max-cpu-loras", str(self.max_cpu_loras)]
+        if self.enforce_eager:
+            argv.append("--enforce-eager")
+        if not self.enable_prefix_caching:
+            argv.append("--no-enable-prefix-caching")
+        if _has_cuda():
+            argv += ["--gpu-memory-utilization", str(self.gpu_memory_utilization)]
+        return argv + list(self.extra_args)
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:
+        return False
+
+
+def vllm_env(config: ServerConfig) -> dict[str, str]:
+    """Environment vLLM reads at import/engine start; set before the engine exists."""
+    env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
+           "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "INFO")}
+    if not _has_cuda():
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(config.cpu_kv_cache_gib)
+    return env
+
+
+class _LogTail(logging.Handler):
+    """Keeps the last lines vLLM logged, so a failed start-up can say why."""
+
+    def __init__(self, lines: int = 80) -> None:
+        super().__init__(level=logging.INFO)
+        self.lines: collections.deque[str] = collections.deque(maxlen=lines)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):
+            self.lines.append(self.format(record))
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+class ServerStartupError(RuntimeError):
+    pass
+
+
+class EmbeddedVLLMServer:
+    """Owns the engine, the app, the LoRA controller and the uvicorn server of one process."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.url: str | None = None
+        self.engine: Any = None
+        self.controller: Any = None
+        self._uvicorn: Any = None
+        self._task: asyncio.Task | None = None
+        self._ready: asyncio.Future | None = None
+        self._log_tail = _LogTail()
+        self.startup_s: float | None = None
+
+    async def start(self) -> str:
+        """Start and wait until the server answers; raise with vLLM's log tail on failure or timeout."""
+        for key, value in vllm_env(self.config).items():
+            os.environ.setdefault(key, value)
+        logging.getLogger("vllm").addHandler(self._log_tail)
+        t0 = time.perf_counter()
+        self._ready = asyncio.get_running_loop().create_future()
+        self._task = asyncio.create_task(self._serve())
+        try:
+            await asyncio.wait_for(asyncio.shield(self._ready), self.config.startup_timeout_s)
+        except asyncio.TimeoutError:
+            await self.stop()
+            raise ServerStartupError(f"vLLM server did not start within {self.config.startup_timeout_s:.0f} s; "
+                                     f"log tail:\n{self._log_tail.text()}") from None
+        except Exception as exc:
+            raise ServerStartupError(f"vLLM server failed to start: {exc!r}; log tail:\n{self._log_tail.text()}") from exc
+        self.startup_s = time.perf_counter() - t0
+        logger.info("vLLM server ready at %s in %.1f s", self.url, self.startup_s)
+        return self.url  # type: ignore[return-value]
+
+    async def _serve(self) -> None:
+        import uvicorn
+
+        from skyrl_lora.inference import vllm_compat as compat
+        from skyrl_lora.inference.lora_control import LoraController
+        from skyrl_lora.inference.routes import install_routes
+
+        assert self._ready is not None
+        try:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.config.host, self.config.port))
+            port = sock.getsockname()[1]
+            args = compat.parse_server_args(self.config.vllm_argv(port))
+            _, build_engine, build_app, init_app_state = compat.server_parts()
+            async with build_engine(args) as engine:
+                self.engine = engine
+                tasks = await engine.get_supported_tasks()
+                app = compat.build_app(build_app, args, engine, tasks)
+                await compat.init_app_state(init_app_state, engine, app.state, args, tasks)
+                controller = LoraController(engine, adapter_roots=list(self.config.adapter_roots),
+                                            drain_timeout_s=self.config.drain_timeout_s)
+                controller.attach_serving_models(getattr(app.state, "openai_serving_models", None))
+                install_routes(app, controller)
+                self.controller = controller
+                for name, path in self.config.loras.items():
+                    await controller.load(name, path, load_inplace=False)
+                sock.listen(1024)
+                config = uvicorn.Config(app, log_level="warning", timeout_keep_alive=30, lifespan="on")
+                self._uvicorn = uvicorn.Server(config)
+                serve_task = asyncio.create_task(self._uvicorn.serve(sockets=[sock]))
+                while not self._uvicorn.started:
+                    if serve_task.done():
+                        serve_task.result()
+                        raise ServerStartupError("uvicorn exited during start-up")
+                    await asyncio.sleep(0.05)
+                self.url = f"http://{self.config.host}:{port}"
+                self._ready.set_result(self.url)
+                await serve_task
+        except BaseException as exc:
+            if not self._ready.done():
+                self._ready.set_exception(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
+            if not isinstance(exc, asyncio.CancelledError):
+                logger.exception("vLLM server stopped with an error")
+            raise
+
+    async def stop(self, timeout_s: float = 30.0) -> None:
+        if self._uvicorn is not None:
+            self._uvicorn.should_exit = True
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
+            except (asyncio.TimeoutError, Exception):
+                self._task.cancel()
+                with contextlib.suppress(BaseException):
+                    await self._task
+        logging.getLogger("vllm").removeHandler(self._log_tail)
+
+    def log_tail(self) -> str:
+        return self._log_tail.text()
+
+
+async def _main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Run one skyrl_lora inference server in this process.")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--lora", action="append", default=[], help="name=path, repeatable")
+    ns = parser.parse_args()
+    loras = dict(item.split("=", 1) for item in ns.lora)
+    server = EmbeddedVLLMServer(ServerConfig(model=ns.model, port=ns.port, loras=loras))
+    url = await server.start()
+    logger.info("serving at %s; Ctrl-C to stop", url)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await server.stop()
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    asyncio.run(_main())

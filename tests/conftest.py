@@ -1,0 +1,75 @@
+"""Shared, session-scoped real components: the tiny model fixtures, a local Ray, one vLLM server actor."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from skyrl_lora.models.tiny import TinyFixtures, build_fixtures
+
+logger = logging.getLogger(__name__)
+
+# Tenants loaded at server start. Tests that change an adapter use their own tenant names.
+STATIC_TENANTS = ("meow", "woof", "meow2", "woof2")
+
+
+@pytest.fixture(scope="session")
+def tiny() -> TinyFixtures:
+    return build_fixtures()
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    yield
+    ray.shutdown()
+
+
+@dataclass(frozen=True)
+class ServerHandle:
+    actor: Any
+    url: str
+    startup_s: float
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tiny: TinyFixtures, ray_local: None) -> Iterator[ServerHandle]:
+    import ray
+
+    from skyrl_lora.inference.actor import start_server_actor
+    from skyrl_lora.inference.server import ServerConfig
+
+    loras = {"meow": tiny.loras["meow"], "woof": tiny.loras["woof"],
+             "meow2": tiny.loras["meow"], "woof2": tiny.loras["woof"]}
+    config = ServerConfig(model=str(tiny.base), loras={k: str(v) for k, v in loras.items()},
+                          max_loras=8, max_cpu_loras=16, max_lora_rank=16, max_model_len=1024)
+    t0 = time.perf_counter()
+    actor, url = start_server_actor(config, num_cpus=1)
+    startup = time.perf_counter() - t0
+    logger.info("vLLM server actor up at %s in %.1f s", url, startup)
+    yield ServerHandle(actor=actor, url=url, startup_s=startup)
+    try:
+        ray.get(actor.shutdown.remote(), timeout=60)
+    finally:
+        ray.kill(actor)
+
+
+async def wait_for(predicate: Callable[[], Awaitable[bool]], timeout_s: float = 60.0, what: str = "condition") -> None:
+    """Poll an async predicate until it holds; fail with a message at the deadline (no blind sleeps)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if await predicate():
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        await asyncio.sleep(0.02)
