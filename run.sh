@@ -15,7 +15,7 @@ export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
 # Nothing may be fetched from a model hub at run time.
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" TRANSFORMERS_OFFLINE="${TRANSFORMERS_OFFLINE:-1}"
 case "$cmd" in
-  demo) exec "$venv/bin/python" -m skyrl_lora.demo "$@" ;;
+  demo) exec "$venv/bin/skyrl-lora" demo "$@" ;;
   test) cd "$root" && exec "$venv/bin/python" -m pytest "$@" ;;
   *) echo "usage: ./run.sh demo|test [args]" >&2; exit 2 ;;
 esac

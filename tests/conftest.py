@@ -49,12 +49,16 @@ def vllm_server(tiny: TinyFixtures, ray_local: None) -> Iterator[ServerHandle]:
     from skyrl_lora.inference.actor import start_server_actor
     from skyrl_lora.inference.server import ServerConfig
 
+    import torch
+
+    # The same suite is the GPU suite on the device: there the server takes one GPU and CUDA vLLM.
+    num_gpus = 1 if torch.cuda.is_available() else 0
     loras = {"meow": tiny.loras["meow"], "woof": tiny.loras["woof"],
              "meow2": tiny.loras["meow"], "woof2": tiny.loras["woof"]}
     config = ServerConfig(model=str(tiny.base), loras={k: str(v) for k, v in loras.items()},
                           max_loras=8, max_cpu_loras=16, max_lora_rank=16, max_model_len=1024)
     t0 = time.perf_counter()
-    actor, url = start_server_actor(config, num_cpus=1)
+    actor, url = start_server_actor(config, num_cpus=1, num_gpus=num_gpus)
     startup = time.perf_counter() - t0
     logger.info("vLLM server actor up at %s in %.1f s", url, startup)
     yield ServerHandle(actor=actor, url=url, startup_s=startup)

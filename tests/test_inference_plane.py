@@ -17,7 +17,8 @@ from skyrl_lora.inference.protocol import SampleOut
 
 from .conftest import wait_for
 
-pytestmark = pytest.mark.vllm
+# Runs on CPU in CI and, unchanged, as the GPU suite on the device (`pytest -m gpu`).
+pytestmark = [pytest.mark.vllm, pytest.mark.gpu]
 
 GREEDY = {"temperature": 0.0, "ignore_eos": True}
 
@@ -324,3 +325,22 @@ async def test_bad_input_is_rejected_clearly(client, vllm_server, prompt, tiny) 
     (err,) = fe.value.errors.values()
     assert isinstance(err, InferenceError) and err.status == 400 and "adapter_config.json" in err.message
     assert "broken" not in {lo.name for lo in (await client.state())[0].loras}
+
+
+async def test_stop_string_across_the_seam(client, tiny, prompt, word_ids) -> None:
+    """A stop string that starts before an abort and ends after it is honoured on the stitched sample."""
+    name = "seam-stop"
+    await client.load_lora_adapter(name, str(tiny.loras["meow"]), load_inplace=False)
+    try:
+        params = {"max_tokens": 200, "temperature": 0.0, "ignore_eos": True, "stop": ["meow woof"]}
+        task = asyncio.create_task(client.sample_with_retry(prompt, params, name))
+        await wait_for(in_flight(client, name, 1, tokens=4), what="seam-stop generating")
+        (resp,) = await client.update_lora(name, str(tiny.loras["woof"]), mode="abort")
+        assert resp.aborted == 1
+        (s,) = await asyncio.wait_for(task, 120)
+        k = s.token_ids.index(word_ids["woof"])
+        assert s.token_ids == [word_ids["meow"]] * k + [word_ids["woof"]]
+        assert s.finish_reason == "stop" and s.stop_reason == "meow woof"
+        assert len(s.logprobs) == k + 1
+    finally:
+        await client.unload_lora_adapter(name)

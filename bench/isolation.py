@@ -1,0 +1,162 @@
+"""Isolation and sync-latency benchmark on one server (issue 4), side by side in one run.
+
+Measures tenant B's tokens/s (a) alone, (b) with tenant A generating and not syncing, and with A
+generating and syncing once a second through (c) our per-LoRA flip, (d) an in-place load without
+pause, (e) vLLM's engine-wide pause. Conditions run in interleaved rounds (noisy machines). Then:
+sync latency (update_lora) / raw adapter load, and B's tokens/s alone before and after many syncs of
+LoRAs whose requests are in flight (the sticky ``load_inplace`` trap must not bite).
+
+    python bench/isolation.py --phase-s 15 --rounds 2 --out bench/results
+Writes ``<out>/<machine>-<date>-isolation.json`` and a PNG beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import platform
+import statistics
+import time
+from pathlib import Path
+
+from skyrl_lora.cluster import inference_servers
+from skyrl_lora.inference.client import RemoteInferenceClient
+from skyrl_lora.inference.loadgen import measure_phase, median, run_streams, sync_strategy, timed
+from skyrl_lora.models.tiny import build_fixtures
+
+logger = logging.getLogger("bench.isolation")
+
+CONDITIONS = [("alone", False, None), ("a-no-sync", True, None), ("per-lora", True, "per-lora"),
+              ("inplace-no-pause", True, "inplace"), ("engine-wide", True, "engine-wide")]
+
+
+async def bench(urls: list[str], paths: list[str], prompt: list[int], args: argparse.Namespace) -> dict:
+    client = RemoteInferenceClient(urls)
+    for tenant in ("tenant-a", "tenant-b", "probe"):
+        await client.sample(prompt, {"max_tokens": 8, "temperature": 0.0}, tenant)
+    tps: dict[str, list[float]] = {name: [] for name, _, _ in CONDITIONS}
+    a_tps: dict[str, list[float]] = {name: [] for name, _, _ in CONDITIONS}
+    latencies: dict[str, list[float]] = {name: [] for name, _, _ in CONDITIONS}
+    for rnd in range(args.rounds):
+        for name, a_gen, kind in CONDITIONS:
+            sync = None if kind is None else sync_strategy(client, "tenant-a", paths, kind)
+            m = await measure_phase(client, prompt, name=name, tenant_b="tenant-b",
+                                    tenant_a="tenant-a" if a_gen else None, sync=sync, duration_s=args.phase_s,
+                                    streams_b=args.streams, streams_a=args.streams_a, max_tokens=args.max_tokens)
+            tps[name].append(m.b.tokens_per_s)
+            a_tps[name].append(m.a.tokens_per_s if m.a else 0.0)
+            latencies[name].extend(m.sync_latencies_s)
+            logger.info("round %d %-17s B %.1f tok/s  syncs %d", rnd, name, m.b.tokens_per_s, len(m.sync_latencies_s))
+
+    # Sync latency vs raw adapter load: a fresh name loaded then unloaded, same HTTP path and servers.
+    raw: list[float] = []
+    for i in range(args.latency_samples):
+        raw.append(await timed(client.load_lora_adapter(f"raw-{i}", paths[i % 2], load_inplace=False)))
+        await client.unload_lora_adapter(f"raw-{i}")
+    sync_lat: list[float] = []
+    for i in range(args.latency_samples):
+        sync_lat.append(await timed(client.update_lora("probe", paths[i % 2], mode="abort")))
+
+    # No lasting damage: B alone before and after many syncs of A (both modes) with A's requests in flight.
+    async def b_alone() -> float:
+        return (await run_streams(client, "tenant-b", prompt, streams=args.streams, max_tokens=args.max_tokens,
+                                  duration_s=args.phase_s)).tokens_per_s
+
+    before = await b_alone()
+    stop = asyncio.Event()
+
+    async def a_load() -> None:
+        while not stop.is_set():
+            await client.sample_with_retry(prompt, {"max_tokens": 64, "temperature": 0.0, "ignore_eos": True}, "tenant-a")
+
+    loaders = [asyncio.create_task(a_load()) for _ in range(2)]
+    for i in range(args.damage_syncs):
+        await client.update_lora("tenant-a", paths[i % 2], mode="inplace" if i % 2 else "abort")
+    stop.set()
+    await asyncio.gather(*loaders)
+    after = await b_alone()
+
+    def ratio(name: str) -> float:
+        return statistics.mean(tps[name]) / statistics.mean(tps["a-no-sync"])
+
+    return {
+        "b_tokens_per_s": {k: [round(x, 2) for x in v] for k, v in tps.items()},
+        "a_tokens_per_s": {k: [round(x, 2) for x in v] for k, v in a_tps.items()},
+        "b_ratio_vs_a_no_sync": {name: round(ratio(name), 4) for name, _, _ in CONDITIONS},
+        "b_ratio_vs_alone": {name: round(statistics.mean(tps[name]) / statistics.mean(tps["alone"]), 4)
+                             for name, _, _ in CONDITIONS},
+        "median_sync_s_during_load": {k: round(median(v), 4) for k, v in latencies.items() if v},
+        "sync_latency_idle_median_s": round(median(sync_lat), 4),
+        "raw_load_idle_median_s": round(median(raw), 4),
+        "sync_over_raw_load": round(median(sync_lat) / median(raw), 3),
+        "damage": {"syncs": args.damage_syncs, "b_alone_before": round(before, 2), "b_alone_after": round(after, 2),
+                   "after_over_before": round(after / before, 4)},
+    }
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    names = list(result["b_ratio_vs_a_no_sync"])
+    ax1.bar(names, [result["b_ratio_vs_a_no_sync"][n] for n in names], color="tab:blue")
+    ax1.axhline(0.97, color="red", ls="--", lw=1, label="target 0.97")
+    ax1.set_ylim(0, 1.15)
+    ax1.set_ylabel("tenant B tok/s ÷ (A generating, no sync)")
+    ax1.set_title("Isolation: A syncs once a second")
+    ax1.tick_params(axis="x", rotation=20)
+    ax1.legend()
+    d = result["damage"]
+    ax2.bar(["raw load", "update_lora"], [result["raw_load_idle_median_s"] * 1000, result["sync_latency_idle_median_s"] * 1000])
+    ax2.set_ylabel("ms (median)")
+    ax2.set_title(f"sync/raw = {result['sync_over_raw_load']}; after {d['syncs']} syncs B = {d['after_over_before']}× before")
+    fig.suptitle(f"{result['machine']} · {result['date']} · vLLM {result['vllm']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--phase-s", type=float, default=15.0)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--streams", type=int, default=4)
+    parser.add_argument("--streams-a", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--latency-samples", type=int, default=20)
+    parser.add_argument("--damage-syncs", type=int, default=200)
+    parser.add_argument("--model", default=None, help="base model path (default: the tiny model)")
+    parser.add_argument("--num-gpus", type=float, default=0)
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    fixtures = build_fixtures()
+    paths = [str(fixtures.loras["woof"]), str(fixtures.loras["meow"])]
+    loras = {"tenant-a": paths[1], "tenant-b": paths[0], "probe": paths[1]}
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(fixtures.base)
+    prompt = tok("def greet(name):\n    return")["input_ids"]
+    import vllm
+
+    with inference_servers(args.model or str(fixtures.base), loras, num_gpus_per_server=args.num_gpus,
+                           max_loras=6, max_lora_rank=16) as cluster:
+        result = asyncio.run(bench(cluster.urls, paths, prompt, args))
+    result.update({"machine": platform.node(), "date": time.strftime("%Y-%m-%d"), "vllm": vllm.__version__,
+                   "args": {k: str(v) for k, v in vars(args).items()}})
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"{platform.node()}-{time.strftime('%Y-%m-%d')}-isolation"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    plot(result, stem.with_suffix(".png"))
+    print(json.dumps({k: result[k] for k in ("b_ratio_vs_a_no_sync", "sync_over_raw_load", "damage")}, indent=2))
+    print(f"wrote {stem}.json and {stem}.png")
+
+
+if __name__ == "__main__":
+    main()

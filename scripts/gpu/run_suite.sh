@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# On the GPU device, after the staging calls: install the bundle and run the GPU suite.
+# Writes logs and the junit report under $OUT when set.
+set -uo pipefail
+bash scripts/gpu/device_install.sh || exit 1
+export PYTHONPATH=/tmp/site:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled PYTHONUNBUFFERED=1
+out=${OUT:-/tmp/out}; mkdir -p "$out"
+nvidia-smi -L
+python3 -m pytest -m gpu -p no:cacheprovider -x -q -rA --durations=10 --junitxml="$out/gpu-junit.xml" "$@" 2>&1 | tee "$out/gpu-suite.log"
