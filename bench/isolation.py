@@ -2,7 +2,7 @@
 
 Measures tenant B's tokens/s (a) alone, (b) with tenant A generating and not syncing, and with A
 generating and syncing once a second through (c) our per-LoRA flip, (d) an in-place load without
-pause, (e) vLLM's engine-wide pause. Conditions run in interleaved rounds (noisy machines). Then:
+pause, (e) vLLM's engine-wide pause. Conditions run in rounds of alternating order (noisy machines). Then:
 sync latency (update_lora) / raw adapter load, and B's tokens/s alone before and after many syncs of
 LoRAs whose requests are in flight (the sticky ``load_inplace`` trap must not bite).
 
@@ -40,7 +40,8 @@ async def bench(urls: list[str], paths: list[str], prompt: list[int], args: argp
     a_tps: dict[str, list[float]] = {name: [] for name, _, _ in CONDITIONS}
     latencies: dict[str, list[float]] = {name: [] for name, _, _ in CONDITIONS}
     for rnd in range(args.rounds):
-        for name, a_gen, kind in CONDITIONS:
+        # Alternate the order each round so slow drift of a noisy machine does not favour any condition.
+        for name, a_gen, kind in (CONDITIONS if rnd % 2 == 0 else CONDITIONS[::-1]):
             sync = None if kind is None else sync_strategy(client, "tenant-a", paths, kind)
             m = await measure_phase(client, prompt, name=name, tenant_b="tenant-b",
                                     tenant_a="tenant-a" if a_gen else None, sync=sync, duration_s=args.phase_s,

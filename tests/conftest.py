@@ -35,6 +35,13 @@ def ray_local() -> Iterator[None]:
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def tok(tiny: TinyFixtures):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny.base)
+
+
 @dataclass(frozen=True)
 class ServerHandle:
     actor: Any

@@ -10,7 +10,6 @@ import threading
 
 import httpx
 import pytest
-from transformers import AutoTokenizer
 
 from skyrl_lora.inference.client import FanOutError, InferenceError, RemoteInferenceClient
 from skyrl_lora.inference.protocol import SampleOut
@@ -21,11 +20,6 @@ from .conftest import wait_for
 pytestmark = [pytest.mark.vllm, pytest.mark.gpu]
 
 GREEDY = {"temperature": 0.0, "ignore_eos": True}
-
-
-@pytest.fixture(scope="module")
-def tok(tiny):
-    return AutoTokenizer.from_pretrained(tiny.base)
 
 
 @pytest.fixture(scope="module")
@@ -344,3 +338,21 @@ async def test_stop_string_across_the_seam(client, tiny, prompt, word_ids) -> No
         assert len(s.logprobs) == k + 1
     finally:
         await client.unload_lora_adapter(name)
+
+
+async def test_more_tenants_than_adapter_slots_reload_on_demand(client, tiny, prompt, word_ids) -> None:
+    """20 tenants on a server with 8 GPU slots and 16 CPU-cached adapters: every request is served
+    (vLLM reloads evicted adapters from their latest path), never answered with a 404."""
+    names = [f"many-{i}" for i in range(20)]
+    words = ["meow" if i % 2 == 0 else "woof" for i in range(20)]
+    for name, word in zip(names, words):
+        await client.load_lora_adapter(name, str(tiny.loras[word]), load_inplace=False)
+    try:
+        for _ in range(2):  # the second pass finds the early tenants evicted from vLLM's caches
+            results = await asyncio.wait_for(asyncio.gather(
+                *(client.sample(prompt, {"max_tokens": 4, **GREEDY}, n) for n in names)), 180)
+            for (s,), word in zip(results, words):
+                assert s.token_ids == [word_ids[word]] * 4
+    finally:
+        for name in names:
+            await client.unload_lora_adapter(name)

@@ -107,6 +107,12 @@ class LoadLoraRequest(_Frozen):
     mode: SyncMode = "abort"
 
 
+class VllmLoadLoraRequest(LoadLoraRequest):
+    """vLLM's /v1/load_lora_adapter body: same fields, but vLLM's default of not replacing."""
+
+    load_inplace: bool = False
+
+
 class UnloadLoraRequest(_Frozen):
     lora_name: LoraName
 

@@ -28,6 +28,7 @@ from skyrl_lora.inference.protocol import (
     UnloadLoraRequest,
     UpdateLoraRequest,
     VersionSpan,
+    VllmLoadLoraRequest,
 )
 from skyrl_lora.inference.stitching import find_seam_stop
 
@@ -239,7 +240,7 @@ def install_routes(app: FastAPI, controller: LoraController) -> None:
     app.include_router(router)
 
     @app.post("/v1/load_lora_adapter")
-    async def vllm_load(body: LoadLoraRequest, raw: Request) -> Any:
+    async def vllm_load(body: VllmLoadLoraRequest, raw: Request) -> Any:
         try:
             await controller.load(body.lora_name, body.lora_path, load_inplace=body.load_inplace, mode=body.mode)
         except LoraError as exc:
