@@ -6,7 +6,7 @@ pause, (e) vLLM's engine-wide pause. Conditions run in rounds of alternating ord
 sync latency (update_lora) / raw adapter load, and B's tokens/s alone before and after many syncs of
 LoRAs whose requests are in flight (the sticky ``load_inplace`` trap must not bite).
 
-    python bench/isolation.py --phase-s 15 --rounds 2 --out bench/results
+    python bench/isolation.py --phase-s 5 --rounds 6 --out bench/results
 Writes ``<out>/<machine>-<date>-isolation.json`` and a PNG beside it.
 """
 
@@ -62,8 +62,9 @@ async def bench(urls: list[str], paths: list[str], prompt: list[int], args: argp
 
     # No lasting damage: B alone before and after many syncs of A (both modes) with A's requests in flight.
     async def b_alone() -> float:
-        return (await run_streams(client, "tenant-b", prompt, streams=args.streams, max_tokens=args.max_tokens,
-                                  duration_s=args.phase_s)).tokens_per_s
+        windows = [(await run_streams(client, "tenant-b", prompt, streams=args.streams, max_tokens=args.max_tokens,
+                                      duration_s=args.phase_s)).tokens_per_s for _ in range(3)]
+        return statistics.median(windows)
 
     before = await b_alone()
     stop = asyncio.Event()
@@ -79,14 +80,14 @@ async def bench(urls: list[str], paths: list[str], prompt: list[int], args: argp
     await asyncio.gather(*loaders)
     after = await b_alone()
 
-    def ratio(name: str) -> float:
-        return statistics.mean(tps[name]) / statistics.mean(tps["a-no-sync"])
+    def ratio(name: str) -> float:  # medians over rounds: robust to the odd disturbed window
+        return statistics.median(tps[name]) / statistics.median(tps["a-no-sync"])
 
     return {
         "b_tokens_per_s": {k: [round(x, 2) for x in v] for k, v in tps.items()},
         "a_tokens_per_s": {k: [round(x, 2) for x in v] for k, v in a_tps.items()},
         "b_ratio_vs_a_no_sync": {name: round(ratio(name), 4) for name, _, _ in CONDITIONS},
-        "b_ratio_vs_alone": {name: round(statistics.mean(tps[name]) / statistics.mean(tps["alone"]), 4)
+        "b_ratio_vs_alone": {name: round(statistics.median(tps[name]) / statistics.median(tps["alone"]), 4)
                              for name, _, _ in CONDITIONS},
         "median_sync_s_during_load": {k: round(median(v), 4) for k, v in latencies.items() if v},
         "sync_latency_idle_median_s": round(median(sync_lat), 4),
@@ -124,8 +125,8 @@ def plot(result: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--phase-s", type=float, default=15.0)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--phase-s", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--streams", type=int, default=4)
     parser.add_argument("--streams-a", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=32)

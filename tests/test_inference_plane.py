@@ -231,25 +231,30 @@ async def test_two_owners_and_lease_expiry(vllm_server, prompt, word_ids) -> Non
 
 
 async def test_vllm_openai_routes_honour_the_gate(client, vllm_server) -> None:
-    """No caller slips past a pause through vLLM's own /v1/completions."""
+    """No caller slips past a pause through vLLM's own /v1/completions or /v1/chat/completions."""
     await client.pause_generation("woof2", lease_s=120)
     try:
         async with httpx.AsyncClient(timeout=120) as http:
             req = asyncio.create_task(http.post(vllm_server.url + "/v1/completions",
                                                 json={"model": "woof2", "prompt": "Hi", "max_tokens": 3, "temperature": 0}))
-            await wait_for(lambda: _waiting_requests(client), what="completion waiting at the gate")
-            assert not req.done()
+            chat = asyncio.create_task(http.post(vllm_server.url + "/v1/chat/completions",
+                                                 json={"model": "woof2", "messages": [{"role": "user", "content": "Hi"}],
+                                                       "max_tokens": 3, "temperature": 0}))
+            await wait_for(lambda: _waiting_requests(client, 2), what="completion and chat waiting at the gate")
+            assert not req.done() and not chat.done()
             await client.resume_generation("woof2")
             r = await asyncio.wait_for(req, 60)
+            c = await asyncio.wait_for(chat, 60)
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == " woof" * 3
+        assert c.status_code == 200 and c.json()["choices"][0]["message"]["content"] == " woof" * 3
     finally:
         await client.resume_generation("woof2")
 
 
-async def _waiting_requests(client: RemoteInferenceClient) -> bool:
+async def _waiting_requests(client: RemoteInferenceClient, count: int) -> bool:
     # The completion reached the server and waits at the closed gate; nothing of woof2 runs.
     info = await lora_info(client, "woof2")
-    return info.waiting == 1 and info.in_flight == 0
+    return info.waiting == count and info.in_flight == 0
 
 
 async def test_abort_lora_requests_route(client, vllm_server, prompt) -> None:
