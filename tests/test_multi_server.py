@@ -23,7 +23,9 @@ DEAD_URL = "http://127.0.0.1:9"  # discard port: nothing listens there
 def second_server(tiny, vllm_server):
     import torch
 
-    config = ServerConfig(model=str(tiny.base), loras={"woof": str(tiny.loras["woof"])}, max_loras=4, max_lora_rank=16)
+    # Beside the session server on one GPU: keep their memory shares within the card.
+    config = ServerConfig(model=str(tiny.base), loras={"woof": str(tiny.loras["woof"])}, max_loras=4, max_lora_rank=16,
+                          gpu_memory_utilization=0.3)
     actor, url = start_server_actor(config, num_cpus=1, num_gpus=1 if torch.cuda.is_available() else 0)
     yield url
     try:
