@@ -211,12 +211,17 @@ class LoraController:
             self.release(adm)
 
     # ------------------------------------------------------------------ abort / pause / resume
-    def _abort_sweep(self, tenant: str) -> list[str]:
-        """Internal ids of every engine request of this tenant (all versions, all n>1 children)."""
-        names = {a_name for a_name, t in self._by_engine_name.items() if t == tenant}
+    def _abort_sweep(self, tenant: str, lora_id: int | None = None) -> list[str]:
+        """Internal ids of every engine request of this tenant (all n>1 children), of one engine
+        version when ``lora_id`` is given, else of all; marks their admissions as told to stop."""
+        if lora_id is None:
+            names = {a_name for a_name, t in self._by_engine_name.items() if t == tenant}
+        else:
+            names = {self._engine_name(tenant, lora_id)}
         ids = [rid for rid, st in compat.request_states(self.engine).items() if compat.state_lora_name(st) in names]
         for adm in self._rt(tenant).admissions:
-            adm.abort_sent = True
+            if lora_id is None or adm.lora_id == lora_id:
+                adm.abort_sent = True
         return ids
 
     async def abort_lora_requests(self, name: str) -> int:
@@ -284,9 +289,7 @@ class LoraController:
         tenant = self._retiring.pop(lora_id, None)
         if tenant is None:
             return
-        for engine_name, t in list(self._by_engine_name.items()):
-            if t == tenant and engine_name.endswith(VERSION_SEP + str(lora_id)):
-                del self._by_engine_name[engine_name]
+        self._by_engine_name.pop(self._engine_name(tenant, lora_id), None)
         try:
             await self.engine.remove_lora(lora_id)
         except Exception:  # an engine that already evicted it is fine
@@ -330,11 +333,7 @@ class LoraController:
             aborted = 0
             if old is not None:
                 self._retiring[old.lora_id] = name
-                ids = [rid for rid, st in compat.request_states(self.engine).items()
-                       if compat.state_lora_name(st) == old.engine_name]
-                for adm in self._rt(name).admissions:
-                    if adm.lora_id == old.lora_id:
-                        adm.abort_sent = True
+                ids = self._abort_sweep(name, old.lora_id)
                 aborted = len(ids)
                 # ---
                 await compat.abort_internal(self.engine, ids)
