@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from skyrl_lora.errors import SkyrlError
 from skyrl_lora.inference import vllm_compat as compat
 from skyrl_lora.inference.gate import PauseGates
 from skyrl_lora.inference.protocol import LoraInfo, ServerState
@@ -38,14 +39,8 @@ logger = logging.getLogger(__name__)
 VERSION_SEP = "::v"
 
 
-class LoraError(Exception):
+class LoraError(SkyrlError):
     """A request about a LoRA that cannot be served; ``status`` is the HTTP status to answer with."""
-
-    def __init__(self, status: int, message: str, field_name: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.field = field_name
 
 
 @dataclass

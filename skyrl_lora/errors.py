@@ -1,0 +1,19 @@
+"""One error type for requests we refuse, so every plane answers bad input the same way (status + field)."""
+
+from __future__ import annotations
+
+
+class SkyrlError(Exception):
+    """A request that cannot be served; ``status`` is the HTTP status to answer with, ``field`` the culprit."""
+
+    def __init__(self, status: int, message: str, field_name: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.field = field_name
+
+    def __reduce__(self):  # keep status and field when Ray pickles the error across processes
+        return (type(self), (self.status, self.message, self.field))
+
+    def to_dict(self) -> dict[str, object]:
+        return {"status": self.status, "message": self.message, "field": self.field}

@@ -1,0 +1,153 @@
+"""TrainerActor: the multi-tenant trainer as a Ray actor, and the targeted sync of a tenant into inference.
+
+Training calls run one at a time in a worker thread (one model, one device), so the actor's event
+loop stays free: a tenant's sampler sync (``save_weights_for_sampler``) holds the training lock only
+while it writes the adapter; the fan-out to the inference servers runs beside other tenants' steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import ray
+
+from skyrl_lora.errors import SkyrlError
+from skyrl_lora.inference.client import FanOutError, InferenceError, RemoteInferenceClient
+from skyrl_lora.training.config import TrainerConfig
+from skyrl_lora.training.protocol import (
+    AdamParams,
+    Datum,
+    DistillPayload,
+    DistillStepOutput,
+    ForwardBackwardOutput,
+    LoraSpec,
+    OptimStepOutput,
+    SamplerWeights,
+    SavedState,
+    TenantInfo,
+    TrainerState,
+)
+from skyrl_lora.training.trainer import MultiTenantTrainer
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class TrainerActor:
+    def __init__(self, config: TrainerConfig) -> None:
+        logging.basicConfig(level=logging.INFO)
+        self.config = config
+        self.trainer = MultiTenantTrainer(config)
+        self._lock: asyncio.Lock | None = None
+        self._client: RemoteInferenceClient | None = None
+
+    async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        if self._lock is None:  # created on the actor's own loop
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+
+    def _inference(self) -> RemoteInferenceClient | None:
+        if not self.config.inference_urls:
+            return None
+        if self._client is None:
+            self._client = RemoteInferenceClient(list(self.config.inference_urls), timeout_s=self.config.sync_timeout_s)
+        return self._client
+
+    # ------------------------------------------------------------------ lifecycle
+    async def ready(self) -> TrainerState:
+        """Load the base model (once, however many callers arrive first) and report the state."""
+        await self._run(self.trainer.load)
+        return self.trainer.state()
+
+    async def state(self) -> TrainerState:
+        return await self._run(self.trainer.state)
+
+    async def metrics_text(self) -> str:
+        return self.trainer.metrics.render()
+
+    # ------------------------------------------------------------------ tenants
+    async def create_lora(self, tenant: str, spec: LoraSpec) -> TenantInfo:
+        return await self._run(self.trainer.create_lora, tenant, spec)
+
+    async def delete_lora(self, tenant: str, *, unload_from_inference: bool = True) -> None:
+        await self._run(self.trainer.delete_lora, tenant)
+        client = self._inference()
+        if client is not None and unload_from_inference:
+            try:
+                await client.unload_lora_adapter(tenant)
+            except (FanOutError, InferenceError) as exc:  # never synced, or already gone: nothing to unload
+                logger.info("unload of %s after delete: %s", tenant, exc)
+
+    async def info(self, tenant: str) -> TenantInfo:
+        return await self._run(self.trainer.info, tenant)
+
+    # ------------------------------------------------------------------ training
+    async def forward(self, tenant: str, data: Sequence[Datum], loss_fn: str = "cross_entropy",
+                      loss_fn_config: dict[str, float] | None = None) -> ForwardBackwardOutput:
+        return await self._run(self.trainer.forward, tenant, list(data), loss_fn, loss_fn_config)
+
+    async def forward_backward(self, tenant: str, data: Sequence[Datum], loss_fn: str = "cross_entropy",
+                               loss_fn_config: dict[str, float] | None = None) -> ForwardBackwardOutput:
+        return await self._run(self.trainer.forward_backward, tenant, list(data), loss_fn, loss_fn_config)
+
+    async def optim_step(self, tenant: str, adam: AdamParams = AdamParams()) -> OptimStepOutput:
+        return await self._run(self.trainer.optim_step, tenant, adam)
+
+    async def distill_step(self, payload: DistillPayload) -> DistillStepOutput:
+        return await self._run(self.trainer.distill_step, payload)
+
+    async def save_state(self, tenant: str, name: str) -> SavedState:
+        return await self._run(self.trainer.save_state, tenant, name)
+
+    async def load_state(self, tenant: str, path: str, with_optimizer: bool = True) -> TenantInfo:
+        return await self._run(self.trainer.load_state, tenant, path, with_optimizer=with_optimizer)
+
+    async def save_weights_for_sampler(self, tenant: str, name: str, *, sync: bool = True) -> SamplerWeights:
+        """Export the tenant's adapter and swap it into every inference server, pausing only that tenant.
+
+        The servers load the new version beside the old one, then flip the tenant's name to it and
+        abort only that tenant's in-flight requests, which their clients continue on the new weights.
+        """
+        path = await self._run(self.trainer.export_for_sampler, tenant, name)
+        step = self.trainer.steps.get(tenant, 0)
+        client = self._inference()
+        if client is None or not sync:
+            return SamplerWeights(tenant=tenant, path=str(path), step=step, synced=False)
+        t0 = time.perf_counter()
+        try:
+            replies = await asyncio.wait_for(client.update_lora(tenant, str(path), mode=self.config.sync_mode),
+                                             timeout=self.config.sync_timeout_s)
+        except FanOutError as exc:
+            raise SkyrlError(502, f"sync of '{tenant}' into inference failed: {exc}", "name") from exc
+        except TimeoutError as exc:
+            raise SkyrlError(504, f"sync of '{tenant}' into inference took over {self.config.sync_timeout_s} s", "name") from exc
+        return SamplerWeights(tenant=tenant, path=str(path), step=step, synced=True, sync_s=time.perf_counter() - t0,
+                              versions=[r.lora.version for r in replies])
+
+    # ------------------------------------------------------------------ tests and benchmarks
+    async def snapshot_tensors(self, tenant: str) -> dict[str, Any]:
+        snap = await self._run(self.trainer.snapshot, tenant)
+        return {k: v.clone() for k, v in snap.tensors.items()}
+
+    async def shutdown(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+
+
+def start_trainer_actor(config: TrainerConfig, *, num_gpus: float | None = None, num_cpus: float = 1,
+                        name: str | None = None, max_restarts: int = 0, ready_timeout_s: float = 600.0) -> Any:
+    """Create the actor (one GPU when the cluster has one), load the base model, return the handle."""
+    if num_gpus is None:
+        num_gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_restarts": max_restarts,
+                               "max_concurrency": 64}
+    if name is not None:
+        options["name"] = name
+    handle = ray.remote(TrainerActor).options(**options).remote(config)
+    ray.get(handle.ready.remote(), timeout=ready_timeout_s)
+    return handle

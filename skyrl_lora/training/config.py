@@ -1,0 +1,40 @@
+"""Settings of one trainer actor: which base model, where state lives, and how much of it each tier may hold."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from skyrl_lora.inference.protocol import SyncMode
+
+MiB = 1 << 20
+
+
+class TrainerConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    base_model: str = Field(description="local path of the HF base model (the one the inference servers serve)")
+    device: str = Field("auto", description="'auto' = cuda when present, else cpu")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_lora_rank: int = Field(64, ge=1, description="cap on a tenant's rank; match the inference servers' --max-lora-rank")
+    max_seq_len: int = Field(4096, ge=2)
+    resident_budget_bytes: int = Field(512 * MiB, ge=0, description="adapters+optimizer resident in the model")
+    cpu_budget_bytes: int = Field(2048 * MiB, ge=0)
+    disk_budget_bytes: int | None = Field(None, ge=0, description="None = unbounded")
+    state_dir: Path = Field(description="disk tier, checkpoints (save_state) live under it")
+    sampler_root: Path = Field(description="adapter directories for vLLM; must lie inside the servers' adapter roots")
+    keep_sampler_versions: int = Field(4, ge=1, description="older exported adapter directories of a tenant are deleted")
+    inference_urls: tuple[str, ...] = Field((), description="servers that save_weights_for_sampler syncs into")
+    sync_mode: SyncMode = "abort"
+    sync_timeout_s: float = Field(120.0, gt=0)
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads (None = torch default)")
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.state_dir) / "checkpoints"
+
+    @property
+    def disk_tier_dir(self) -> Path:
+        return Path(self.state_dir) / "disk_tier"

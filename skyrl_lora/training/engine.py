@@ -1,0 +1,165 @@
+"""One interface over where training runs: our Ray trainer actor, or any Tinker-compatible service.
+
+RL loops (the demo, the examples) are written against :class:`TrainingEngine`; configuration picks
+``local`` (a :class:`~skyrl_lora.training.actor.TrainerActor`) or ``remote`` (the official ``tinker``
+SDK pointed at a base URL, e.g. our own API service or Tinker itself).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from skyrl_lora.errors import SkyrlError
+from skyrl_lora.training.protocol import (
+    AdamParams,
+    Datum,
+    ForwardBackwardOutput,
+    LoraSpec,
+    OptimStepOutput,
+)
+
+_MLP = {"gate_proj", "up_proj", "down_proj"}
+_ATTN = {"q_proj", "k_proj", "v_proj", "o_proj"}
+
+
+@runtime_checkable
+class TrainingEngine(Protocol):
+    """What an RL or SFT loop needs from a trainer; paths returned are whatever the backend names."""
+
+    async def create_lora(self, tenant: str, spec: LoraSpec) -> None: ...
+    async def delete_lora(self, tenant: str) -> None: ...
+    async def forward(self, tenant: str, data: Sequence[Datum], loss_fn: str = "cross_entropy",
+                      loss_fn_config: dict[str, float] | None = None) -> ForwardBackwardOutput: ...
+    async def forward_backward(self, tenant: str, data: Sequence[Datum], loss_fn: str = "cross_entropy",
+                               loss_fn_config: dict[str, float] | None = None) -> ForwardBackwardOutput: ...
+    async def optim_step(self, tenant: str, adam: AdamParams) -> OptimStepOutput: ...
+    async def save_state(self, tenant: str, name: str) -> str: ...
+    async def load_state(self, tenant: str, path: str, with_optimizer: bool = True) -> None: ...
+    async def save_weights_for_sampler(self, tenant: str, name: str) -> str: ...
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["local", "remote"] = "local"
+    base_url: str | None = Field(None, description="remote: the Tinker-compatible service")
+    api_key: str | None = Field(None, description="remote: a tml- key (else TINKER_API_KEY)")
+    base_model: str | None = Field(None, description="remote: the model name the service trains")
+
+
+class LocalTrainingEngine:
+    """Our TrainerActor over Ray; sampler saves also sync the tenant into the inference servers."""
+
+    def __init__(self, actor: Any) -> None:
+        self.actor = actor
+
+    async def create_lora(self, tenant: str, spec: LoraSpec) -> None:
+        await self.actor.create_lora.remote(tenant, spec)
+
+    async def delete_lora(self, tenant: str) -> None:
+        await self.actor.delete_lora.remote(tenant)
+
+    async def forward(self, tenant, data, loss_fn="cross_entropy", loss_fn_config=None) -> ForwardBackwardOutput:
+        return await self.actor.forward.remote(tenant, list(data), loss_fn, loss_fn_config)
+
+    async def forward_backward(self, tenant, data, loss_fn="cross_entropy", loss_fn_config=None) -> ForwardBackwardOutput:
+        return await self.actor.forward_backward.remote(tenant, list(data), loss_fn, loss_fn_config)
+
+    async def optim_step(self, tenant: str, adam: AdamParams) -> OptimStepOutput:
+        return await self.actor.optim_step.remote(tenant, adam)
+
+    async def save_state(self, tenant: str, name: str) -> str:
+        return (await self.actor.save_state.remote(tenant, name)).path
+
+    async def load_state(self, tenant: str, path: str, with_optimizer: bool = True) -> None:
+        await self.actor.load_state.remote(tenant, path, with_optimizer)
+
+    async def save_weights_for_sampler(self, tenant: str, name: str) -> str:
+        return (await self.actor.save_weights_for_sampler.remote(tenant, name)).path
+
+
+class RemoteTrainingEngine:
+    """The official ``tinker`` SDK as a training engine: one LoRA training client per tenant."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        import tinker
+
+        if not config.base_model:
+            raise SkyrlError(400, "base_model: the remote engine needs the model name to train", "base_model")
+        self.config = config
+        self.service = tinker.ServiceClient(base_url=config.base_url, api_key=config.api_key)
+        self.clients: dict[str, Any] = {}
+
+    def _client(self, tenant: str) -> Any:
+        client = self.clients.get(tenant)
+        if client is None:
+            raise SkyrlError(404, f"tenant: no LoRA named '{tenant}' on this engine", "tenant")
+        return client
+
+    async def create_lora(self, tenant: str, spec: LoraSpec) -> None:
+        targets = set(spec.target_modules)
+        self.clients[tenant] = await self.service.create_lora_training_client_async(
+            base_model=self.config.base_model, rank=spec.rank, seed=spec.seed, train_mlp=bool(targets & _MLP),
+            train_attn=bool(targets & _ATTN), train_unembed=False, user_metadata={"tenant": tenant})
+
+    async def delete_lora(self, tenant: str) -> None:
+        self.clients.pop(tenant, None)
+
+    async def forward(self, tenant, data, loss_fn="cross_entropy", loss_fn_config=None) -> ForwardBackwardOutput:
+        future = await self._client(tenant).forward_async(_to_tinker(data), loss_fn, loss_fn_config)
+        return _from_tinker(await future.result_async())
+
+    async def forward_backward(self, tenant, data, loss_fn="cross_entropy", loss_fn_config=None) -> ForwardBackwardOutput:
+        future = await self._client(tenant).forward_backward_async(_to_tinker(data), loss_fn, loss_fn_config)
+        return _from_tinker(await future.result_async())
+
+    async def optim_step(self, tenant: str, adam: AdamParams) -> OptimStepOutput:
+        import tinker
+
+        future = await self._client(tenant).optim_step_async(tinker.types.AdamParams(**adam.model_dump()))
+        result = await future.result_async()
+        return OptimStepOutput(metrics=dict(result.metrics or {}), step=-1)
+
+    async def save_state(self, tenant: str, name: str) -> str:
+        return (await (await self._client(tenant).save_state_async(name)).result_async()).path
+
+    async def load_state(self, tenant: str, path: str, with_optimizer: bool = True) -> None:
+        client = self._client(tenant)
+        load = client.load_state_with_optimizer_async if with_optimizer else client.load_state_async
+        await (await load(path)).result_async()
+
+    async def save_weights_for_sampler(self, tenant: str, name: str) -> str:
+        return (await (await self._client(tenant).save_weights_for_sampler_async(name)).result_async()).path
+
+
+def _to_tinker(data: Sequence[Datum]) -> list[Any]:
+    import tinker
+
+    out = []
+    for d in data:
+        inputs = {}
+        for key, values in d.loss_fn_inputs.items():
+            two_d = bool(values) and isinstance(values[0], list)
+            flat = [x for row in values for x in row] if two_d else list(values)
+            shape = [len(values), len(values[0])] if two_d else [len(values)]
+            dtype = "int64" if key in {"target_tokens", "teacher_topk_ids"} else "float32"
+            inputs[key] = tinker.types.TensorData(data=flat, dtype=dtype, shape=shape)
+        out.append(tinker.types.Datum(model_input=tinker.types.ModelInput.from_ints(d.model_input), loss_fn_inputs=inputs))
+    return out
+
+
+def _from_tinker(result: Any) -> ForwardBackwardOutput:
+    outputs = [{k: [float(x) for x in v.data] for k, v in record.items()} for record in result.loss_fn_outputs]
+    return ForwardBackwardOutput(loss_fn_output_type=result.loss_fn_output_type, loss_fn_outputs=outputs,
+                                 metrics=dict(result.metrics))
+
+
+def make_training_engine(config: EngineConfig, *, actor: Any = None) -> TrainingEngine:
+    if config.kind == "local":
+        if actor is None:
+            raise SkyrlError(400, "kind: the local engine needs a running TrainerActor", "kind")
+        return LocalTrainingEngine(actor)
+    return RemoteTrainingEngine(config)

@@ -1,0 +1,410 @@
+"""The multi-tenant trainer: one frozen base model, many tenants' LoRAs and optimizers, tiered state.
+
+Plain synchronous code, used by one thread at a time (the actor serialises calls and runs them off
+its event loop). A tenant must be *resident* (in an adapter slot of the model) to train; making it
+resident may evict the least recently used tenant to CPU, and the CPU tier spills to disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from skyrl_lora.errors import SkyrlError
+from skyrl_lora.inference.protocol import LORA_NAME_PATTERN
+from skyrl_lora.training.adapters import AdapterSlots, Slot
+from skyrl_lora.training.batching import collate
+from skyrl_lora.training.config import TrainerConfig
+from skyrl_lora.training.losses import LossInputs, resolve, token_logprobs
+from skyrl_lora.training.metrics import CacheMetrics
+from skyrl_lora.training.protocol import (
+    AdamParams,
+    Datum,
+    DistillPayload,
+    DistillStepOutput,
+    ForwardBackwardOutput,
+    LoraSpec,
+    OptimStepOutput,
+    SavedState,
+    TenantInfo,
+    TierStats,
+    TrainerState,
+)
+from skyrl_lora.training.distill import distill_datums
+from skyrl_lora.training.snapshot import TenantSnapshot, read_snapshot, write_snapshot
+from skyrl_lora.training.state_cache import HostAndDiskTiers
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _check_name(value: str, field: str) -> str:
+    import re
+
+    if not re.fullmatch(LORA_NAME_PATTERN, value or ""):
+        raise SkyrlError(400, f"{field}: '{value}' must match {LORA_NAME_PATTERN}", field)
+    return value
+
+
+class MultiTenantTrainer:
+    def __init__(self, config: TrainerConfig) -> None:
+        self.config = config
+        want = config.device
+        self.device = torch.device("cuda" if want == "auto" and torch.cuda.is_available() else ("cpu" if want == "auto" else want))
+        self.dtype = _DTYPES.get(config.dtype) or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.metrics = CacheMetrics()
+        self.model = None
+        self.slots: AdapterSlots | None = None
+        self.vocab_size = 0
+        self.specs: dict[str, LoraSpec] = {}
+        self.steps: dict[str, int] = {}
+        self.resident: OrderedDict[str, Slot] = OrderedDict()
+        self.free: list[Slot] = []
+        self._pending_elsewhere: dict[str, bool] = {}  # has an evicted tenant unapplied gradients?
+        self.tiers = HostAndDiskTiers(config.cpu_budget_bytes, config.disk_budget_bytes, config.disk_tier_dir, self.metrics)
+        self._load_lock = threading.Lock()
+        self.loads = 0  # how many times the base model was loaded (once, however many first callers)
+
+    # ------------------------------------------------------------------ base model
+    def load(self) -> None:
+        """Load the base model once; concurrent first callers wait for the one load."""
+        with self._load_lock:
+            if self.model is not None:
+                return
+            from transformers import AutoModelForCausalLM
+
+            if self.config.num_threads:
+                torch.set_num_threads(self.config.num_threads)
+            path = Path(self.config.base_model)
+            if not (path / "config.json").is_file():
+                raise SkyrlError(400, f"base_model: no HF model at '{path}' (config.json missing)", "base_model")
+            t0 = time.perf_counter()
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).to(self.device)
+            model.eval()
+            for p in model.parameters():
+                p.requires_grad_(False)
+            self.vocab_size = int(model.config.vocab_size)
+            self.slots = AdapterSlots(model, self.device)
+            self.model = model
+            self.loads += 1
+            logger.info("base model %s loaded on %s (%s) in %.1f s", path, self.device, self.dtype, time.perf_counter() - t0)
+
+    # ------------------------------------------------------------------ tenants
+    def create_lora(self, tenant: str, spec: LoraSpec) -> TenantInfo:
+        self.load()
+        _check_name(tenant, "tenant")
+        if tenant in self.specs:
+            raise SkyrlError(409, f"tenant: '{tenant}' already has a LoRA; delete it first", "tenant")
+        if spec.rank > self.config.max_lora_rank:
+            raise SkyrlError(400, f"rank: {spec.rank} exceeds the inference servers' max LoRA rank "
+                                  f"{self.config.max_lora_rank}", "rank")
+        assert self.slots is not None
+        self.slots.check_targets(spec)
+        need = self.slots.slot_bytes(spec)
+        if not self.tiers.can_admit(need, max(0, self.config.resident_budget_bytes - self._resident_bytes())):
+            raise SkyrlError(507, "tenant: no room for another tenant in the state cache budgets", "tenant")
+        slot = self._slot_for(spec)
+        self.slots.initialise(slot, tenant, spec)
+        self.resident[tenant] = slot
+        self.specs[tenant] = spec
+        self.steps[tenant] = 0
+        self._publish()
+        return self.info(tenant)
+
+    def delete_lora(self, tenant: str) -> None:
+        self._spec(tenant)
+        slot = self.resident.pop(tenant, None)
+        if slot is not None:
+            for p in slot.params.values():
+                p.grad = None
+            slot.optimizer.state.clear()
+            slot.tenant = None
+            self.free.append(slot)
+        self.tiers.drop(tenant)
+        del self.specs[tenant], self.steps[tenant]
+        self._pending_elsewhere.pop(tenant, None)
+        for old in (self.config.sampler_root / tenant,):
+            shutil.rmtree(old, ignore_errors=True)
+        self._publish()
+
+    def tenants(self) -> list[str]:
+        return sorted(self.specs)
+
+    def info(self, tenant: str) -> TenantInfo:
+        spec = self._spec(tenant)
+        if tenant in self.resident:
+            slot = self.resident[tenant]
+            tier, nbytes = "resident", slot.nbytes
+            pending = any(p.grad is not None for p in slot.params.values())
+        else:
+            tier, nbytes = self.tiers.tier_of(tenant), self.tiers.size_of(tenant)
+            pending = self._pending_elsewhere.get(tenant, False)
+        return TenantInfo(tenant=tenant, spec=spec, step=self.steps[tenant], tier=tier, nbytes=nbytes,
+                          has_pending_grads=pending)
+
+    def state(self) -> TrainerState:
+        tiers = [TierStats(tier="resident", tenants=len(self.resident), nbytes=self._resident_bytes(),
+                           budget_bytes=self.config.resident_budget_bytes),
+                 TierStats(tier="cpu", tenants=self.tiers.count("cpu"), nbytes=self.tiers.nbytes("cpu"),
+                           budget_bytes=self.config.cpu_budget_bytes),
+                 TierStats(tier="disk", tenants=self.tiers.count("disk"), nbytes=self.tiers.nbytes("disk"),
+                           budget_bytes=self.config.disk_budget_bytes)]
+        return TrainerState(base_model=self.config.base_model, device=str(self.device), loaded=self.model is not None,
+                            tenants=[self.info(t) for t in self.tenants()], tiers=tiers)
+
+    # ------------------------------------------------------------------ training
+    def forward(self, tenant: str, data: Sequence[Datum], loss_fn: str = "cross_entropy",
+                loss_fn_config: dict[str, float] | None = None) -> ForwardBackwardOutput:
+        return self._run(tenant, data, loss_fn, loss_fn_config or {}, backward=False)
+
+    def forward_backward(self, tenant: str, data: Sequence[Datum], loss_fn: str = "cross_entropy",
+                         loss_fn_config: dict[str, float] | None = None) -> ForwardBackwardOutput:
+        return self._run(tenant, data, loss_fn, loss_fn_config or {}, backward=True)
+
+    def optim_step(self, tenant: str, adam: AdamParams) -> OptimStepOutput:
+        slot = self._activate(tenant)
+        params = [p for p in slot.params.values() if p.grad is not None]
+        if not params:
+            raise SkyrlError(409, f"tenant: '{tenant}' has no accumulated gradients; call forward_backward first", "tenant")
+        if adam.grad_clip_norm > 0:
+            norm = float(torch.nn.utils.clip_grad_norm_(params, adam.grad_clip_norm))
+        else:
+            norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))
+        if not math.isfinite(norm):
+            for p in slot.params.values():
+                p.grad = None
+            raise SkyrlError(422, f"tenant: gradient norm is {norm}; the step was skipped and the gradients dropped", "tenant")
+        group = slot.optimizer.param_groups[0]
+        group.update(lr=adam.learning_rate, betas=(adam.beta1, adam.beta2), eps=adam.eps, weight_decay=adam.weight_decay)
+        slot.optimizer.step()
+        slot.optimizer.zero_grad(set_to_none=True)
+        self.steps[tenant] += 1
+        return OptimStepOutput(metrics={"grad_norm:mean": norm, "learning_rate:mean": adam.learning_rate},
+                               step=self.steps[tenant])
+
+    def distill_step(self, payload: DistillPayload) -> DistillStepOutput:
+        s = payload.settings
+        if payload.lora_id not in self.specs:
+            self.create_lora(payload.lora_id, LoraSpec(rank=s.rank, alpha=s.alpha))
+        elif self.specs[payload.lora_id].alpha != s.alpha:
+            raise SkyrlError(409, f"settings.alpha: tenant '{payload.lora_id}' was created with alpha "
+                                  f"{self.specs[payload.lora_id].alpha}, not {s.alpha}", "settings.alpha")
+        data = distill_datums(payload, self.vocab_size)
+        fb = self.forward_backward(payload.lora_id, data, "distill", {"kl_weight": s.kl_weight, "clip": s.clip})
+        opt = self.optim_step(payload.lora_id, AdamParams(learning_rate=s.lr, grad_clip_norm=s.max_grad_norm))
+        return DistillStepOutput(forward_backward=fb, optim=opt)
+
+    # ------------------------------------------------------------------ state on disk
+    def save_state(self, tenant: str, name: str) -> SavedState:
+        _check_name(name, "name")
+        slot = self._activate(tenant)
+        assert self.slots is not None
+        snap = self.slots.snapshot(slot, self.steps[tenant], with_grads=False)
+        path = self.config.checkpoint_dir / tenant / f"{name}.safetensors"
+        nbytes = write_snapshot(snap, path, {"tenant": tenant})
+        return SavedState(tenant=tenant, path=str(path), step=snap.step, nbytes=nbytes)
+
+    def load_state(self, tenant: str, path: str, *, with_optimizer: bool = True) -> TenantInfo:
+        """Restore a saved state into ``tenant`` (created if new). Only this trainer's checkpoints load."""
+        self.load()
+        _check_name(tenant, "tenant")
+        real = Path(path).resolve()
+        root = self.config.checkpoint_dir.resolve()
+        if not real.is_relative_to(root):
+            raise SkyrlError(403, f"path: '{path}' is outside this trainer's checkpoints", "path")
+        snap = read_snapshot(real)
+        if not with_optimizer:
+            snap = snap.weights_only()
+        if tenant in self.specs and self.specs[tenant].signature != snap.spec.signature:
+            self.delete_lora(tenant)
+        if tenant not in self.specs:
+            self.create_lora(tenant, snap.spec)
+        slot = self._activate(tenant)
+        assert self.slots is not None
+        self.slots.restore(slot, tenant, snap)
+        self.specs[tenant] = snap.spec
+        self.steps[tenant] = snap.step
+        return self.info(tenant)
+
+    def export_for_sampler(self, tenant: str, name: str) -> Path:
+        """Write the tenant's adapter as a peft directory vLLM loads; each export is a new directory."""
+        _check_name(name, "name")
+        from peft import LoraConfig
+        from safetensors.torch import save_file
+
+        slot = self._activate(tenant)
+        spec = self.specs[tenant]
+        root = self.config.sampler_root / tenant
+        out = root / f"{name}-s{self.steps[tenant]}-{uuid.uuid4().hex[:8]}"
+        tmp = root / f".tmp-{uuid.uuid4().hex}"
+        tmp.mkdir(parents=True)
+        try:
+            LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=list(spec.target_modules), lora_dropout=0.0,
+                       bias="none", task_type="CAUSAL_LM", base_model_name_or_path=str(self.config.base_model)
+                       ).save_pretrained(str(tmp))
+            save_file({k: p.detach().to("cpu", torch.float32).contiguous() for k, p in slot.params.items()},
+                      str(tmp / "adapter_model.safetensors"))
+            tmp.rename(out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        exports = sorted((d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")),
+                         key=lambda d: d.stat().st_mtime_ns)
+        for old in exports[: -self.config.keep_sampler_versions]:
+            shutil.rmtree(old, ignore_errors=True)
+        return out
+
+    # ------------------------------------------------------------------ inspection (tests, benchmarks)
+    def snapshot(self, tenant: str) -> TenantSnapshot:
+        """A copy of the tenant's full state wherever it lives, without moving it between tiers."""
+        self._spec(tenant)
+        assert self.slots is not None
+        if tenant in self.resident:
+            return self.slots.snapshot(self.resident[tenant], self.steps[tenant])
+        snap = self.tiers.peek(tenant)
+        assert snap is not None
+        return TenantSnapshot(snap.spec, snap.step, {k: v.clone() for k, v in snap.tensors.items()})
+
+    def make_resident(self, tenant: str) -> str:
+        """Bring a tenant into a slot; returns the tier it came from (benchmarks time this)."""
+        tier = "resident" if tenant in self.resident else (self.tiers.tier_of(tenant) or "?")
+        self._activate(tenant)
+        return tier
+
+    def evict(self, tenant: str) -> str:
+        """Push a resident tenant out to the CPU tier (or disk, if CPU cannot hold it)."""
+        self._spec(tenant)
+        slot = self.resident.pop(tenant, None)
+        if slot is None:
+            return self.tiers.tier_of(tenant) or "?"
+        tier = self._evict(tenant, slot)
+        self.free.append(slot)
+        self._publish()
+        return tier
+
+    # ------------------------------------------------------------------ internals
+    def _spec(self, tenant: str) -> LoraSpec:
+        spec = self.specs.get(tenant)
+        if spec is None:
+            raise SkyrlError(404, f"tenant: no LoRA named '{tenant}'", "tenant")
+        return spec
+
+    def _resident_bytes(self) -> int:
+        return sum(s.nbytes for s in self.resident.values()) + sum(s.nbytes for s in self.free)
+
+    def _evict(self, tenant: str, slot: Slot) -> str:
+        assert self.slots is not None
+        snap = self.slots.snapshot(slot, self.steps[tenant])
+        self._pending_elsewhere[tenant] = snap.has_grads
+        for p in slot.params.values():
+            p.grad = None
+        slot.tenant = None
+        self.metrics.evictions.labels(tier="resident").inc()
+        return self.tiers.put(tenant, snap)
+
+    def _slot_for(self, spec: LoraSpec) -> Slot:
+        """A slot for ``spec`` within the resident budget, evicting least recently used tenants."""
+        assert self.slots is not None
+        need = self.slots.slot_bytes(spec)
+        budget = self.config.resident_budget_bytes
+        if need > budget:
+            raise SkyrlError(507, f"rank: an adapter of rank {spec.rank} on {list(spec.target_modules)} needs {need} "
+                                  f"bytes resident, over the resident budget of {budget}", "rank")
+        for slot in self.free:
+            if slot.spec.signature == spec.signature:
+                self.free.remove(slot)
+                return slot
+        used = self._resident_bytes()
+        retired: list[Slot] = []
+        found: Slot | None = None
+        while used + need > budget:
+            if self.free:
+                slot = self.free.pop(0)
+            elif self.resident:
+                tenant, slot = self.resident.popitem(last=False)
+                self._evict(tenant, slot)
+                if slot.spec.signature == spec.signature:
+                    found = slot
+                    used -= slot.nbytes
+                    break
+            else:  # pragma: no cover - need <= budget guarantees room once everything is out
+                break
+            retired.append(slot)
+            used -= slot.nbytes
+        slot = found or self.slots.add(spec)
+        for old in retired:  # peft keeps at least one adapter, so new slots come before old ones go
+            self.slots.remove(old)
+        return slot
+
+    def _activate(self, tenant: str) -> Slot:
+        self._spec(tenant)
+        assert self.slots is not None
+        slot = self.resident.get(tenant)
+        if slot is not None:
+            self.resident.move_to_end(tenant)
+            self.metrics.hits.labels(tier="resident").inc()
+            self.slots.activate(slot)
+            return slot
+        self.metrics.misses.labels(tier="resident").inc()
+        t0 = time.perf_counter()
+        taken = self.tiers.take(tenant)
+        if taken is None:  # pragma: no cover - a known tenant is always in some tier
+            raise SkyrlError(500, f"tenant: state of '{tenant}' was lost", "tenant")
+        snap, tier = taken
+        try:
+            slot = self._slot_for(snap.spec)
+        except BaseException:
+            self.tiers.put(tenant, snap)
+            raise
+        self.slots.restore(slot, tenant, snap)
+        self.resident[tenant] = slot
+        self.slots.activate(slot)
+        self.metrics.switch.labels(tier=tier).observe(time.perf_counter() - t0)
+        self._publish()
+        return slot
+
+    def _run(self, tenant: str, data: Sequence[Datum], loss_fn: str, cfg: dict[str, float], *, backward: bool
+             ) -> ForwardBackwardOutput:
+        self._spec(tenant)
+        loss_spec, config = resolve(loss_fn, cfg)
+        batch = collate(data, loss_spec, self.vocab_size, self.config.max_seq_len, self.device)
+        slot = self._activate(tenant)
+        assert self.slots is not None and self.slots.model is not None
+        outputs: list[dict[str, list[float]]] = []
+        sums: dict[str, float] = {}
+        with torch.set_grad_enabled(backward):
+            logits = self.slots.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            total = torch.zeros((), device=self.device)
+            for i, item in enumerate(batch.items):
+                n = item.length
+                row = logits[i, :n]
+                lp = token_logprobs(row, item.target_tokens)
+                result = loss_spec.fn(LossInputs(lp, item.inputs, config, row if loss_spec.needs_logits else None))
+                total = total + result.loss
+                out = {"logprobs": lp.detach().float().cpu().tolist()}
+                out.update({k: v.float().cpu().tolist() for k, v in result.outputs.items()})
+                outputs.append(out)
+                for key, value in result.metrics.items():
+                    sums[key] = sums.get(key, 0.0) + float(value)
+            if not torch.isfinite(total):
+                raise SkyrlError(422, f"data: the loss is {float(total)}; check the inputs (nothing was accumulated)", "data")
+            if backward:
+                total.backward()
+        metrics = {"loss:sum": float(total.detach())}
+        n_datums = len(batch.items)
+        metrics.update({k: (v / n_datums if k.endswith(":mean") else v) for k, v in sums.items()})
+        del slot
+        return ForwardBackwardOutput(loss_fn_outputs=outputs, metrics=metrics)
+
+    def _publish(self) -> None:
+        self.metrics.bytes.labels(tier="resident").set(self._resident_bytes())
+        self.metrics.tenants.labels(tier="resident").set(len(self.resident))
