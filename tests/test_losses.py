@@ -72,8 +72,8 @@ def _ref_loss(name: str, logits: torch.Tensor, targets: torch.Tensor, inp: dict,
             tl = inp["teacher_topk_logprobs"][t]
             tl = tl - torch.logsumexp(tl, 0)
             kl = sum(torch.exp(tl[j]) * (tl[j] - logp_rows[t][inp["teacher_topk_ids"][t, j]]) for j in range(K))
-            if float(kl) > cfg["clip"]:
-                kl = kl * (cfg["clip"] / float(kl))  # scaled down, direction kept
+            if float(kl.detach()) > cfg["clip"]:
+                kl = kl * (cfg["clip"] / float(kl.detach()))  # scaled down, direction kept
             total = total + inp["weights"][t] * (cfg["kl_weight"] * kl - cfg["ce_weight"] * lp[t])
     else:
         raise AssertionError(name)

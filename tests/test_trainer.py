@@ -50,10 +50,10 @@ def assert_same_state(a: TenantSnapshot, b: TenantSnapshot) -> None:
     assert sorted(a.tensors) == sorted(b.tensors)
     for key in a.tensors:
         x, y = a.tensors[key], b.tensors[key]
-        if x.device.type == "cpu" and not torch.cuda.is_available():
+        if not torch.cuda.is_available():
             assert torch.equal(x, y), f"{key} differs"  # bitwise on CPU
-        else:
-            torch.testing.assert_close(x, y, rtol=0, atol=0, msg=f"{key} differs")
+        else:  # CUDA attention backward may use atomics: equal up to float noise
+            torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-5, msg=f"{key} differs")
 
 
 def step(trainer: MultiTenantTrainer, tenant: str, data: list[Datum]) -> float:
@@ -197,7 +197,8 @@ def test_mixed_shapes_export_adapters_peft_reproduces(tiny: TinyFixtures, tok, t
             logits = model(input_ids=ids).logits[0].float()
         theirs = torch.log_softmax(logits, -1).gather(1, torch.tensor(datum.loss_fn_inputs["target_tokens"],
                                                                       device=trainer.device)[:, None])[:, 0]
-        torch.testing.assert_close(torch.tensor(ours), theirs.cpu(), rtol=1e-4, atol=1e-4)
+        tol = 1e-4 if trainer.device.type == "cpu" else 5e-2  # bf16 base on CUDA
+        torch.testing.assert_close(torch.tensor(ours), theirs.cpu(), rtol=tol, atol=tol)
         seen.add(round(sum(ours), 3))
     assert len(seen) == 3  # three different adapters, not one reused
 
