@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from skyrl_lora.errors import SkyrlError
+from skyrl_lora.training.pinned import PinnedPool
 from skyrl_lora.training.protocol import LoraSpec
 from skyrl_lora.training.snapshot import TenantSnapshot
 
@@ -42,6 +43,7 @@ class AdapterSlots:
     def __init__(self, base: nn.Module, device: torch.device) -> None:
         self.base = base
         self.device = device
+        self.pool = PinnedPool(enabled=device.type == "cuda")
         self.model = None  # peft.PeftModel, made with the first slot
         self._names = (f"slot{i}" for i in itertools.count())
         self.active: str | None = None
@@ -161,7 +163,7 @@ class AdapterSlots:
         pin = self.device.type == "cuda"
 
         def host(x: torch.Tensor) -> torch.Tensor:
-            out = torch.empty(x.shape, dtype=x.dtype, pin_memory=pin)
+            out = self.pool.empty(x.shape, x.dtype)
             out.copy_(x, non_blocking=pin)
             return out
 

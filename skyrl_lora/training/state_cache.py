@@ -81,7 +81,7 @@ class HostAndDiskTiers:
     def put(self, tenant: str, snap: TenantSnapshot) -> str:
         """Store an evicted tenant: CPU if it fits, else disk. Returns the tier it landed in."""
         nbytes = snap.nbytes
-        if self._pin:
+        if self._pin and not all(v.is_pinned() for v in snap.tensors.values()):
             snap = TenantSnapshot(snap.spec, snap.step, {k: v.pin_memory() for k, v in snap.tensors.items()})
         if nbytes <= self.cpu_budget:
             self._cpu[tenant] = (snap, nbytes)  # may spill the least recently used tenants to disk

@@ -365,7 +365,8 @@ class MultiTenantTrainer:
         except BaseException:
             self.tiers.put(tenant, snap)
             raise
-        self.slots.restore(slot, tenant, snap)
+        self.slots.restore(slot, tenant, snap)  # synchronous: the host buffers are free afterwards
+        self.slots.pool.give(snap.tensors.values())
         self.resident[tenant] = slot
         self.slots.activate(slot)
         self.metrics.switch.labels(tier=tier).observe(time.perf_counter() - t0)
