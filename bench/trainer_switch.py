@@ -109,26 +109,29 @@ def run(args: argparse.Namespace) -> dict:
         disk_sw.append(timed(lambda: via_disk.make_resident(other)))
     del via_cpu, via_disk
 
-    def throughput(n_tenants: int, resident_slots: int) -> float:
-        t = trainer(f"tp{n_tenants}-{resident_slots}", resident_slots * one, 64 * GiB)
+    configs = {"1 tenant": (1, 1), "4 tenants, 4 resident": (4, 4), "4 tenants, 1 slot (switch every step)": (4, 1)}
+    runners = {}
+    for label, (n_tenants, slots) in configs.items():
+        t = trainer(f"tp{n_tenants}-{slots}", slots * one, 64 * GiB)
         names = [f"t{i}" for i in range(n_tenants)]
         for n in names:
             t.create_lora(n, spec)
-        for n in names:  # warm-up
-            t.forward_backward(n, data)
+            t.forward_backward(n, data)  # warm-up
             t.optim_step(n, adam)
-        steps_total = max(args.throughput_steps, n_tenants)
-        sync()
-        t0 = time.perf_counter()
-        for i in range(steps_total):
-            n = names[i % n_tenants]
-            t.forward_backward(n, data)
-            t.optim_step(n, adam)
-        sync()
-        return steps_total * tokens / (time.perf_counter() - t0)
-
-    tps = {"1 tenant": throughput(1, 1), "4 tenants, 4 resident": throughput(4, 4),
-           "4 tenants, 1 slot (switch every step)": throughput(4, 1)}
+        runners[label] = (t, names)
+    samples: dict[str, list[float]] = {label: [] for label in configs}
+    per_window = max(4, args.throughput_steps // 4)
+    for _ in range(4):  # windows of each configuration alternate, so drift hits all of them
+        for label, (t, names) in runners.items():
+            sync()
+            t0 = time.perf_counter()
+            for i in range(per_window):
+                n = names[i % len(names)]
+                t.forward_backward(n, data)
+                t.optim_step(n, adam)
+            sync()
+            samples[label].append(per_window * tokens / (time.perf_counter() - t0))
+    tps = {label: statistics.median(v) for label, v in samples.items()}
     step_s = statistics.median(steps)
     result = {
         "machine": args.machine or platform.node(), "date": time.strftime("%Y-%m-%d"),
@@ -181,9 +184,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     result = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"{result['machine']}-{result['date']}-trainer-switch-{result['model']}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    plot(result, stem.with_suffix(".png"))
+    stem = f"{result['machine']}-{result['date']}-trainer-switch-{result['model']}"
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    plot(result, args.out / f"{stem}.png")
     print(json.dumps({k: result[k] for k in ("switch_over_step", "train_tokens_per_s_ratio_vs_1_tenant")}, indent=2))
 
 

@@ -82,7 +82,7 @@ class HostAndDiskTiers:
         """Store an evicted tenant: CPU if it fits, else disk. Returns the tier it landed in."""
         nbytes = snap.nbytes
         if self._pin and not all(v.is_pinned() for v in snap.tensors.values()):
-            snap = TenantSnapshot(snap.spec, snap.step, {k: v.pin_memory() for k, v in snap.tensors.items()})
+            snap = TenantSnapshot(snap.spec, snap.step, snap.layout, {k: v.pin_memory() for k, v in snap.tensors.items()})
         if nbytes <= self.cpu_budget:
             self._cpu[tenant] = (snap, nbytes)  # may spill the least recently used tenants to disk
             tier = "cpu"

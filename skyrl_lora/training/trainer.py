@@ -125,9 +125,9 @@ class MultiTenantTrainer:
         self._spec(tenant)
         slot = self.resident.pop(tenant, None)
         if slot is not None:
-            for p in slot.params.values():
-                p.grad = None
-            slot.optimizer.state.clear()
+            for buffer in slot.flat.values():
+                buffer.zero_()
+            slot.has_grads = False
             slot.tenant = None
             self.free.append(slot)
         self.tiers.drop(tenant)
@@ -145,7 +145,7 @@ class MultiTenantTrainer:
         if tenant in self.resident:
             slot = self.resident[tenant]
             tier, nbytes = "resident", slot.nbytes
-            pending = any(p.grad is not None for p in slot.params.values())
+            pending = slot.has_grads
         else:
             tier, nbytes = self.tiers.tier_of(tenant), self.tiers.size_of(tenant)
             pending = self._pending_elsewhere.get(tenant, False)
@@ -173,21 +173,21 @@ class MultiTenantTrainer:
 
     def optim_step(self, tenant: str, adam: AdamParams) -> OptimStepOutput:
         slot = self._activate(tenant)
-        params = [p for p in slot.params.values() if p.grad is not None]
-        if not params:
+        if not slot.has_grads:
             raise SkyrlError(409, f"tenant: '{tenant}' has no accumulated gradients; call forward_backward first", "tenant")
-        if adam.grad_clip_norm > 0:
-            norm = float(torch.nn.utils.clip_grad_norm_(params, adam.grad_clip_norm))
-        else:
-            norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))
+        grads = slot.flat["g"]
+        norm = float(torch.linalg.vector_norm(grads))
         if not math.isfinite(norm):
-            for p in slot.params.values():
-                p.grad = None
+            grads.zero_()
+            slot.has_grads = False
             raise SkyrlError(422, f"tenant: gradient norm is {norm}; the step was skipped and the gradients dropped", "tenant")
+        if adam.grad_clip_norm > 0:  # torch's clip_grad_norm_ rule, on the one flat buffer
+            grads.mul_(min(1.0, adam.grad_clip_norm / (norm + 1e-6)))
         group = slot.optimizer.param_groups[0]
         group.update(lr=adam.learning_rate, betas=(adam.beta1, adam.beta2), eps=adam.eps, weight_decay=adam.weight_decay)
         slot.optimizer.step()
-        slot.optimizer.zero_grad(set_to_none=True)
+        grads.zero_()
+        slot.has_grads = False
         self.steps[tenant] += 1
         return OptimStepOutput(metrics={"grad_norm:mean": norm, "learning_rate:mean": adam.learning_rate},
                                step=self.steps[tenant])
@@ -272,7 +272,7 @@ class MultiTenantTrainer:
             return self.slots.snapshot(self.resident[tenant], self.steps[tenant])
         snap = self.tiers.peek(tenant)
         assert snap is not None
-        return TenantSnapshot(snap.spec, snap.step, {k: v.clone() for k, v in snap.tensors.items()})
+        return TenantSnapshot(snap.spec, snap.step, snap.layout, {k: v.clone() for k, v in snap.tensors.items()})
 
     def make_resident(self, tenant: str) -> str:
         """Bring a tenant into a slot; returns the tier it came from (benchmarks time this)."""
@@ -305,8 +305,6 @@ class MultiTenantTrainer:
         assert self.slots is not None
         snap = self.slots.snapshot(slot, self.steps[tenant])
         self._pending_elsewhere[tenant] = snap.has_grads
-        for p in slot.params.values():
-            p.grad = None
         slot.tenant = None
         self.metrics.evictions.labels(tier="resident").inc()
         return self.tiers.put(tenant, snap)
@@ -400,10 +398,10 @@ class MultiTenantTrainer:
                 raise SkyrlError(422, f"data: the loss is {float(total)}; check the inputs (nothing was accumulated)", "data")
             if backward:
                 total.backward()
+                slot.has_grads = True
         metrics = {"loss:sum": float(total.detach())}
         n_datums = len(batch.items)
         metrics.update({k: (v / n_datums if k.endswith(":mean") else v) for k, v in sums.items()})
-        del slot
         return ForwardBackwardOutput(loss_fn_outputs=outputs, metrics=metrics)
 
     def _publish(self) -> None:
