@@ -62,7 +62,7 @@ def _ref_loss(name: str, logits: torch.Tensor, targets: torch.Tensor, inp: dict,
             total = total - torch.minimum(r * a[t], torch.clamp(r, lo, hi) * a[t])
     elif name == "stable_reinforce":
         for t in range(N):
-            r = float(torch.exp(lp[t] - q[t]))
+            r = float(torch.exp(lp[t] - q[t]).detach())
             if lo <= r <= hi:
                 total = total - r * lp[t] * a[t]
             d = q[t] - lp[t]
