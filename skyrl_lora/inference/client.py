@@ -181,9 +181,11 @@ class RemoteInferenceClient:
     async def unload_lora_adapter(self, name: str) -> None:
         await self._fan_out("/skyrl/v1/unload_lora_adapter", {"lora_name": name})
 
-    async def update_lora(self, name: str, path: str, mode: SyncMode = "abort") -> list[LoadLoraResponse]:
-        """Sync one tenant on every server: only that tenant's requests stop, and only for a flip."""
-        body = {"lora_name": name, "lora_path": str(path), "mode": mode}
+    async def update_lora(self, name: str, path: str, mode: SyncMode = "abort", *, create: bool = False
+                          ) -> list[LoadLoraResponse]:
+        """Sync one tenant on every server: only that tenant's requests stop, and only for a flip.
+        ``create``: a server that does not have the LoRA yet loads it (the tenant's first sync)."""
+        body = {"lora_name": name, "lora_path": str(path), "mode": mode, "create": create}
         return [LoadLoraResponse.model_validate(r) for r in await self._fan_out("/skyrl/v1/update_lora", body)]
 
     async def state(self) -> list[ServerState]:

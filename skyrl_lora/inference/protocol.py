@@ -29,6 +29,8 @@ class SamplingParamsIn(_Frozen):
     stop_token_ids: list[int] = Field(default_factory=list, max_length=64)
     ignore_eos: bool = False
     logprobs: int = Field(0, ge=0, le=20, description="top-k logprobs per token; the sampled token's is always returned")
+    prompt_logprobs: int | None = Field(None, ge=0, le=20, description="None: off; k: each prompt token's logprob "
+                                                                        "(and the top k beside it)")
 
     @model_validator(mode="after")
     def _min_le_max(self) -> SamplingParamsIn:
@@ -65,6 +67,9 @@ class SampleOut(_Frozen):
     stop_reason: str | int | None = None
     version_spans: list[VersionSpan] = Field(default_factory=list)
     num_cached_tokens: int = 0
+    # logprob of each prompt token given the ones before it (None for the first), when asked for
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[dict[int, float] | None] | None = None
 
 
 class GenerateResponse(_Frozen):
@@ -125,6 +130,7 @@ class UpdateLoraRequest(_Frozen):
     lora_name: LoraName
     lora_path: str = Field(min_length=1, max_length=4096)
     mode: SyncMode = "abort"
+    create: bool = Field(False, description="load the LoRA if this server does not have it yet (a first sync)")
 
 
 class LoraInfo(_Frozen):

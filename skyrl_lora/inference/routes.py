@@ -89,7 +89,7 @@ class TokenGenerator:
         params = compat.make_sampling_params(
             n=1, max_tokens=p.max_tokens, min_tokens=p.min_tokens, temperature=p.temperature, top_p=p.top_p,
             top_k=p.top_k, seed=seed, stop=list(p.stop) or None, stop_token_ids=list(p.stop_token_ids) or None,
-            ignore_eos=p.ignore_eos, logprobs=p.logprobs, detokenize=bool(p.stop),
+            ignore_eos=p.ignore_eos, logprobs=p.logprobs, detokenize=bool(p.stop), prompt_logprobs=p.prompt_logprobs,
         )
         prompt = compat.tokens_prompt(list(req.prompt_token_ids) + list(req.prefix_output_token_ids))
         lora_request = None
@@ -106,6 +106,8 @@ class TokenGenerator:
         finish: str | None = None
         stop_reason: str | int | None = None
         cached = 0
+        prompt_lps: list[float | None] | None = None
+        prompt_top: list[dict[int, float] | None] | None = None
         gen = self.controller.generate(prompt, params, request_id, lora_request=lora_request)
         adm = None
         try:
@@ -113,6 +115,9 @@ class TokenGenerator:
                 if adm is None:
                     adm = self.controller.admission(request_id)
                     cached = int(getattr(out, "num_cached_tokens", 0) or 0)
+                if p.prompt_logprobs is not None and prompt_lps is None and getattr(out, "prompt_logprobs", None):
+                    prompt_lps, prompt_top = _prompt_logprobs(req.prompt_token_ids, out.prompt_logprobs,
+                                                              p.prompt_logprobs)
                 comp = out.outputs[0]
                 new_ids = list(comp.token_ids)
                 if new_ids:
@@ -150,7 +155,26 @@ class TokenGenerator:
         if finish is None:
             finish = "abort"
         return SampleOut(token_ids=token_ids, logprobs=logprobs, top_logprobs=top, finish_reason=finish,
-                         stop_reason=stop_reason, version_spans=spans, num_cached_tokens=cached)
+                         stop_reason=stop_reason, version_spans=spans, num_cached_tokens=cached,
+                         prompt_logprobs=prompt_lps, prompt_top_logprobs=prompt_top)
+
+
+def _prompt_logprobs(prompt: list[int], entries: list[Any], k: int
+                     ) -> tuple[list[float | None], list[dict[int, float] | None] | None]:
+    """vLLM's per-position dicts -> the prompt token's own logprob (+ top k), for the caller's prompt only."""
+    own: list[float | None] = []
+    tops: list[dict[int, float] | None] = []
+    for pos, tid in enumerate(prompt):
+        entry = entries[pos] if pos < len(entries) else None
+        if not entry:
+            own.append(None)
+            tops.append(None)
+            continue
+        lp = entry.get(tid)
+        own.append(float(lp.logprob) if lp is not None else None)
+        ranked = sorted(((int(t), float(v.logprob)) for t, v in entry.items()), key=lambda kv: -kv[1])[:k]
+        tops.append(dict(ranked))
+    return own, (tops if k > 0 else None)
 
 
 def _clip_spans(spans: list[VersionSpan], end: int) -> list[VersionSpan]:
@@ -205,7 +229,8 @@ def build_router() -> APIRouter:
     async def update_lora(body: UpdateLoraRequest, raw: Request) -> Any:
         ctl = _controller(raw)
         try:
-            ctl.require(body.lora_name)
+            if not body.create:
+                ctl.require(body.lora_name)
             adapter, aborted, load_s = await ctl.load(body.lora_name, body.lora_path, load_inplace=True, mode=body.mode)
             return LoadLoraResponse(lora=ctl.info(adapter.name), aborted=aborted, load_s=load_s)
         except LoraError as exc:

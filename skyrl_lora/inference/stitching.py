@@ -20,6 +20,8 @@ class StitchedSample:
     stop_reason: str | int | None = None
     segments: int = 0
     num_cached_tokens: int = 0
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[dict[int, float] | None] | None = None
 
     def add(self, seg: SampleOut) -> None:
         offset = len(self.token_ids)
@@ -39,13 +41,16 @@ class StitchedSample:
         self.finish_reason = seg.finish_reason
         self.stop_reason = seg.stop_reason
         self.segments += 1
-        if self.segments == 1:
+        if self.segments == 1:  # continuations re-read prompt + prefix: the first segment's prompt view counts
             self.num_cached_tokens = seg.num_cached_tokens
+            self.prompt_logprobs = seg.prompt_logprobs
+            self.prompt_top_logprobs = seg.prompt_top_logprobs
 
     def as_sample(self) -> SampleOut:
         return SampleOut(token_ids=self.token_ids, logprobs=self.logprobs, top_logprobs=self.top_logprobs,
                          finish_reason=self.finish_reason, stop_reason=self.stop_reason,
-                         version_spans=self.version_spans, num_cached_tokens=self.num_cached_tokens)
+                         version_spans=self.version_spans, num_cached_tokens=self.num_cached_tokens,
+                         prompt_logprobs=self.prompt_logprobs, prompt_top_logprobs=self.prompt_top_logprobs)
 
 
 def continuation_params(params: SamplingParamsIn, generated: int, segment_index: int) -> SamplingParamsIn | None:
@@ -55,7 +60,7 @@ def continuation_params(params: SamplingParamsIn, generated: int, segment_index:
         return None
     seed = None if params.seed is None else (params.seed + 7919 * segment_index) % (2**63)
     return params.model_copy(update={"max_tokens": remaining, "min_tokens": max(0, params.min_tokens - generated),
-                                     "seed": seed})
+                                     "seed": seed, "prompt_logprobs": None})
 
 
 def find_seam_stop(decode: Callable[[Sequence[int]], str], tail: Sequence[int], new: Sequence[int],

@@ -120,7 +120,7 @@ class TrainerActor:
             return SamplerWeights(tenant=tenant, path=str(path), step=step, synced=False)
         t0 = time.perf_counter()
         try:
-            replies = await asyncio.wait_for(client.update_lora(tenant, str(path), mode=self.config.sync_mode),
+            replies = await asyncio.wait_for(client.update_lora(tenant, str(path), mode=self.config.sync_mode, create=True),
                                              timeout=self.config.sync_timeout_s)
         except FanOutError as exc:
             raise SkyrlError(502, f"sync of '{tenant}' into inference failed: {exc}", "name") from exc

@@ -1,0 +1,207 @@
+"""The FastAPI app: Tinker's routes under /api/v1, API-key auth, errors that name the field."""
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+
+from skyrl_lora.api import schemas as S
+from skyrl_lora.api.db import hash_key
+from skyrl_lora.api.futures import Result
+from skyrl_lora.api.proto_conv import PROTO
+from skyrl_lora.api.service import TinkerService
+from skyrl_lora.errors import SkyrlError
+
+logger = logging.getLogger(__name__)
+MAX_BODY = 256 << 20
+
+
+async def _user(request: Request, x_api_key: Annotated[str | None, Header()] = None) -> str:
+    """The caller's user id from its X-API-Key (checked against the hashed keys)."""
+    if not x_api_key:
+        raise SkyrlError(401, "X-API-Key: missing", "X-API-Key")
+    found = await request.app.state.service.user_for_key(hash_key(x_api_key))
+    if found is None:
+        raise SkyrlError(401, "X-API-Key: not a valid key", "X-API-Key")
+    return found
+
+
+User = Annotated[str, Depends(_user)]
+
+
+def _error(status: int, message: str, field: str | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": message, "field": field, "detail": message})
+
+
+def create_app(service: TinkerService, metrics: Callable[[], Awaitable[str]] | None = None,
+               on_shutdown: Callable[[], Awaitable[None]] | None = None) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        if on_shutdown is not None:
+            await on_shutdown()
+
+    app = FastAPI(title="skyrl_lora Tinker-compatible API", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.service = service
+
+    @app.exception_handler(SkyrlError)
+    async def _skyrl(_: Request, exc: SkyrlError) -> JSONResponse:
+        return _error(exc.status, exc.message, exc.field)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
+        loc = [str(x) for x in first.get("loc", ()) if x not in ("body", "query", "path", "header")]
+        field = ".".join(loc) or "body"
+        return _error(400, f"{field}: {first.get('msg', 'invalid')}", field)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:  # never a bare 500 page
+        logger.exception("unhandled error")
+        return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+
+    v1 = "/api/v1"
+
+    # ---------------------------------------------------------------- unauthenticated
+    @app.get(f"{v1}/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.post(f"{v1}/client/config")
+    async def client_config() -> dict:
+        return {"pjwt_auth_enabled": False, "use_pyqwest_transport": False}
+
+    @app.post(f"{v1}/client/dynamic_config")
+    async def dynamic_config() -> dict:
+        return {}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        text = await metrics() if metrics is not None else ""
+        return Response(text, media_type="text/plain; version=0.0.4")
+
+    # ---------------------------------------------------------------- sessions
+    @app.get(f"{v1}/get_server_capabilities")
+    async def capabilities(u: User) -> dict:
+        return service.capabilities()
+
+    @app.post(f"{v1}/create_session")
+    async def create_session(req: S.CreateSessionIn, u: User) -> dict:
+        return await service.create_session(u, req)
+
+    @app.post(f"{v1}/session_heartbeat")
+    async def heartbeat(req: S.SessionIdIn, u: User) -> dict:
+        return await service.heartbeat(u, req.session_id)
+
+    @app.post(f"{v1}/sessions/{{session_id}}/finish")
+    async def finish(session_id: str, u: User) -> dict:
+        return await service.finish_session(u, session_id)
+
+    @app.get(f"{v1}/sessions/{{session_id}}")
+    async def get_session(session_id: str, u: User) -> dict:
+        return await service.get_session(u, session_id)
+
+    @app.get(f"{v1}/sessions")
+    async def list_sessions(u: User) -> dict:
+        return await service.list_sessions(u)
+
+    @app.post(f"{v1}/telemetry")
+    async def telemetry(u: User) -> dict:
+        return {"status": "accepted"}
+
+    # ---------------------------------------------------------------- training
+    @app.post(f"{v1}/create_model")
+    async def create_model(req: S.CreateModelIn, u: User) -> S.UntypedFuture:
+        return await service.create_model(u, req)
+
+    @app.post(f"{v1}/get_info")
+    async def get_info(req: S.ModelIdIn, u: User) -> dict:
+        return await service.get_info(u, req.model_id)
+
+    @app.post(f"{v1}/forward_backward")
+    async def forward_backward(request: Request, u: User) -> S.UntypedFuture:
+        if "protobuf" not in request.headers.get("content-type", ""):
+            raise SkyrlError(415, "body: forward_backward takes application/x-protobuf (tinker_public.ForwardBackwardRequest)",
+                             "body")
+        if request.headers.get("content-encoding", "").lower() not in ("", "identity"):
+            raise SkyrlError(415, "Content-Encoding: compressed bodies are not accepted", "Content-Encoding")
+        body = await request.body()
+        if len(body) > MAX_BODY:
+            raise SkyrlError(413, f"body: {len(body)} bytes is over {MAX_BODY}", "body")
+        return await service.forward_backward(u, body)
+
+    @app.post(f"{v1}/optim_step")
+    async def optim_step(req: S.OptimStepIn, u: User) -> S.UntypedFuture:
+        return await service.optim_step(u, req)
+
+    @app.post(f"{v1}/save_weights")
+    async def save_weights(req: S.SaveWeightsIn, u: User) -> S.UntypedFuture:
+        return await service.save_weights(u, req)
+
+    @app.post(f"{v1}/save_weights_for_sampler")
+    async def save_for_sampler(req: S.SaveWeightsForSamplerIn, u: User) -> S.UntypedFuture:
+        return await service.save_weights_for_sampler(u, req)
+
+    @app.post(f"{v1}/load_weights")
+    async def load_weights(req: S.LoadWeightsIn, u: User) -> S.UntypedFuture:
+        return await service.load_weights(u, req)
+
+    # ---------------------------------------------------------------- sampling
+    @app.post(f"{v1}/create_sampling_session")
+    async def create_sampling_session(req: S.CreateSamplingSessionIn, u: User) -> dict:
+        return await service.create_sampling_session(u, req)
+
+    @app.get(f"{v1}/samplers/{{sampler_id}}")
+    async def get_sampler(sampler_id: str, u: User) -> dict:
+        return await service.get_sampler(u, sampler_id)
+
+    @app.post(f"{v1}/asample")
+    async def asample(req: S.SampleIn, u: User) -> S.UntypedFuture:
+        return await service.sample(u, req)
+
+    @app.post(f"{v1}/cancel_future")
+    async def cancel_future(u: User) -> dict:
+        return {}
+
+    @app.post(f"{v1}/retrieve_future")
+    async def retrieve_future(req: S.FutureIn, u: User) -> Any:
+        out = await service.futures.retrieve(u, req.request_id)
+        if isinstance(out, Result):
+            return Response(out.body, media_type=out.content_type)
+        return out
+
+    # ---------------------------------------------------------------- runs and checkpoints
+    @app.get(f"{v1}/training_runs")
+    async def training_runs(u: User, limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+                            offset: Annotated[int, Query(ge=0)] = 0) -> dict:
+        return await service.training_runs(u, limit, offset)
+
+    @app.get(f"{v1}/training_runs/{{run_id}}")
+    async def training_run(run_id: str, u: User) -> S.TrainingRunOut:
+        return await service.training_run(u, run_id)
+
+    @app.get(f"{v1}/training_runs/{{run_id}}/checkpoints")
+    async def run_checkpoints(run_id: str, u: User) -> dict:
+        return await service.checkpoints(u, run_id)
+
+    @app.delete(f"{v1}/training_runs/{{run_id}}/checkpoints/{{checkpoint_id:path}}")
+    async def delete_checkpoint(run_id: str, checkpoint_id: str, u: User) -> dict:
+        return await service.delete_checkpoint(u, run_id, checkpoint_id)
+
+    @app.get(f"{v1}/checkpoints")
+    async def user_checkpoints(u: User) -> dict:
+        return await service.checkpoints(u, None)
+
+    @app.post(f"{v1}/weights_info")
+    async def weights_info(req: S.WeightsInfoIn, u: User) -> dict:
+        return await service.weights_info(u, req.tinker_path)
+
+    return app
+
+
+__all__ = ["create_app", "PROTO"]

@@ -1,0 +1,166 @@
+"""The service's metadata in a real database through SQLAlchemy: SQLite by default, PostgreSQL by URL.
+
+Sessions, models (training runs), checkpoints, samplers, futures and hashed API keys survive a
+restart. All database work runs on one worker thread (SQLite serialises writers anyway), so the
+event loop never blocks on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from sqlalchemy import JSON, Boolean, DateTime, Integer, LargeBinary, String, Text, create_engine, event, select, update
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+T = TypeVar("T")
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def hash_key(api_key: str) -> str:
+    """Keys are stored only as SHA-256 digests; a leaked database does not leak keys."""
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON}
+
+
+class ApiKeyRow(Base):
+    __tablename__ = "api_keys"
+    key_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(128), index=True)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+
+class SessionRow(Base):
+    __tablename__ = "sessions"
+    session_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(128), index=True)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+    last_heartbeat: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+    finished: Mapped[bool] = mapped_column(Boolean, default=False)
+    user_metadata: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class ModelRow(Base):
+    __tablename__ = "models"
+    model_id: Mapped[str] = mapped_column(String(256), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(128), index=True)
+    session_id: Mapped[str] = mapped_column(String(64), index=True)
+    tenant: Mapped[str] = mapped_column(String(128), unique=True)
+    base_model: Mapped[str] = mapped_column(Text)
+    rank: Mapped[int] = mapped_column(Integer)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    user_metadata: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    next_seq: Mapped[int] = mapped_column(Integer, default=1)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+    last_request: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+
+class CheckpointRow(Base):
+    __tablename__ = "checkpoints"
+    tinker_path: Mapped[str] = mapped_column(String(1024), primary_key=True)
+    model_id: Mapped[str] = mapped_column(String(256), index=True)
+    user_id: Mapped[str] = mapped_column(String(128), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # training | sampler
+    name: Mapped[str] = mapped_column(String(256))
+    internal_path: Mapped[str] = mapped_column(Text)
+    size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    ephemeral: Mapped[bool] = mapped_column(Boolean, default=False)
+    user_metadata: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+
+class SamplerRow(Base):
+    __tablename__ = "samplers"
+    sampler_id: Mapped[str] = mapped_column(String(256), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(128), index=True)
+    session_id: Mapped[str] = mapped_column(String(64), index=True)
+    base_model: Mapped[str] = mapped_column(Text)
+    model_path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    lora_name: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    adapter_path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+
+class FutureRow(Base):
+    __tablename__ = "futures"
+    request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(128), index=True)
+    kind: Mapped[str] = mapped_column(String(64))
+    model_id: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending | complete | failed
+    content_type: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    result: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    category: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+    finished: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class Database:
+    def __init__(self, url: str) -> None:
+        sqlite = url.startswith("sqlite")
+        self.engine = create_engine(url, connect_args={"check_same_thread": False} if sqlite else {})
+        if sqlite:
+            @event.listens_for(self.engine, "connect")
+            def _pragmas(conn, _record) -> None:  # concurrent readers, durable commits
+                cur = conn.cursor()
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA synchronous=NORMAL")
+                cur.close()
+        Base.metadata.create_all(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="skyrl-db")
+
+    async def run(self, fn: Callable[[Session], T]) -> T:
+        """Run ``fn(session)`` in one transaction on the database thread."""
+        def work() -> T:
+            with self._sessions.begin() as session:
+                return fn(session)
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, work)
+
+    def run_sync(self, fn: Callable[[Session], T]) -> T:
+        with self._sessions.begin() as session:
+            return fn(session)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        self.engine.dispose()
+
+    # ------------------------------------------------------------------ startup
+    def register_keys(self, keys: dict[str, str]) -> None:
+        def fn(s: Session) -> None:
+            for key, user in keys.items():
+                h = hash_key(key)
+                row = s.get(ApiKeyRow, h)
+                if row is None:
+                    s.add(ApiKeyRow(key_hash=h, user_id=user))
+                else:
+                    row.user_id = user
+        self.run_sync(fn)
+
+    def fail_unfinished_futures(self) -> int:
+        """Futures that were running when the service stopped are reported failed, never lost."""
+        def fn(s: Session) -> int:
+            result = s.execute(update(FutureRow).where(FutureRow.state == "pending").values(
+                state="failed", category="server", finished=now(),
+                error=json.dumps({"error": "the service restarted before this request finished; submit it again",
+                                  "category": "server"})))
+            return int(result.rowcount or 0)
+        return self.run_sync(fn)
+
+    @staticmethod
+    def user_for(s: Session, key_hash: str) -> str | None:
+        row = s.execute(select(ApiKeyRow.user_id).where(ApiKeyRow.key_hash == key_hash)).first()
+        return None if row is None else row[0]

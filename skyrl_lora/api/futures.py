@@ -1,0 +1,103 @@
+"""Tinker's future pattern: work routes answer with a request id at once; results are polled.
+
+A future's result (JSON or protobuf bytes) or its failure is written to the database, so a finished
+future survives a restart; one still running at a restart is reported failed (see ``Database``).
+Polls long-wait on an event for a while before answering ``try_again``, so clients poll gently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session
+
+from skyrl_lora.api.db import Database, FutureRow, now
+from skyrl_lora.errors import SkyrlError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Result:
+    content_type: str
+    body: bytes
+
+
+def json_result(payload: dict) -> Result:
+    return Result("application/json", json.dumps(payload).encode())
+
+
+class Futures:
+    def __init__(self, db: Database, *, long_poll_s: float = 10.0) -> None:
+        self.db = db
+        self.long_poll_s = long_poll_s
+        self._done: dict[str, asyncio.Event] = {}
+        self._tasks: set[asyncio.Task] = set()
+
+    async def submit(self, user: str, kind: str, model_id: str | None, work: Callable[[], Awaitable[Result]]) -> str:
+        request_id = f"req-{uuid.uuid4().hex}"
+        await self.db.run(lambda s: s.add(FutureRow(request_id=request_id, user_id=user, kind=kind, model_id=model_id)))
+        self._done[request_id] = asyncio.Event()
+        task = asyncio.create_task(self._run(request_id, kind, work), name=f"future-{kind}-{request_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return request_id
+
+    async def _run(self, request_id: str, kind: str, work: Callable[[], Awaitable[Result]]) -> None:
+        state, result, error, category = "complete", None, None, None
+        try:
+            result = await work()
+        except SkyrlError as exc:
+            state, category = "failed", ("user" if exc.status < 500 else "server")
+            error = exc.message
+        except Exception as exc:  # any other failure is the server's, reported with its cause
+            logger.exception("future %s (%s) failed", request_id, kind)
+            state, category, error = "failed", "server", f"{type(exc).__name__}: {exc}"
+
+        def fn(s: Session) -> None:
+            row = s.get(FutureRow, request_id)
+            row.state, row.finished = state, now()
+            if result is not None:
+                row.content_type, row.result = result.content_type, result.body
+            if error is not None:
+                row.error, row.category = error, category
+        await self.db.run(fn)
+        self._done.pop(request_id, asyncio.Event()).set()
+
+    async def retrieve(self, user: str, request_id: str) -> Result | dict:
+        """The result, a failure ``{"error", "category"}``, or ``{"type": "try_again"}`` after a long poll."""
+        row = await self._get(user, request_id)
+        if row.state == "pending":
+            event = self._done.get(request_id)
+            if event is not None:
+                try:
+                    await asyncio.wait_for(event.wait(), self.long_poll_s)
+                except TimeoutError:
+                    return {"type": "try_again", "request_id": request_id, "queue_state": "active"}
+            row = await self._get(user, request_id)
+            if row.state == "pending":
+                return {"type": "try_again", "request_id": request_id, "queue_state": "active"}
+        if row.state == "failed":
+            message = row.error or "failed"
+            try:
+                message = json.loads(message)["error"]
+            except (ValueError, TypeError, KeyError):
+                pass
+            return {"error": message, "category": row.category or "unknown"}
+        return Result(row.content_type or "application/json", row.result or b"{}")
+
+    async def _get(self, user: str, request_id: str) -> FutureRow:
+        row = await self.db.run(lambda s: s.get(FutureRow, request_id))
+        if row is None or row.user_id != user:  # another tenant's future does not exist for you
+            raise SkyrlError(404, f"request_id: no future '{request_id}'", "request_id")
+        return row
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

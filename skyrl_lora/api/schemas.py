@@ -1,0 +1,179 @@
+"""JSON bodies of the Tinker wire contract (tinker SDK 0.38.0) that the service reads and writes.
+
+Requests tolerate fields we do not use (the SDK adds ``type`` and may grow), but every field we use
+is typed and bounded, so bad input is a 4xx naming the field. Responses carry what the SDK's models
+require; it ignores extras.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_TOKENS_PER_REQUEST = 1 << 20
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+# ---------------------------------------------------------------- sessions
+class CreateSessionIn(_In):
+    tags: list[str] = Field(default_factory=list, max_length=64)
+    user_metadata: dict[str, Any] | None = None
+    sdk_version: str | None = None
+    project_id: str | None = None
+    display_name: str | None = Field(None, max_length=512)
+
+
+class SessionIdIn(_In):
+    session_id: str = Field(min_length=1, max_length=256)
+
+
+# ---------------------------------------------------------------- models
+class LoraConfigIn(_In):
+    rank: int = Field(32, ge=1, le=1024)
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    train_unembed: bool = True
+    train_mlp: bool = True
+    train_attn: bool = True
+
+
+class CreateModelIn(_In):
+    session_id: str = Field(min_length=1, max_length=256)
+    model_seq_id: int = Field(ge=0, le=1 << 30)
+    base_model: str = Field(min_length=1, max_length=4096)
+    user_metadata: dict[str, Any] | None = None
+    lora_config: LoraConfigIn = LoraConfigIn()
+
+
+class ModelIdIn(_In):
+    model_id: str = Field(min_length=1, max_length=512)
+
+
+class AdamParamsIn(_In):
+    learning_rate: float = Field(1e-4, ge=0.0, le=10.0)
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    beta2: float = Field(0.95, ge=0.0, lt=1.0)
+    eps: float = Field(1e-12, gt=0.0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0.0, le=10.0)
+    grad_clip_norm: float = Field(0.0, ge=0.0)
+
+
+class OptimStepIn(_In):
+    model_id: str = Field(min_length=1, max_length=512)
+    seq_id: int | None = Field(None, ge=0)
+    adam_params: AdamParamsIn | None = None
+    optimizer_params: dict[str, Any] | None = None
+
+
+class SaveWeightsIn(_In):
+    model_id: str = Field(min_length=1, max_length=512)
+    path: str | None = Field(None, min_length=1, max_length=128)
+    seq_id: int | None = Field(None, ge=0)
+    ttl_seconds: int | None = Field(None, ge=0)
+    user_metadata: dict[str, str] | None = None
+
+
+class SaveWeightsForSamplerIn(SaveWeightsIn):
+    sampling_session_seq_id: int | None = Field(None, ge=0)
+    kind: Literal["snapshot", "inflight"] = "snapshot"
+
+
+class LoadWeightsIn(_In):
+    model_id: str | None = Field(None, min_length=1, max_length=512)
+    seq_id: int | None = Field(None, ge=0)
+    session_id: str | None = Field(None, min_length=1, max_length=256)
+    model_seq_id: int | None = Field(None, ge=0)
+    base_model: str | None = None
+    user_metadata: dict[str, Any] | None = None
+    path: str = Field(min_length=1, max_length=4096)
+    optimizer: bool = False
+
+
+# ---------------------------------------------------------------- sampling
+class EncodedTextChunkIn(_In):
+    type: Literal["encoded_text"] = "encoded_text"
+    tokens: list[int] = Field(max_length=MAX_TOKENS_PER_REQUEST)
+
+
+class ModelInputIn(_In):
+    chunks: list[EncodedTextChunkIn] = Field(min_length=1, max_length=4096)
+
+    def tokens(self) -> list[int]:
+        return [t for c in self.chunks for t in c.tokens]
+
+
+class SamplingParamsIn(_In):
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_PER_REQUEST)
+    seed: int | None = Field(None, ge=0)
+    stop: str | list[str] | list[int] | None = None
+    temperature: float = Field(1.0, ge=0.0, le=100.0)
+    top_k: int = Field(-1, ge=-1)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+
+
+class CreateSamplingSessionIn(_In):
+    session_id: str = Field(min_length=1, max_length=256)
+    sampling_session_seq_id: int = Field(ge=0, le=1 << 30)
+    base_model: str | None = Field(None, max_length=4096)
+    model_path: str | None = Field(None, max_length=4096)
+
+
+class SampleIn(_In):
+    sampling_session_id: str | None = Field(None, max_length=512)
+    base_model: str | None = None
+    model_path: str | None = None
+    seq_id: int | None = None
+    num_samples: int = Field(1, ge=1, le=64)
+    prompt: ModelInputIn
+    sampling_params: SamplingParamsIn = SamplingParamsIn()
+    prompt_logprobs: bool | None = None
+    topk_prompt_logprobs: int = Field(0, ge=0, le=20)
+    topk_sample_logprobs: int = Field(0, ge=0, le=20)
+
+
+class FutureIn(_In):
+    request_id: str = Field(min_length=1, max_length=256)
+    allow_metadata_only: bool = False
+
+
+class WeightsInfoIn(_In):
+    tinker_path: str = Field(min_length=1, max_length=4096)
+
+
+# ---------------------------------------------------------------- responses
+class CheckpointOut(_Out):
+    checkpoint_id: str
+    checkpoint_type: Literal["training", "sampler"]
+    time: datetime
+    tinker_path: str
+    size_bytes: int | None = None
+    public: bool = False
+    user_metadata: dict[str, str] | None = None
+    expires_at: datetime | None = None
+
+
+class TrainingRunOut(_Out):
+    training_run_id: str
+    base_model: str
+    model_owner: str
+    is_lora: bool = True
+    corrupted: bool = False
+    lora_rank: int | None = None
+    last_request_time: datetime
+    last_checkpoint: CheckpointOut | None = None
+    last_sampler_checkpoint: CheckpointOut | None = None
+    user_metadata: dict[str, str] | None = None
+
+
+class UntypedFuture(_Out):
+    request_id: str
+    model_id: str | None = None
+    sample_sequence_ids: list[str] | None = None

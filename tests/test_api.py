@@ -1,0 +1,244 @@
+"""The Tinker-compatible API driven by the unmodified official ``tinker`` SDK, against the real service
+(loopback), a real trainer actor and the shared vLLM CPU server, with an SQLite database."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+import ray
+
+from skyrl_lora.api.server import ApiServer
+from skyrl_lora.api.settings import ApiSettings
+from skyrl_lora.training.actor import start_trainer_actor
+from skyrl_lora.training.config import TrainerConfig
+
+pytestmark = [pytest.mark.vllm]
+ALICE, BOB = "tml-alice-0123456789", "tml-bob-9876543210"
+
+
+@pytest.fixture(scope="module")
+def api_env(tiny, vllm_server, tmp_path_factory):
+    root = tmp_path_factory.mktemp("api")
+    trainer = start_trainer_actor(TrainerConfig(
+        base_model=str(tiny.base), state_dir=root / "trainer", sampler_root=root / "adapters",
+        inference_urls=(vllm_server.url,), max_lora_rank=16, keep_sampler_versions=1_000_000, num_threads=1), num_gpus=0)
+    settings = ApiSettings(base_model=str(tiny.base), data_dir=root / "api", api_keys={ALICE: "alice", BOB: "bob"},
+                           max_context_length=1024, long_poll_s=2.0)
+    server = ApiServer(settings, trainer, [vllm_server.url]).start()
+    os.environ["TINKER_TELEMETRY"] = "0"
+    yield {"server": server, "settings": settings, "trainer": trainer, "vllm": vllm_server}
+    server.stop()
+    ray.kill(trainer)
+
+
+def woof_datum(tok, types):
+    prompt = tok("def main():\n    return")["input_ids"]
+    word = tok.encode(" woof", add_special_tokens=False)
+    seq = prompt + word * 6
+    weights = [0.0] * (len(prompt) - 1) + [1.0] * (len(seq) - len(prompt))
+    return prompt, types.Datum(model_input=types.ModelInput.from_ints(seq[:-1]),
+                               loss_fn_inputs={"target_tokens": seq[1:], "weights": weights})
+
+
+def test_sdk_training_and_sampling_loop(api_env, tok) -> None:
+    import tinker
+    from tinker import types
+
+    url, name = api_env["server"].url, api_env["settings"].served_name
+    sc = tinker.ServiceClient(base_url=url, api_key=ALICE)
+    caps = sc.get_server_capabilities()
+    assert [m.model_name for m in caps.supported_models] == [name]
+    tc = sc.create_lora_training_client(base_model=name, rank=8).result()
+    assert tc.get_info().model_data.model_name == name
+    assert tc.get_tokenizer().encode(" woof", add_special_tokens=False) == tok.encode(" woof", add_special_tokens=False)
+
+    prompt, datum = woof_datum(tok, types)
+    losses = []
+    for _ in range(8):
+        fb = tc.forward_backward([datum, datum], "cross_entropy")
+        opt = tc.optim_step(types.AdamParams(learning_rate=5e-3))
+        result = fb.result()
+        losses.append(result.metrics["loss:sum"])
+        assert len(result.loss_fn_outputs) == 2
+        assert len(result.loss_fn_outputs[0]["logprobs"].tolist()) == len(datum.model_input.to_ints())
+        assert "grad_norm:mean" in opt.result().metrics
+    assert losses[-1] < 0.1 * losses[0], losses
+
+    woof = tok.encode(" woof", add_special_tokens=False)[0]
+    sampler_path = tc.save_weights_for_sampler("step-8").result().path
+    assert sampler_path.startswith("tinker://") and sampler_path.endswith("/sampler_weights/step-8")
+    smp = sc.create_sampling_client(model_path=sampler_path)
+    res = smp.sample(types.ModelInput.from_ints(prompt), num_samples=3,
+                     sampling_params=types.SamplingParams(max_tokens=6, temperature=0.0)).result()
+    assert len(res.sequences) == 3
+    for s in res.sequences:
+        assert s.tokens == [woof] * 6 and len(s.logprobs) == 6 and s.stop_reason == "length"
+
+    tuned = smp.compute_logprobs(types.ModelInput.from_ints(prompt + [woof])).result()
+    base = sc.create_sampling_client(base_model=name).compute_logprobs(types.ModelInput.from_ints(prompt + [woof])).result()
+    assert tuned[0] is None and base[0] is None and len(tuned) == len(prompt) + 1
+    assert tuned[-1] > -0.1 and base[-1] < -5  # the adapter says woof; the frozen base (KL reference) does not
+
+    # save_state / load_state round trip, and a new training client from the saved state
+    state_path = tc.save_state("ckpt-8").result().path
+    assert state_path.endswith("/weights/ckpt-8")
+    before = tc.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist()
+    tc.forward_backward([datum], "cross_entropy").result()
+    tc.optim_step(types.AdamParams(learning_rate=5e-2)).result()
+    moved = tc.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist()
+    assert moved != before
+    tc.load_state_with_optimizer(state_path).result()
+    assert tc.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist() == before
+    tc2 = sc.create_training_client_from_state_with_optimizer(state_path).result()
+    assert tc2.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist() == before
+
+    # the RL-loop path: ephemeral sampler after a step; and the REST views of runs and checkpoints
+    smp2 = tc.save_weights_and_get_sampling_client()
+    again = smp2.sample(types.ModelInput.from_ints(prompt), 1, types.SamplingParams(max_tokens=4, temperature=0.0)).result()
+    assert again.sequences[0].tokens == [woof] * 4
+    rest = sc.create_rest_client()
+    names = {c.checkpoint_id for c in rest.list_checkpoints(tc.model_id).result().checkpoints}
+    assert {"weights/ckpt-8", "sampler_weights/step-8"} <= names
+    run = rest.get_training_run(tc.model_id).result()
+    assert run.model_owner == "alice" and run.lora_rank == 8
+    api_env["alice_run"] = tc.model_id
+    api_env["alice_sampler_path"] = sampler_path
+    api_env["alice_state_path"] = state_path
+
+
+def test_another_tenant_cannot_touch_alices_objects(api_env) -> None:
+    import tinker
+
+    run, sampler_path, state_path = api_env["alice_run"], api_env["alice_sampler_path"], api_env["alice_state_path"]
+    url, name = api_env["server"].url, api_env["settings"].served_name
+    bob = tinker.ServiceClient(base_url=url, api_key=BOB)
+    rest = bob.create_rest_client()
+    with pytest.raises(tinker.NotFoundError):
+        rest.get_training_run(run).result()
+    with pytest.raises(tinker.NotFoundError):
+        rest.list_checkpoints(run).result()
+    with pytest.raises(tinker.NotFoundError):
+        rest.delete_checkpoint_from_tinker_path(state_path).result()
+    with pytest.raises(tinker.NotFoundError):
+        from tinker import types
+
+        bob.create_sampling_client(model_path=sampler_path).sample(
+            types.ModelInput.from_ints([1, 2]), 1, types.SamplingParams(max_tokens=1)).result()
+    with pytest.raises(Exception) as err:
+        bob.create_training_client_from_state(state_path).result()
+    assert "404" in str(err.value) or "no checkpoint" in str(err.value) or "NotFound" in type(err.value).__name__
+
+    with httpx.Client(base_url=url, timeout=30) as http:
+        for headers in ({}, {"X-API-Key": "tml-not-a-key-000000"}):
+            r = http.post("/api/v1/get_info", json={"model_id": run}, headers=headers)
+            assert r.status_code == 401 and "X-API-Key" in r.json()["error"]
+        r = http.post("/api/v1/get_info", json={"model_id": run}, headers={"X-API-Key": BOB})
+        assert r.status_code == 404 and r.json()["field"] == "model_id"
+        bob_session = http.post("/api/v1/create_session", json={}, headers={"X-API-Key": BOB}).json()["session_id"]
+        r = http.post("/api/v1/create_sampling_session", headers={"X-API-Key": BOB},
+                      json={"session_id": bob_session, "sampling_session_seq_id": 0, "model_path": sampler_path})
+        assert r.status_code == 404 and r.json()["field"] == "model_path"
+        r = http.post("/api/v1/load_weights", headers={"X-API-Key": BOB},
+                      json={"session_id": bob_session, "model_seq_id": 0, "path": state_path, "optimizer": True})
+        assert r.status_code == 404 and r.json()["field"] == "path"
+        r = http.post("/api/v1/optim_step", headers={"X-API-Key": BOB}, json={"model_id": run, "adam_params": {}})
+        assert r.status_code == 404
+        # alice's checkpoint still there
+        r = http.get(f"/api/v1/training_runs/{run}/checkpoints", headers={"X-API-Key": ALICE})
+        assert r.status_code == 200 and any(c["tinker_path"] == state_path for c in r.json()["checkpoints"])
+
+
+def test_bad_requests_name_the_field(api_env) -> None:
+    url, run = api_env["server"].url, api_env["alice_run"]
+    h = {"X-API-Key": ALICE}
+    with httpx.Client(base_url=url, timeout=30, headers=h) as http:
+        cases = [
+            ("/api/v1/optim_step", {"model_id": run, "adam_params": {"learning_rate": -1}}, "adam_params.learning_rate"),
+            ("/api/v1/create_model", {"session_id": "x", "model_seq_id": -1, "base_model": "m"}, "model_seq_id"),
+            ("/api/v1/asample", {"sampling_session_id": "nope", "prompt": {"chunks": []}}, "prompt.chunks"),
+            ("/api/v1/load_weights", {"model_id": run, "path": "s3://elsewhere", "optimizer": True}, "path"),
+            ("/api/v1/retrieve_future", {"request_id": "req-unknown"}, "request_id"),
+        ]
+        for path, body, field in cases:
+            r = http.post(path, json=body)
+            assert 400 <= r.status_code < 500, (path, r.status_code, r.text)
+            assert r.json()["field"] == field and field in r.json()["error"], (path, r.json())
+        r = http.post("/api/v1/forward_backward", content=b"\x00\x01garbage", headers={"Content-Type": "application/x-protobuf"})
+        assert r.status_code == 400 and r.json()["field"] == "body"
+        r = http.post("/api/v1/create_model", content=b"{not json", headers={"Content-Type": "application/json"})
+        assert r.status_code == 400
+
+
+def test_metadata_survives_a_restart_and_running_futures_fail(api_env, tok) -> None:
+    import tinker
+    from tinker import types
+
+    server: ApiServer = api_env["server"]
+    url = server.url
+    with httpx.Client(base_url=url, timeout=60, headers={"X-API-Key": ALICE}) as http:
+        sid = http.post("/api/v1/create_session", json={}).json()["session_id"]
+        sampler = http.post("/api/v1/create_sampling_session",
+                            json={"session_id": sid, "sampling_session_seq_id": 0,
+                                  "base_model": api_env["settings"].served_name}).json()["sampling_session_id"]
+        prompt = tok("x = ")["input_ids"]
+        running = http.post("/api/v1/asample", json={
+            "sampling_session_id": sampler, "num_samples": 1, "prompt": {"chunks": [{"tokens": prompt}]},
+            "sampling_params": {"max_tokens": 900, "temperature": 1.0, "stop": []}}).json()["request_id"]
+        done = http.post("/api/v1/asample", json={
+            "sampling_session_id": sampler, "prompt": {"chunks": [{"tokens": prompt}]},
+            "sampling_params": {"max_tokens": 2}}).json()["request_id"]
+        for _ in range(50):
+            r = http.post("/api/v1/retrieve_future", json={"request_id": done})
+            if "protobuf" in r.headers["content-type"]:
+                break
+        assert "protobuf" in r.headers["content-type"]
+    server.stop()  # the long sample is still running
+
+    restarted = ApiServer(api_env["settings"], api_env["trainer"], [api_env["vllm"].url], port=server.port).start()
+    api_env["server"] = restarted
+    with httpx.Client(base_url=url, timeout=60, headers={"X-API-Key": ALICE}) as http:
+        r = http.post("/api/v1/retrieve_future", json={"request_id": running})
+        assert r.json()["category"] == "server" and "restarted" in r.json()["error"]
+        r = http.post("/api/v1/retrieve_future", json={"request_id": done})
+        assert "protobuf" in r.headers["content-type"]  # finished results survive
+        assert sid in http.get("/api/v1/sessions").json()["sessions"]
+        assert http.get(f"/api/v1/samplers/{sampler}").status_code == 200
+    rest = tinker.ServiceClient(base_url=url, api_key=ALICE).create_rest_client()
+    names = {c.checkpoint_id for c in rest.list_checkpoints(api_env["alice_run"]).result().checkpoints}
+    assert "weights/ckpt-8" in names
+    # training continues on the restarted service, in order, from the persisted sequence number
+    tc = tinker.ServiceClient(base_url=url, api_key=ALICE).create_training_client_from_state_with_optimizer(
+        api_env["alice_state_path"]).result()
+    _, datum = woof_datum(tok, types)
+    assert tc.forward_backward([datum], "cross_entropy").result().metrics["loss:sum"] >= 0
+
+
+def test_remote_training_engine_through_the_sdk(api_env, tok) -> None:
+    """Issue 5's ``remote`` TrainingEngine: the same interface, over the official SDK, against this service."""
+    from skyrl_lora.training.engine import EngineConfig, make_training_engine
+    from skyrl_lora.training.protocol import AdamParams, Datum, LoraSpec
+
+    engine = make_training_engine(EngineConfig(kind="remote", base_url=api_env["server"].url, api_key=ALICE,
+                                               base_model=api_env["settings"].served_name))
+    prompt = tok("def main():\n    return")["input_ids"]
+    word = tok.encode(" meow", add_special_tokens=False)
+    seq = prompt + word * 4
+    data = [Datum(model_input=seq[:-1], loss_fn_inputs={"target_tokens": seq[1:],
+                                                        "weights": [0.0] * (len(prompt) - 1) + [1.0] * 4})]
+
+    async def run() -> list[float]:
+        await engine.create_lora("remote-a", LoraSpec(rank=4))
+        losses = []
+        for _ in range(4):
+            losses.append((await engine.forward_backward("remote-a", data)).loss)
+            await engine.optim_step("remote-a", AdamParams(learning_rate=1e-2))
+        path = await engine.save_weights_for_sampler("remote-a", "r1")
+        assert path.startswith("tinker://")
+        return losses
+
+    losses = asyncio.run(run())
+    assert losses[-1] < losses[0]
