@@ -242,3 +242,112 @@ def test_remote_training_engine_through_the_sdk(api_env, tok) -> None:
 
     losses = asyncio.run(run())
     assert losses[-1] < losses[0]
+
+
+def test_rl_loop_with_importance_sampling_raises_reward(api_env, tok) -> None:
+    """GRPO-style: 64 one-token samples per step, reward 1 for ' self' (p≈0.05 under the base), advantages
+    = reward - group mean, ``importance_sampling`` with the sampler's logprobs; an ephemeral sampler per step."""
+    import tinker
+    from tinker import types
+
+    sc = tinker.ServiceClient(base_url=api_env["server"].url, api_key=ALICE)
+    tc = sc.create_lora_training_client(base_model=api_env["settings"].served_name, rank=8, seed=3).result()
+    prompt = tok("def main():\n    return")["input_ids"]
+    target = tok.encode(" self", add_special_tokens=False)[0]
+    rewards = []
+    for step in range(8):
+        sampler = tc.save_weights_and_get_sampling_client()
+        seqs = sampler.sample(types.ModelInput.from_ints(prompt), 64,
+                              types.SamplingParams(max_tokens=1, temperature=1.0, seed=100 + step)).result().sequences
+        r = [1.0 if s.tokens[0] == target else 0.0 for s in seqs]
+        mean = sum(r) / len(r)
+        rewards.append(mean)
+        n = len(prompt)
+        data = [types.Datum(model_input=types.ModelInput.from_ints(prompt),
+                            loss_fn_inputs={"target_tokens": prompt[1:] + [s.tokens[0]],
+                                            "logprobs": [0.0] * (n - 1) + [s.logprobs[0]],
+                                            "advantages": [0.0] * (n - 1) + [ri - mean]})
+                for s, ri in zip(seqs, r)]
+        tc.forward_backward(data, "importance_sampling").result()
+        tc.optim_step(types.AdamParams(learning_rate=5e-2)).result()
+    assert sum(rewards[-2:]) / 2 > max(0.25, 3 * rewards[0]), rewards
+
+
+def test_one_tenant_syncing_never_disturbs_anothers_samples(api_env, tok) -> None:
+    """A saves for its sampler over and over (each save syncs A's live LoRA); B samples all along through
+    its own sampler: none of B's samples fails, is cut short or waits long; A's next sampler sees A's weights."""
+    import threading
+    import time
+
+    import tinker
+    from tinker import types
+
+    url, name = api_env["server"].url, api_env["settings"].served_name
+    a = tinker.ServiceClient(base_url=url, api_key=ALICE).create_lora_training_client(base_model=name, rank=8).result()
+    b = tinker.ServiceClient(base_url=url, api_key=BOB).create_sampling_client(base_model=name)
+    prompt = tok("x = ")["input_ids"]
+    latencies: list[float] = []
+    b_windows: list[tuple[float, float]] = []
+    a_saves: list[tuple[float, float]] = []
+    lengths: list[int] = []
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def b_loop() -> None:
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                res = b.sample(types.ModelInput.from_ints(prompt), 2,
+                               types.SamplingParams(max_tokens=48, temperature=1.0, stop=[])).result()
+            except BaseException as exc:  # noqa: BLE001 - any failure of B is what this test looks for
+                errors.append(exc)
+                return
+            latencies.append(time.perf_counter() - t0)
+            b_windows.append((t0, time.perf_counter()))
+            lengths.extend(len(s.tokens) for s in res.sequences)
+
+    threads = [threading.Thread(target=b_loop) for _ in range(2)]
+    for t in threads:
+        t.start()
+    _, datum = woof_datum(tok, types)
+    saves = 0
+    try:
+        for _ in range(6):
+            a.forward_backward([datum, datum], "cross_entropy").result()
+            a.optim_step(types.AdamParams(learning_rate=5e-3)).result()
+            t0 = time.perf_counter()
+            a.save_weights_for_sampler(f"sync-{saves}").result()
+            a_saves.append((t0, time.perf_counter()))
+            saves += 1
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(120)
+    assert not errors, errors
+    assert saves == 6
+    overlapped = [any(b0 < s1 and s0 < b1 for b0, b1 in b_windows) for s0, s1 in a_saves]
+    assert all(overlapped), (overlapped, a_saves, b_windows)  # B was sampling during every one of A's syncs
+    assert all(n == 48 for n in lengths), lengths
+    assert max(latencies) < 15.0, max(latencies)
+    woof = tok.encode(" woof", add_special_tokens=False)[0]
+    after = a.save_weights_and_get_sampling_client().sample(
+        types.ModelInput.from_ints(tok("def main():\n    return")["input_ids"]), 1,
+        types.SamplingParams(max_tokens=4, temperature=0.0)).result()
+    assert after.sequences[0].tokens == [woof] * 4
+
+
+def test_out_of_vocabulary_and_oversized_requests(api_env) -> None:
+    url = api_env["server"].url
+    with httpx.Client(base_url=url, timeout=30, headers={"X-API-Key": ALICE}) as http:
+        sid = http.post("/api/v1/create_session", json={}).json()["session_id"]
+        sampler = http.post("/api/v1/create_sampling_session", json={
+            "session_id": sid, "sampling_session_seq_id": 0, "base_model": api_env["settings"].served_name}
+        ).json()["sampling_session_id"]
+        for body, field in [
+            ({"prompt": {"chunks": [{"tokens": [1, 10**6]}]}}, "prompt"),
+            ({"prompt": {"chunks": [{"tokens": [1, 2]}]}, "sampling_params": {"max_tokens": 5000}}, "sampling_params.max_tokens"),
+            ({"prompt": {"chunks": [{"tokens": [1, 2]}]}, "sampling_params": {"temperature": -1}}, "sampling_params.temperature"),
+            ({"prompt": {"chunks": [{"tokens": [1, 2]}]}, "num_samples": 0}, "num_samples"),
+        ]:
+            r = http.post("/api/v1/asample", json={"sampling_session_id": sampler, **body})
+            assert r.status_code == 400 and r.json()["field"] == field, (body, r.text)

@@ -10,9 +10,11 @@ from (their own adapter in vLLM).
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import uuid
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -42,6 +44,22 @@ def _cause(exc: BaseException) -> BaseException:
     return inner if isinstance(inner, BaseException) else exc
 
 
+def _vocab_size(base_model: str) -> int | None:
+    try:
+        return int(json.loads((Path(base_model) / "config.json").read_text())["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_vocab(tokens: list[int], vocab: int | None, field: str) -> None:
+    """Refuse token ids the model does not have at submit time (a 400 naming the field, not a failed future)."""
+    if vocab is None or not tokens:
+        return
+    bad = next((t for t in tokens if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise SkyrlError(400, f"{field}: token id {bad} is outside the vocabulary [0, {vocab})", field)
+
+
 def _inference_error(exc: BaseException) -> SkyrlError:
     if isinstance(exc, FanOutError):
         exc = next(iter(exc.errors.values()))
@@ -59,6 +77,7 @@ class TinkerService:
         self.futures = Futures(db, long_poll_s=settings.long_poll_s)
         self.seq = ModelSequencer(turn_timeout_s=settings.turn_timeout_s, persist=self._persist_seq)
         self._users: dict[str, str] = {}
+        self.vocab_size = _vocab_size(settings.base_model)
 
     # ------------------------------------------------------------------ lifecycle
     def startup(self) -> None:
@@ -207,6 +226,11 @@ class TinkerService:
     async def forward_backward(self, user: str, body: bytes) -> S.UntypedFuture:
         model_id, seq_id, data, loss_fn, config, forward_only = decode_forward_backward(body)
         row = await self._model(user, model_id)
+        for i, d in enumerate(data):
+            check_vocab(d.model_input, self.vocab_size, f"data[{i}].model_input")
+            targets = d.loss_fn_inputs.get("target_tokens")
+            if isinstance(targets, list) and targets and not isinstance(targets[0], list):
+                check_vocab([int(t) for t in targets], self.vocab_size, f"data[{i}].loss_fn_inputs.target_tokens")
         kind = "Forward" if forward_only else "ForwardBackward"
         method = self.trainer.forward if forward_only else self.trainer.forward_backward
 
@@ -417,6 +441,7 @@ class TinkerService:
         prompt = req.prompt.tokens()
         if not prompt:
             raise SkyrlError(400, "prompt: no tokens", "prompt")
+        check_vocab(prompt, self.vocab_size, "prompt")
         params = self.sampling_params(req, len(prompt))
         ids = [f"seq-{uuid.uuid4().hex[:12]}-{i}" for i in range(req.num_samples)]
         want_prompt = bool(req.prompt_logprobs)
