@@ -14,7 +14,8 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from sqlalchemy.orm import Session
+from cachetools import LRUCache
+from sqlalchemy import insert, update
 
 from skyrl_lora.api.db import Database, FutureRow, now
 from skyrl_lora.errors import SkyrlError
@@ -38,11 +39,16 @@ class Futures:
         self.long_poll_s = long_poll_s
         self._done: dict[str, asyncio.Event] = {}
         self._tasks: set[asyncio.Task] = set()
+        # This process's futures, so polls need no database read; the database is the durable copy
+        # (it answers for futures of an earlier process, after a restart).
+        self._live: LRUCache = LRUCache(maxsize=100_000)  # request_id -> (user, outcome or None)
 
     async def submit(self, user: str, kind: str, model_id: str | None, work: Callable[[], Awaitable[Result]]) -> str:
         request_id = f"req-{uuid.uuid4().hex}"
-        await self.db.run(lambda s: s.add(FutureRow(request_id=request_id, user_id=user, kind=kind, model_id=model_id)))
+        await self.db.run(lambda s: s.execute(insert(FutureRow).values(
+            request_id=request_id, user_id=user, kind=kind, model_id=model_id, state="pending", created=now())))
         self._done[request_id] = asyncio.Event()
+        self._live[request_id] = (user, None)
         task = asyncio.create_task(self._run(request_id, kind, work), name=f"future-{kind}-{request_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -59,18 +65,33 @@ class Futures:
             logger.exception("future %s (%s) failed", request_id, kind)
             state, category, error = "failed", "server", f"{type(exc).__name__}: {exc}"
 
-        def fn(s: Session) -> None:
-            row = s.get(FutureRow, request_id)
-            row.state, row.finished = state, now()
-            if result is not None:
-                row.content_type, row.result = result.content_type, result.body
-            if error is not None:
-                row.error, row.category = error, category
-        await self.db.run(fn)
+        values: dict = {"state": state, "finished": now()}
+        if result is not None:
+            values.update(content_type=result.content_type, result=result.body)
+        if error is not None:
+            values.update(error=error, category=category)
+        await self.db.run(lambda s: s.execute(update(FutureRow).where(FutureRow.request_id == request_id).values(**values)))
+        user = self._live.get(request_id, ("", None))[0]
+        self._live[request_id] = (user, result if result is not None else {"error": error, "category": category})
         self._done.pop(request_id, asyncio.Event()).set()
 
     async def retrieve(self, user: str, request_id: str) -> Result | dict:
         """The result, a failure ``{"error", "category"}``, or ``{"type": "try_again"}`` after a long poll."""
+        live = self._live.get(request_id)
+        if live is not None:
+            owner, outcome = live
+            if owner != user:
+                raise SkyrlError(404, f"request_id: no future '{request_id}'", "request_id")
+            if outcome is None:
+                event = self._done.get(request_id)
+                if event is not None:
+                    try:
+                        await asyncio.wait_for(event.wait(), self.long_poll_s)
+                    except TimeoutError:
+                        return {"type": "try_again", "request_id": request_id, "queue_state": "active"}
+                outcome = self._live[request_id][1]
+            if outcome is not None:
+                return outcome
         row = await self._get(user, request_id)
         if row.state == "pending":
             event = self._done.get(request_id)

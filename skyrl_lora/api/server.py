@@ -78,3 +78,29 @@ class ApiServer:
     def serve_forever(self) -> None:
         """Serve on the calling thread until SIGINT/SIGTERM (uvicorn installs the handlers)."""
         asyncio.run(self._server.serve())
+
+
+class ApiServerActor:
+    """The API service in its own Ray actor process (its own GIL), as a cluster runs it."""
+
+    def __init__(self, settings: ApiSettings, trainer: Any, inference_urls: list[str], host: str = "127.0.0.1",
+                 port: int = 0) -> None:
+        logging.basicConfig(level=logging.INFO)
+        self.server = ApiServer(settings, trainer, inference_urls, host=host, port=port).start()
+
+    def url(self) -> str:
+        return self.server.url
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def start_api_actor(settings: ApiSettings, trainer: Any, inference_urls: list[str], *, host: str = "127.0.0.1",
+                    port: int = 0, num_cpus: float = 0.5, name: str | None = None) -> tuple[Any, str]:
+    import ray
+
+    options: dict[str, Any] = {"num_cpus": num_cpus}
+    if name is not None:
+        options["name"] = name
+    actor = ray.remote(ApiServerActor).options(**options).remote(settings, trainer, inference_urls, host, port)
+    return actor, ray.get(actor.url.remote(), timeout=120)
