@@ -80,6 +80,26 @@ def main() -> None:
         (s,) = await direct.sample_with_retry(prompt, direct_params)
         return len(s.token_ids)
 
+    import httpx
+
+    raw_http = httpx.AsyncClient(base_url=api_url, headers={"X-API-Key": KEY}, timeout=60)
+    sid = loop.run_until_complete(raw_http.post("/api/v1/create_session", json={})).json()["session_id"]
+    sampler_id = loop.run_until_complete(raw_http.post("/api/v1/create_sampling_session", json={
+        "session_id": sid, "sampling_session_seq_id": 0, "base_model": str(fx.base)})).json()["sampling_session_id"]
+
+    async def via_raw_one() -> int:
+        """The service's own cost: asample + retrieve_future over plain HTTP, without the SDK's client work."""
+        r = await raw_http.post("/api/v1/asample", json={
+            "sampling_session_id": sampler_id, "prompt": {"chunks": [{"tokens": prompt}]},
+            "sampling_params": {"max_tokens": args.max_tokens, "temperature": 1.0, "stop": []}})
+        rid = r.json()["request_id"]
+        while True:
+            r = await raw_http.post("/api/v1/retrieve_future", json={"request_id": rid})
+            if "protobuf" in r.headers.get("content-type", ""):
+                return args.max_tokens
+            if "error" in r.json():
+                raise RuntimeError(r.text)
+
     def serial(fn, n: int) -> list[float]:
         out = []
         for _ in range(n):
@@ -95,13 +115,15 @@ def main() -> None:
         tokens = sum(pool.map(lambda _: via_api(), range(n)))
         return tokens / (time.perf_counter() - t0)
 
-    def concurrent_direct(n: int) -> float:
+    def concurrent_direct(n: int, one_request=None) -> float:
+        one_request = one_request or via_direct_one
+
         async def run() -> float:
             sem = asyncio.Semaphore(args.concurrency)
 
             async def one() -> int:
                 async with sem:
-                    return await via_direct_one()
+                    return await one_request()
             t0 = time.perf_counter()
             tokens = sum(await asyncio.gather(*(one() for _ in range(n))))
             return tokens / (time.perf_counter() - t0)
@@ -109,20 +131,24 @@ def main() -> None:
 
     serial(via_api, 4)  # warm-up: kernels, connections, the database
     serial(lambda: loop.run_until_complete(via_direct_one()), 4)
-    lat = {"api": [], "direct": []}
-    tps = {"api": [], "direct": []}
+    serial(lambda: loop.run_until_complete(via_raw_one()), 4)
+    lat = {"api": [], "direct": [], "api_raw_http": []}
+    tps = {"api": [], "direct": [], "api_raw_http": []}
+    runners = {"api": via_api, "direct": lambda: loop.run_until_complete(via_direct_one()),
+               "api_raw_http": lambda: loop.run_until_complete(via_raw_one())}
     for r in range(args.rounds):
-        order = ("api", "direct") if r % 2 == 0 else ("direct", "api")
+        order = ("api", "direct", "api_raw_http") if r % 2 == 0 else ("api_raw_http", "direct", "api")
+        for path in order:
+            lat[path] += serial(runners[path], args.serial_requests)
         for path in order:
             if path == "api":
-                lat["api"] += serial(via_api, args.serial_requests)
+                tps[path].append(concurrent_api(args.concurrent_requests))
             else:
-                lat["direct"] += serial(lambda: loop.run_until_complete(via_direct_one()), args.serial_requests)
-        for path in order:
-            tps[path].append(concurrent_api(args.concurrent_requests) if path == "api"
-                             else concurrent_direct(args.concurrent_requests))
-        logger.info("round %d: median latency api %.3f direct %.3f; tok/s api %.0f direct %.0f", r,
-                    statistics.median(lat["api"]), statistics.median(lat["direct"]), tps["api"][-1], tps["direct"][-1])
+                tps[path].append(concurrent_direct(args.concurrent_requests,
+                                                   via_raw_one if path == "api_raw_http" else via_direct_one))
+        logger.info("round %d: median latency api %.3f raw %.3f direct %.3f; tok/s api %.0f raw %.0f direct %.0f", r,
+                    statistics.median(lat["api"]), statistics.median(lat["api_raw_http"]), statistics.median(lat["direct"]),
+                    tps["api"][-1], tps["api_raw_http"][-1], tps["direct"][-1])
 
     result = {
         "machine": args.machine or platform.node(), "date": time.strftime("%Y-%m-%d"), "max_tokens": args.max_tokens,
@@ -131,6 +157,9 @@ def main() -> None:
         "latency_ratio_c1": statistics.median(lat["api"]) / statistics.median(lat["direct"]),
         "tokens_per_s_median": {k: statistics.median(v) for k, v in tps.items()},
         "throughput_ratio_c32": statistics.median(tps["api"]) / statistics.median(tps["direct"]),
+        "service_only": {  # the same, with a plain HTTP client instead of the SDK: what the service itself costs
+            "latency_ratio_c1": statistics.median(lat["api_raw_http"]) / statistics.median(lat["direct"]),
+            "throughput_ratio_c32": statistics.median(tps["api_raw_http"]) / statistics.median(tps["direct"])},
         "targets": {"latency_ratio_c1": "<= 1.15", "throughput_ratio_c32": ">= 0.9"},
         "samples": {"latency_s": lat, "tokens_per_s": tps},
     }
@@ -140,7 +169,7 @@ def main() -> None:
     stem = f"{result['machine']}-{result['date']}-api-overhead"
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
     _plot(result, args.out / f"{stem}.png")
-    print(json.dumps({k: result[k] for k in ("latency_ratio_c1", "throughput_ratio_c32", "latency_s_median",
+    print(json.dumps({k: result[k] for k in ("latency_ratio_c1", "throughput_ratio_c32", "service_only", "latency_s_median",
                                              "tokens_per_s_median")}, indent=2))
 
 
@@ -151,13 +180,14 @@ def _plot(result: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.boxplot([result["samples"]["latency_s"]["direct"], result["samples"]["latency_s"]["api"]])
-    ax1.set_xticks([1, 2], ["direct client", "Tinker API (SDK)"])
+    ax1.boxplot([result["samples"]["latency_s"]["direct"], result["samples"]["latency_s"]["api_raw_http"],
+                 result["samples"]["latency_s"]["api"]])
+    ax1.set_xticks([1, 2, 3], ["direct client", "API (plain HTTP)", "API (tinker SDK)"])
     ax1.set_ylabel("latency, s")
     ax1.set_title(f"concurrency 1: ratio {result['latency_ratio_c1']:.3f} (target ≤ 1.15)")
-    names = ["direct", "api"]
-    ax2.bar(["direct client", "Tinker API (SDK)"], [result["tokens_per_s_median"][n] for n in names],
-            color=["tab:gray", "tab:blue"])
+    names = ["direct", "api_raw_http", "api"]
+    ax2.bar(["direct", "API (HTTP)", "API (SDK)"], [result["tokens_per_s_median"][n] for n in names],
+            color=["tab:gray", "tab:cyan", "tab:blue"])
     ax2.set_ylabel("tokens/s")
     ax2.set_title(f"concurrency {result['concurrency']}: ratio {result['throughput_ratio_c32']:.3f} (target ≥ 0.9)")
     fig.suptitle(f"{result['machine']} · {result['date']} · {result['max_tokens']} tokens per sample")

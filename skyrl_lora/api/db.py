@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import JSON, Boolean, DateTime, Integer, LargeBinary, String, Text, create_engine, event, select, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.sql.base import Executable
 
 T = TypeVar("T")
 
@@ -121,6 +122,8 @@ class Database:
         Base.metadata.create_all(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="skyrl-db")
+        self._pending: list[tuple[Executable, asyncio.Future]] = []
+        self._flushing = False
 
     async def run(self, fn: Callable[[Session], T]) -> T:
         """Run ``fn(session)`` in one transaction on the database thread."""
@@ -129,6 +132,49 @@ class Database:
                 return fn(session)
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, work)
+
+    async def write(self, stmt: Executable) -> None:
+        """Group commit: writes that arrive while a commit is under way share the next one.
+
+        Each caller still waits until its statement is committed (a future id is only handed out once
+        its row is durable), but under load many writes cost one transaction instead of one each.
+        """
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+        self._pending.append((stmt, done))
+        if not self._flushing:
+            self._flushing = True
+            loop.create_task(self._flush())
+        await done
+
+    async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+
+                def commit_all(batch=batch) -> None:
+                    with self._sessions.begin() as session:
+                        for stmt, _ in batch:
+                            session.execute(stmt)
+                try:
+                    await loop.run_in_executor(self._executor, commit_all)
+                except Exception:  # one bad write must not fail the others: commit them one by one
+                    for stmt, done in batch:
+                        try:
+                            await self.run(lambda s, stmt=stmt: s.execute(stmt))
+                        except Exception as exc:
+                            if not done.done():
+                                done.set_exception(exc)
+                        else:
+                            if not done.done():
+                                done.set_result(None)
+                else:
+                    for _, done in batch:
+                        if not done.done():
+                            done.set_result(None)
+        finally:
+            self._flushing = False
 
     def run_sync(self, fn: Callable[[Session], T]) -> T:
         with self._sessions.begin() as session:

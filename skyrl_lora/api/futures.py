@@ -45,8 +45,8 @@ class Futures:
 
     async def submit(self, user: str, kind: str, model_id: str | None, work: Callable[[], Awaitable[Result]]) -> str:
         request_id = f"req-{uuid.uuid4().hex}"
-        await self.db.run(lambda s: s.execute(insert(FutureRow).values(
-            request_id=request_id, user_id=user, kind=kind, model_id=model_id, state="pending", created=now())))
+        await self.db.write(insert(FutureRow).values(request_id=request_id, user_id=user, kind=kind, model_id=model_id,
+                                                     state="pending", created=now()))
         self._done[request_id] = asyncio.Event()
         self._live[request_id] = (user, None)
         task = asyncio.create_task(self._run(request_id, kind, work), name=f"future-{kind}-{request_id}")
@@ -70,7 +70,7 @@ class Futures:
             values.update(content_type=result.content_type, result=result.body)
         if error is not None:
             values.update(error=error, category=category)
-        await self.db.run(lambda s: s.execute(update(FutureRow).where(FutureRow.request_id == request_id).values(**values)))
+        await self.db.write(update(FutureRow).where(FutureRow.request_id == request_id).values(**values))
         user = self._live.get(request_id, ("", None))[0]
         self._live[request_id] = (user, result if result is not None else {"error": error, "category": category})
         self._done.pop(request_id, asyncio.Event()).set()
