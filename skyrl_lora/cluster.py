@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -34,12 +35,13 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=False, namespace=NAMESPACE)
         return
     try:
-        ray.init(address="auto", log_to_driver=False)
+        ray.init(address="auto", log_to_driver=False, namespace=NAMESPACE)
     except (ConnectionError, RuntimeError):
-        ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
+                 namespace=NAMESPACE)
 
 
 @contextmanager
@@ -63,3 +65,109 @@ def inference_servers(model: str, loras: Mapping[str, str], *, num_servers: int 
             except Exception:
                 logger.warning("server actor did not shut down cleanly", exc_info=True)
             ray.kill(actor)
+
+
+NAMESPACE = "skyrl_lora"
+TRAINER_NAME = "skyrl-trainer"
+API_NAME = "skyrl-api"
+
+
+def server_name(i: int) -> str:
+    return f"skyrl-vllm-{i}"
+
+
+@dataclass
+class SkyrlSystem:
+    """Handles of a running system: inference servers, the trainer, and (when served) the API."""
+
+    config: Any
+    model: str
+    inference: InferenceCluster
+    trainer: Any
+    api: Any = None
+    api_url: str | None = None
+    placement_group: Any = None
+
+
+@contextmanager
+def skyrl_system(config: Any, *, serve_api: bool = False) -> Iterator[SkyrlSystem]:
+    """Bring the whole system up on Ray and tear it down: checks first, then servers, trainer, API.
+
+    With GPUs the servers and the trainer are placed through one placement group (a bundle each,
+    spread over nodes), so a multi-node cluster gets one server per GPU slot it has room for.
+    """
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from skyrl_lora.training.actor import start_trainer_actor
+    from skyrl_lora.training.config import TrainerConfig
+
+    config.check()  # the model path, before Ray is even touched
+    address = None if config.ray_address in ("auto", "local") else config.ray_address
+    if config.ray_address == "local":
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False, namespace=NAMESPACE)
+    else:
+        connect_ray(address)
+    config.check(ray.cluster_resources())
+    model = config.model_path()
+    data = Path(config.data_dir).resolve()
+    data.mkdir(parents=True, exist_ok=True)
+    system = SkyrlSystem(config=config, model=model, inference=InferenceCluster(), trainer=None)
+    gpu_bundles = [{"GPU": config.gpus_per_server, "CPU": 1}] * config.num_inference_servers if config.gpus_per_server else []
+    try:
+        strategy = None
+        if gpu_bundles:
+            system.placement_group = placement_group(gpu_bundles, strategy="SPREAD")
+            ray.get(system.placement_group.ready(), timeout=600)
+        server_config = ServerConfig(model=model, max_loras=config.max_loras,
+                                     max_cpu_loras=config.max_cpu_loras, max_lora_rank=config.max_lora_rank,
+                                     max_model_len=config.max_model_len, adapter_roots=config.roots(),
+                                     gpu_memory_utilization=config.gpu_memory_utilization)
+        for i in range(config.num_inference_servers):
+            if system.placement_group is not None:
+                strategy = PlacementGroupSchedulingStrategy(system.placement_group, placement_group_bundle_index=i)
+            actor, url = start_server_actor(server_config, num_gpus=config.gpus_per_server, num_cpus=1,
+                                            name=server_name(i), scheduling_strategy=strategy)
+            system.inference.actors.append(actor)
+            system.inference.urls.append(url)
+            logger.info("inference server %d at %s", i, url)
+        trainer_config = TrainerConfig(base_model=model, state_dir=data / "trainer", sampler_root=data / "adapters",
+                                       inference_urls=tuple(system.inference.urls), max_lora_rank=config.max_lora_rank,
+                                       resident_budget_bytes=config.resident_budget_bytes,
+                                       cpu_budget_bytes=config.cpu_budget_bytes, disk_budget_bytes=config.disk_budget_bytes,
+                                       keep_sampler_versions=1_000_000 if serve_api else 4)
+        system.trainer = start_trainer_actor(trainer_config, num_gpus=config.trainer_gpus, name=TRAINER_NAME)
+        if serve_api:
+            from skyrl_lora.api.server import start_api_actor
+            from skyrl_lora.api.settings import ApiSettings
+
+            settings = ApiSettings(base_model=model, model_name=config.model_name, data_dir=data / "api",
+                                   database_url=config.database_url, api_keys=config.api_keys,
+                                   max_context_length=config.max_model_len)
+            system.api, system.api_url = start_api_actor(settings, system.trainer, system.inference.urls,
+                                                         host=config.api_host, port=config.api_port, name=API_NAME)
+        yield system
+    finally:
+        _teardown(system)
+
+
+def _teardown(system: SkyrlSystem) -> None:
+    from ray.util.placement_group import remove_placement_group
+
+    if system.api is not None:
+        try:
+            ray.get(system.api.stop.remote(), timeout=30)
+        except Exception:
+            logger.warning("API actor did not stop cleanly", exc_info=True)
+        ray.kill(system.api)
+    if system.trainer is not None:
+        ray.kill(system.trainer)
+    for actor in system.inference.actors:
+        try:
+            ray.get(actor.shutdown.remote(), timeout=60)
+        except Exception:
+            logger.warning("server actor did not shut down cleanly", exc_info=True)
+        ray.kill(actor)
+    if system.placement_group is not None:
+        remove_placement_group(system.placement_group)

@@ -44,19 +44,21 @@ async def test_control_fans_out_and_sampling_spreads(vllm_server, second_server,
     try:
         states = await client.state()
         assert all("fan" in {lo.name for lo in s.loras} for s in states)
-        tasks = [asyncio.create_task(client.sample_with_retry(prompt, {"max_tokens": 120, "temperature": 0.0,
+        # Long enough that none can finish between "all six are running" and the pause.
+        tasks = [asyncio.create_task(client.sample_with_retry(prompt, {"max_tokens": 600, "temperature": 0.0,
                                                                        "ignore_eos": True}, "fan")) for _ in range(6)]
 
         async def both_busy() -> bool:
-            return all(next(lo for lo in s.loras if lo.name == "fan").in_flight > 0 for s in await client.state())
+            counts = [next(lo for lo in s.loras if lo.name == "fan").in_flight for s in await client.state()]
+            return all(c > 0 for c in counts) and sum(counts) == 6
 
         await wait_for(both_busy, what="requests on both servers")
         replies = await client.pause_generation("fan", lease_s=60)
         assert len(replies) == 2 and sum(r["aborted"] for r in replies) == 6
         await client.resume_generation("fan")
         for t in tasks:
-            (s,) = await asyncio.wait_for(t, 120)
-            assert s.token_ids == [woof] * 120
+            (s,) = await asyncio.wait_for(t, 240)
+            assert s.token_ids == [woof] * 600
         # Same session, same server (prefix cache), while loads are equal.
         assert client.pick_server("session-1") == client.pick_server("session-1")
     finally:

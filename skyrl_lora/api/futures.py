@@ -29,6 +29,10 @@ class Result:
     body: bytes
 
 
+def _try_again(request_id: str) -> dict:
+    return {"type": "try_again", "request_id": request_id, "queue_state": "active"}
+
+
 def json_result(payload: dict) -> Result:
     return Result("application/json", json.dumps(payload).encode())
 
@@ -83,26 +87,18 @@ class Futures:
             if owner != user:
                 raise SkyrlError(404, f"request_id: no future '{request_id}'", "request_id")
             if outcome is None:
-                event = self._done.get(request_id)
-                if event is not None:
-                    try:
-                        await asyncio.wait_for(event.wait(), self.long_poll_s)
-                    except TimeoutError:
-                        return {"type": "try_again", "request_id": request_id, "queue_state": "active"}
+                if not await self._wait(request_id):
+                    return _try_again(request_id)
                 outcome = self._live[request_id][1]
             if outcome is not None:
                 return outcome
         row = await self._get(user, request_id)
         if row.state == "pending":
-            event = self._done.get(request_id)
-            if event is not None:
-                try:
-                    await asyncio.wait_for(event.wait(), self.long_poll_s)
-                except TimeoutError:
-                    return {"type": "try_again", "request_id": request_id, "queue_state": "active"}
+            if not await self._wait(request_id):
+                return _try_again(request_id)
             row = await self._get(user, request_id)
             if row.state == "pending":
-                return {"type": "try_again", "request_id": request_id, "queue_state": "active"}
+                return _try_again(request_id)
         if row.state == "failed":
             message = row.error or "failed"
             try:
@@ -111,6 +107,17 @@ class Futures:
                 pass
             return {"error": message, "category": row.category or "unknown"}
         return Result(row.content_type or "application/json", row.result or b"{}")
+
+    async def _wait(self, request_id: str) -> bool:
+        """Long poll: False if the future is still running after ``long_poll_s``."""
+        event = self._done.get(request_id)
+        if event is None:
+            return True
+        try:
+            await asyncio.wait_for(event.wait(), self.long_poll_s)
+        except TimeoutError:
+            return False
+        return True
 
     async def _get(self, user: str, request_id: str) -> FutureRow:
         row = await self.db.run(lambda s: s.get(FutureRow, request_id))

@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from skyrl_lora.training.protocol import AdamParams
+
 MAX_TOKENS_PER_REQUEST = 1 << 20
 
 
@@ -57,19 +59,10 @@ class ModelIdIn(_In):
     model_id: str = Field(min_length=1, max_length=512)
 
 
-class AdamParamsIn(_In):
-    learning_rate: float = Field(1e-4, ge=0.0, le=10.0)
-    beta1: float = Field(0.9, ge=0.0, lt=1.0)
-    beta2: float = Field(0.95, ge=0.0, lt=1.0)
-    eps: float = Field(1e-12, gt=0.0, le=1.0)
-    weight_decay: float = Field(0.0, ge=0.0, le=10.0)
-    grad_clip_norm: float = Field(0.0, ge=0.0)
-
-
 class OptimStepIn(_In):
     model_id: str = Field(min_length=1, max_length=512)
     seq_id: int | None = Field(None, ge=0)
-    adam_params: AdamParamsIn | None = None
+    adam_params: AdamParams | None = None  # the training plane's own model: same fields, same bounds
     optimizer_params: dict[str, Any] | None = None
 
 

@@ -30,7 +30,7 @@ from skyrl_lora.api.settings import ApiSettings
 from skyrl_lora.errors import SkyrlError
 from skyrl_lora.inference.client import FanOutError, InferenceError, RemoteInferenceClient
 from skyrl_lora.inference.protocol import SamplingParamsIn
-from skyrl_lora.training.protocol import AdamParams, LoraSpec
+from skyrl_lora.training.protocol import LoraSpec
 
 logger = logging.getLogger(__name__)
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -245,7 +245,7 @@ class TinkerService:
         row = await self._model(user, req.model_id)
         if req.adam_params is None:
             raise SkyrlError(400, "adam_params: only AdamW is supported (optimizer_params given)", "adam_params")
-        adam = AdamParams(**req.adam_params.model_dump())
+        adam = req.adam_params
 
         async def work() -> Result:
             async with self.seq.turn(req.model_id, req.seq_id):

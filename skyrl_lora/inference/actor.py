@@ -45,7 +45,8 @@ class VLLMServerActor:
 
 
 def start_server_actor(config: ServerConfig, *, num_gpus: float = 0, num_cpus: float = 1,
-                       name: str | None = None, max_restarts: int = 0) -> tuple[Any, str]:
+                       name: str | None = None, max_restarts: int = 0, scheduling_strategy: Any = None
+                       ) -> tuple[Any, str]:
     """Create the actor, start its server and return (handle, url). Raises with vLLM's log tail on failure."""
     actor_cls = ray.remote(VLLMServerActor)
     options: dict[str, Any] = {
@@ -57,6 +58,8 @@ def start_server_actor(config: ServerConfig, *, num_gpus: float = 0, num_cpus: f
     }
     if name is not None:
         options["name"] = name
+    if scheduling_strategy is not None:
+        options["scheduling_strategy"] = scheduling_strategy
     handle = actor_cls.options(**options).remote(config)
     url = ray.get(handle.start.remote(), timeout=config.startup_timeout_s + 60)
     return handle, url
