@@ -69,21 +69,22 @@ def isolation_demo(
 @app.command()
 def serve(config: Optional[Path] = ConfigOpt, port: Optional[int] = typer.Option(None, help="API port")) -> None:
     """Bring the system up and serve the Tinker-compatible API until SIGINT/SIGTERM, then tear it down."""
-    from skyrl_lora.cluster import skyrl_system
+    from skyrl_lora.cluster import init_ray, skyrl_system
     from skyrl_lora.config import ConfigError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = _config(config, api_port=port)
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     try:
+        cfg.check()
+        init_ray(cfg)  # before our handlers: Ray's core installs its own SIGTERM handler (abort) at init
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
         with skyrl_system(cfg, serve_api=True) as system:
             typer.echo(f"serving the Tinker-compatible API at {system.api_url} (model: {cfg.model_name or system.model})",
                        err=True)
             typer.echo(json.dumps({"api_url": system.api_url, "inference_urls": system.inference.urls}), err=True)
-            while not stop.wait(0.5):
-                pass
+            stop.wait()  # signals interrupt the wait; the handler sets the event
             typer.echo("stopping: tearing the system down", err=True)
     except ConfigError as exc:
         typer.echo(f"error: {exc.message}", err=True)

@@ -89,6 +89,17 @@ class SkyrlSystem:
     placement_group: Any = None
 
 
+def init_ray(config: Any) -> None:
+    """Join or start Ray as the configuration says ('auto', 'local' or an address); idempotent."""
+    if ray.is_initialized():
+        return
+    if config.ray_address == "local":
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False, namespace=NAMESPACE)
+    else:
+        connect_ray(None if config.ray_address == "auto" else config.ray_address)
+
+
 @contextmanager
 def skyrl_system(config: Any, *, serve_api: bool = False) -> Iterator[SkyrlSystem]:
     """Bring the whole system up on Ray and tear it down: checks first, then servers, trainer, API.
@@ -103,12 +114,7 @@ def skyrl_system(config: Any, *, serve_api: bool = False) -> Iterator[SkyrlSyste
     from skyrl_lora.training.config import TrainerConfig
 
     config.check()  # the model path, before Ray is even touched
-    address = None if config.ray_address in ("auto", "local") else config.ray_address
-    if config.ray_address == "local":
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False, namespace=NAMESPACE)
-    else:
-        connect_ray(address)
+    init_ray(config)
     config.check(ray.cluster_resources())
     model = config.model_path()
     data = Path(config.data_dir).resolve()
