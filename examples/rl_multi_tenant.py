@@ -21,11 +21,12 @@ from skyrl_lora.rl_demo import RlDemoConfig, run_rl_demo, summary_lines, write
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=None, help="SkyrlConfig YAML (default: the tiny model here)")
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--out-dir", type=Path, default=Path("artifacts/rl_example"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     config = SkyrlConfig.load(args.config)
     with skyrl_system(config) as system:
         result = asyncio.run(run_rl_demo(config.tenants, system.trainer, system.inference.urls, system.model,

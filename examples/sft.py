@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     with skyrl_system(SkyrlConfig.load(args.config)) as system:
         asyncio.run(sft(system, args.phrase, args.steps))
 

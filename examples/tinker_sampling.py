@@ -44,6 +44,7 @@ def train_and_sample(base_url: str, api_key: str) -> None:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     os.environ.setdefault("TINKER_TELEMETRY", "0")
     url, key = os.environ.get("TINKER_BASE_URL"), os.environ.get("TINKER_API_KEY")
     with contextlib.ExitStack() as stack:

@@ -16,6 +16,11 @@ app = typer.Typer(add_completion=False, help="Multi-tenant LoRA RL backend on Ra
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML settings (SKYRL_* variables override them)")
 
 
+def _quiet_http_logs() -> None:
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def _config(path: Optional[Path], **overrides):
     from skyrl_lora.config import ConfigError, SkyrlConfig
 
@@ -29,7 +34,7 @@ def _config(path: Optional[Path], **overrides):
 @app.command()
 def demo(
     config: Optional[Path] = ConfigOpt,
-    steps: int = typer.Option(8, help="RL steps per tenant"),
+    steps: int = typer.Option(10, help="RL steps per tenant"),
     group_size: int = typer.Option(64, help="samples per step and tenant"),
     out_dir: Path = typer.Option(Path("artifacts/demo"), help="where the JSON summary and PNG go"),
 ) -> None:
@@ -39,6 +44,7 @@ def demo(
     from skyrl_lora.rl_demo import RlDemoConfig, run_rl_demo, summary_lines, write
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    _quiet_http_logs()
     cfg = _config(config)
     try:
         with skyrl_system(cfg) as system:

@@ -1,5 +1,5 @@
 """The main job: several tenants doing reinforcement learning at once on one base model, each syncing
-its new weights into vLLM after every step, while every tenant also keeps generating rollouts.
+its new weights into vLLM after every step; then a measurement of what one tenant's syncs cost the others.
 
 Each tenant has a verifiable task of its own (say ``target`` right after ``prompt``). A step samples a
 group from the tenant's live adapter, scores it, trains with ``importance_sampling`` on group-relative
@@ -32,11 +32,14 @@ logger = logging.getLogger("skyrl_lora.rl_demo")
 
 @dataclass(frozen=True)
 class RlDemoConfig:
-    steps: int = 8
+    steps: int = 10
     group_size: int = 64
-    learning_rate: float = 5e-2
-    rollout_streams: int = 1
-    rollout_tokens: int = 24
+    learning_rate: float = 2e-2
+    rollout_streams: int = 2
+    rollout_tokens: int = 16
+    window_s: float = 3.0  # isolation measurement: alternating quiet / one-tenant-syncing windows
+    window_pairs: int = 6
+    sync_period_s: float = 1.0  # in a sync window the syncing tenant syncs once a second (an eager RL loop's pace)
     out_dir: Path = Path("artifacts/demo")
 
 
@@ -44,10 +47,8 @@ class RlDemoConfig:
 class TenantRun:
     name: str
     target: str
-    ready: asyncio.Event = field(default_factory=asyncio.Event)  # its adapter is on the servers
     rewards: list[float] = field(default_factory=list)
     syncs: list[tuple[float, float]] = field(default_factory=list)  # (start, end) of each sync
-    rollouts: list[tuple[float, float, int]] = field(default_factory=list)  # (start, end, tokens)
 
 
 async def _tenant_loop(tenant: DemoTenant, seed: int, cfg: RlDemoConfig, engine: LocalTrainingEngine, trainer: Any,
@@ -56,7 +57,6 @@ async def _tenant_loop(tenant: DemoTenant, seed: int, cfg: RlDemoConfig, engine:
     target = tok.encode(tenant.target, add_special_tokens=False)[0]
     await engine.create_lora(tenant.name, LoraSpec(rank=tenant.rank, alpha=2.0 * tenant.rank, seed=seed))
     await trainer.save_weights_for_sampler.remote(tenant.name, "init")  # the first sync loads it everywhere
-    run.ready.set()
     n = len(prompt)
     for step in range(cfg.steps):
         group = await client.sample_with_retry(prompt, {"max_tokens": 1, "temperature": 1.0, "seed": seed * 1000 + step},
@@ -76,38 +76,58 @@ async def _tenant_loop(tenant: DemoTenant, seed: int, cfg: RlDemoConfig, engine:
         bar.update(1)
 
 
-async def _rollouts(tenant: DemoTenant, cfg: RlDemoConfig, client: RemoteInferenceClient, tok: Any, run: TenantRun,
-                    stop: asyncio.Event) -> None:
-    """A tenant's own generation load, running across everyone's syncs (continued seamlessly on its own)."""
-    prompt = tok(tenant.prompt)["input_ids"]
-    params = {"max_tokens": cfg.rollout_tokens, "temperature": 1.0, "ignore_eos": True}
-    await run.ready.wait()
-    while not stop.is_set():
-        t0 = time.monotonic()
-        (s,) = await client.sample_with_retry(prompt, params, tenant.name)
-        run.rollouts.append((t0, time.monotonic(), len(s.token_ids)))
+async def _measure_isolation(tenants: tuple[DemoTenant, ...], trainer: Any, client: RemoteInferenceClient, tok: Any,
+                             cfg: RlDemoConfig, t_start: float) -> dict:
+    """Every tenant generates rollouts non-stop while windows alternate: nobody syncs / one tenant (in turn)
+    syncs once every ``sync_period_s``. Each *other* tenant's tokens/s in a sync window ÷ in the neighbouring
+    quiet window."""
+    tokens = {t.name: 0 for t in tenants}
+    stop = asyncio.Event()
 
+    async def stream(t: DemoTenant) -> None:
+        prompt = tok(t.prompt)["input_ids"]
+        params = {"max_tokens": cfg.rollout_tokens, "temperature": 1.0, "ignore_eos": True}
+        while not stop.is_set():
+            (s,) = await client.sample_with_retry(prompt, params, t.name)
+            tokens[t.name] += len(s.token_ids)
 
-def _isolation(runs: list[TenantRun]) -> dict[str, dict[str, float | int | None]]:
-    """Per tenant: median rollout tokens/s of requests that overlapped another tenant's sync ÷ of requests
-    that overlapped no sync at all (requests overlapping only their own tenant's sync are left out)."""
-    out: dict[str, dict[str, float | int | None]] = {}
-    for run in runs:
-        others = [w for r in runs if r is not run for w in r.syncs]
-        own = run.syncs
-        during, quiet = [], []
-        for start, end, tokens in run.rollouts:
-            rate = tokens / max(end - start, 1e-9)
-            hit_other = any(s < end and start < e for s, e in others)
-            hit_own = any(s < end and start < e for s, e in own)
-            if hit_other:
-                during.append(rate)
-            elif not hit_own:
-                quiet.append(rate)
-        ratio = statistics.median(during) / statistics.median(quiet) if during and quiet else None
-        out[run.name] = {"requests_during_others_syncs": len(during), "requests_with_no_sync": len(quiet),
-                         "tokens_per_s_ratio": ratio}
-    return out
+    async def window(syncer: DemoTenant | None) -> tuple[dict[str, float], int, tuple[float, float]]:
+        before, t0 = dict(tokens), time.monotonic()
+        syncs = 0
+        if syncer is None:
+            await asyncio.sleep(cfg.window_s)  # a measurement window, not a wait for a condition
+        else:
+            while (due := t0 + syncs * cfg.sync_period_s) < t0 + cfg.window_s:
+                await asyncio.sleep(max(0.0, due - time.monotonic()))  # pacing the syncs, not waiting on a condition
+                await trainer.save_weights_for_sampler.remote(syncer.name, f"sync-{syncs}")
+                syncs += 1
+            await asyncio.sleep(max(0.0, t0 + cfg.window_s - time.monotonic()))
+        dt = time.monotonic() - t0
+        return {k: (tokens[k] - before[k]) / dt for k in tokens}, syncs, (t0 - t_start, t0 - t_start + dt)
+
+    streams = [asyncio.create_task(stream(t)) for t in tenants for _ in range(cfg.rollout_streams)]
+    ratios: dict[str, list[float]] = {t.name: [] for t in tenants}
+    windows: list[dict] = []
+    try:
+        await window(None)  # warm-up
+        with tqdm(total=cfg.window_pairs, desc="isolation windows", unit="pair") as bar:
+            for i in range(cfg.window_pairs):
+                syncer = tenants[i % len(tenants)]
+                got: dict[bool, dict[str, float]] = {}
+                for who in ((None, syncer) if i % 2 == 0 else (syncer, None)):  # alternate, so drift hits both
+                    rates, syncs, span = await window(who)
+                    got[who is None] = rates
+                    windows.append({"syncing": None if who is None else who.name, "syncs": syncs, "span": span,
+                                    "tokens_per_s": rates})
+                for t in tenants:
+                    if t is not syncer and got[True][t.name] > 0:
+                        ratios[t.name].append(got[False][t.name] / got[True][t.name])
+                bar.update(1)
+    finally:
+        stop.set()
+        await asyncio.gather(*streams, return_exceptions=True)
+    return {"per_tenant": {k: {"pairs": len(v), "tokens_per_s_ratio": statistics.median(v) if v else None}
+                           for k, v in ratios.items()}, "windows": windows}
 
 
 async def run_rl_demo(tenants: tuple[DemoTenant, ...], trainer: Any, urls: list[str], model_path: str,
@@ -118,47 +138,40 @@ async def run_rl_demo(tenants: tuple[DemoTenant, ...], trainer: Any, urls: list[
     client = RemoteInferenceClient(urls)
     engine = LocalTrainingEngine(trainer)
     runs = [TenantRun(t.name, t.target) for t in tenants]
-    stop = asyncio.Event()
     t_start = time.monotonic()
     with tqdm(total=cfg.steps * len(tenants), desc="RL steps (all tenants)", unit="step") as bar:
-        loops = [asyncio.create_task(_tenant_loop(t, i + 1, cfg, engine, trainer, client, tok, r, bar))
-                 for i, (t, r) in enumerate(zip(tenants, runs))]
-        loads = [asyncio.create_task(_rollouts(t, cfg, client, tok, r, stop))
-                 for t, r in zip(tenants, runs) for _ in range(cfg.rollout_streams)]
-        try:
-            await asyncio.gather(*loops)
-        finally:
-            stop.set()
-            await asyncio.gather(*loads, return_exceptions=True)
+        await asyncio.gather(*(_tenant_loop(t, i + 1, cfg, engine, trainer, client, tok, r, bar)
+                               for i, (t, r) in enumerate(zip(tenants, runs))))
+    isolation = {"per_tenant": {}, "windows": []}
+    if len(tenants) > 1 and cfg.window_pairs > 0:
+        isolation = await _measure_isolation(tenants, trainer, client, tok, cfg, t_start)
     for t in tenants:
         await engine.delete_lora(t.name)
     await client.aclose()
-    isolation = _isolation(runs)
-    ratios = [v["tokens_per_s_ratio"] for v in isolation.values() if v["tokens_per_s_ratio"] is not None]
+    ratios = [v["tokens_per_s_ratio"] for v in isolation["per_tenant"].values() if v["tokens_per_s_ratio"] is not None]
     return {
-        "machine": platform.node(), "date": time.strftime("%Y-%m-%d %H:%M"), "config": {
-            k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+        "machine": platform.node(), "date": time.strftime("%Y-%m-%d %H:%M"),
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
         "tenants": {r.name: {"target": r.target, "reward_per_step": r.rewards, "syncs": len(r.syncs),
-                             "median_sync_s": statistics.median(e - s for s, e in r.syncs) if r.syncs else None,
-                             "rollout_requests": len(r.rollouts)} for r in runs},
-        "isolation": isolation,
+                             "median_sync_s": statistics.median(e - s for s, e in r.syncs) if r.syncs else None}
+                    for r in runs},
+        "isolation": isolation["per_tenant"],
+        "isolation_windows": isolation["windows"],
         "median_isolation_ratio": statistics.median(ratios) if ratios else None,
-        "timeline": {r.name: {"rollouts": [(s - t_start, e - t_start, n) for s, e, n in r.rollouts],
-                              "syncs": [(s - t_start, e - t_start) for s, e in r.syncs]} for r in runs},
     }
 
 
 def summary_lines(result: dict) -> list[str]:
-    lines = ["", "tenant   task                 reward: first step -> last step   syncs   others'-sync tokens/s ÷ no-sync"]
+    lines = ["", "tenant   task            reward: first -> last step        syncs   tokens/s while another tenant syncs "
+                 "÷ while nobody syncs"]
     for name, t in result["tenants"].items():
         r = t["reward_per_step"]
-        iso = result["isolation"][name]["tokens_per_s_ratio"]
-        lines.append(f"{name:<8} say {t['target']!r:<16} {r[0]:.3f} -> {r[-1]:.3f} "
-                     f"({'up' if r[-1] > r[0] else 'NOT up'})          {t['syncs']:>3}     "
+        iso = result["isolation"].get(name, {}).get("tokens_per_s_ratio")
+        trend = "up" if r[-1] > r[0] else "NOT up"
+        lines.append(f"{name:<8} say {t['target']!r:<10} {r[0]:.3f} -> {r[-1]:.3f} ({trend:<6})      {t['syncs']:>3}     "
                      f"{'n/a' if iso is None else f'{iso:.3f}'}")
     med = result["median_isolation_ratio"]
-    lines.append(f"median over tenants: a tenant's rollout tokens/s while another tenant syncs ÷ with no sync = "
-                 f"{'n/a' if med is None else f'{med:.3f}'}")
+    lines.append(f"median over tenants: {'n/a' if med is None else f'{med:.3f}'} (1.0 = a sync costs other tenants nothing)")
     return lines
 
 
@@ -175,17 +188,20 @@ def plot(result: dict, out: Path) -> None:
     ax1.set_ylabel("mean reward")
     ax1.set_title("reward per tenant (each tenant syncs after every step)")
     ax1.legend()
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (name, tl) in enumerate(result["timeline"].items()):
-        c = colors[i % len(colors)]
-        pts = sorted(tl["rollouts"], key=lambda x: x[1])
-        ax2.plot([e for _, e, _ in pts], [n / max(e - s, 1e-9) for s, e, n in pts], ".", color=c, label=f"{name} rollouts")
-        for s, e in tl["syncs"]:
-            ax2.axvspan(s, max(e, s + 0.02), color=c, alpha=0.25)
-    ax2.set_xlabel("seconds")
-    ax2.set_ylabel("tokens/s per rollout request")
-    ax2.set_title("rollout speed over time; shaded: a tenant's sync (its colour)")
-    ax2.legend(loc="lower right")
+    names = list(result["tenants"])
+    colors = dict(zip(names, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for w in result["isolation_windows"]:
+        s0, s1 = w["span"]
+        if w["syncing"] is not None:
+            ax2.axvspan(s0, s1, color=colors[w["syncing"]], alpha=0.15)
+        for name, rate in w["tokens_per_s"].items():
+            ax2.plot([s0, s1], [rate, rate], color=colors[name], lw=2)
+    for name in names:
+        ax2.plot([], [], color=colors[name], lw=2, label=f"{name} rollout tokens/s")
+    ax2.set_xlabel("seconds since start")
+    ax2.set_ylabel("tokens/s per window")
+    ax2.set_title("isolation windows: shaded = that tenant syncs once a second; white = nobody syncs")
+    ax2.legend(loc="lower right", fontsize=8)
     fig.suptitle(f"skyrl_lora multi-tenant RL · {result['machine']} · {result['date']}")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
