@@ -89,7 +89,10 @@ def serve(config: Optional[Path] = ConfigOpt, port: Optional[int] = typer.Option
         with skyrl_system(cfg, serve_api=True) as system:
             typer.echo(f"serving the Tinker-compatible API at {system.api_url} (model: {cfg.model_name or system.model})",
                        err=True)
-            typer.echo(json.dumps({"api_url": system.api_url, "inference_urls": system.inference.urls}), err=True)
+            import ray
+
+            typer.echo(json.dumps({"api_url": system.api_url, "inference_urls": system.inference.urls,
+                                   "ray_address": ray.get_runtime_context().gcs_address}), err=True)
             stop.wait()  # signals interrupt the wait; the handler sets the event
             typer.echo("stopping: tearing the system down", err=True)
     except ConfigError as exc:

@@ -80,6 +80,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _lines_until(proc: subprocess.Popen, marker: str):
+    """Lines of the process's output up to and including the first one containing ``marker``."""
+    for line in proc.stdout:
+        if marker in line:
+            yield line
+            return
+
+
 def test_serve_answers_health_and_stops_cleanly_on_sigterm(tiny, tmp_path: Path) -> None:
     port = _free_port()
     key = "tml-serve-test-0000001"
@@ -102,6 +110,16 @@ def test_serve_answers_health_and_stops_cleanly_on_sigterm(tiny, tmp_path: Path)
             time.sleep(0.5)
         caps = httpx.get(f"{url}/api/v1/get_server_capabilities", headers={"X-API-Key": key}, timeout=10).json()
         assert caps["supported_models"][0]["model_name"] == str(tiny.base)
+        # `status` against the running system: its servers, the trainer's tiers, the API
+        line = next(ln for ln in _lines_until(proc, '"ray_address"'))
+        address = json.loads(line[line.index("{"):])["ray_address"]
+        st = subprocess.run([str(BIN / "skyrl-lora"), "status", "--address", address], env=env, capture_output=True,
+                            text=True, timeout=120)
+        assert st.returncode == 0, st.stderr[-2000:]
+        report = json.loads(st.stdout)
+        assert len(report["servers"]) == 1 and report["servers"][0]["state"]["loras"] == []
+        assert {t["tier"] for t in report["trainer"]["tiers"]} == {"resident", "cpu", "disk"}
+        assert report["api"] == url
         family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
         assert len(family) > 3  # Ray's processes, the vLLM engine, the trainer, the API
         proc.send_signal(signal.SIGTERM)
