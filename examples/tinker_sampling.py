@@ -23,7 +23,8 @@ def train_and_sample(base_url: str, api_key: str) -> None:
     from tinker import types
 
     sc = tinker.ServiceClient(base_url=base_url, api_key=api_key)
-    model = sc.get_server_capabilities().supported_models[0].model_name
+    caps = tinker.RestClient(base_url=base_url, api_key=api_key).get_server_capabilities().result()
+    model = caps.supported_models[0].model_name
     tc = sc.create_lora_training_client(base_model=model, rank=8).result()
     tok = tc.get_tokenizer()  # a local path: no hub needed
     prompt = tok("def main():\n    return")["input_ids"]
@@ -36,7 +37,7 @@ def train_and_sample(base_url: str, api_key: str) -> None:
         fb = tc.forward_backward([datum, datum], "cross_entropy")
         tc.optim_step(types.AdamParams(learning_rate=5e-3)).result()
         logger.info("step %d loss %.3f", step, fb.result().metrics["loss:sum"])
-    sampler = tc.save_weights_and_get_sampling_client()
+    sampler = tc.save_weights_and_get_sampling_client().result()
     res = sampler.sample(types.ModelInput.from_ints(prompt), 2, types.SamplingParams(max_tokens=6, temperature=0.0)).result()
     for s in res.sequences:
         logger.info("sample: %r (logprobs %s)", tok.decode(s.tokens), [round(x, 3) for x in s.logprobs])
