@@ -49,8 +49,11 @@ async def test_control_fans_out_and_sampling_spreads(vllm_server, second_server,
                                                                        "ignore_eos": True}, "fan")) for _ in range(6)]
 
         async def both_busy() -> bool:
-            counts = [next(lo for lo in s.loras if lo.name == "fan").in_flight for s in await client.state()]
-            return all(c > 0 for c in counts) and sum(counts) == 6
+            # every request admitted *and* generating (a cold server registers its first requests late,
+            # and those are aborted at their first output instead of by the sweep this test counts)
+            infos = [next(lo for lo in s.loras if lo.name == "fan") for s in await client.state()]
+            return (sum(i.in_flight for i in infos) == 6 and all(i.in_flight > 0 for i in infos)
+                    and all(i.in_flight_tokens >= 8 * i.in_flight for i in infos))
 
         await wait_for(both_busy, what="requests on both servers")
         replies = await client.pause_generation("fan", lease_s=60)
