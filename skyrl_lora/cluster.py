@@ -59,12 +59,17 @@ def inference_servers(model: str, loras: Mapping[str, str], *, num_servers: int 
             logger.info("inference server %d at %s", i, url)
         yield cluster
     finally:
-        for actor in cluster.actors:
-            try:
-                ray.get(actor.shutdown.remote(), timeout=60)
-            except Exception:
-                logger.warning("server actor did not shut down cleanly", exc_info=True)
-            ray.kill(actor)
+        stop_servers(cluster.actors)
+
+
+def stop_servers(actors: list[Any]) -> None:
+    """Shut each server actor down (its engine and uvicorn), then kill it whatever happened."""
+    for actor in actors:
+        try:
+            ray.get(actor.shutdown.remote(), timeout=60)
+        except Exception:
+            logger.warning("server actor did not shut down cleanly", exc_info=True)
+        ray.kill(actor)
 
 
 NAMESPACE = "skyrl_lora"
@@ -107,7 +112,7 @@ def skyrl_system(config: Any, *, serve_api: bool = False) -> Iterator[SkyrlSyste
     With GPUs the servers and the trainer are placed through one placement group (a bundle each,
     spread over nodes), so a multi-node cluster gets one server per GPU slot it has room for.
     """
-    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from skyrl_lora.training.actor import start_trainer_actor
@@ -169,11 +174,6 @@ def _teardown(system: SkyrlSystem) -> None:
         ray.kill(system.api)
     if system.trainer is not None:
         ray.kill(system.trainer)
-    for actor in system.inference.actors:
-        try:
-            ray.get(actor.shutdown.remote(), timeout=60)
-        except Exception:
-            logger.warning("server actor did not shut down cleanly", exc_info=True)
-        ray.kill(actor)
+    stop_servers(system.inference.actors)
     if system.placement_group is not None:
         remove_placement_group(system.placement_group)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class SkyrlError(Exception):
     """A request that cannot be served; ``status`` is the HTTP status to answer with, ``field`` the culprit."""
@@ -17,3 +19,10 @@ class SkyrlError(Exception):
 
     def to_dict(self) -> dict[str, object]:
         return {"status": self.status, "message": self.message, "field": self.field}
+
+
+def check_token_ids(ids: Iterable[int], vocab: int, field: str, error: type[SkyrlError] = SkyrlError) -> None:
+    """Refuse token ids the model does not have, naming the field (one rule for every plane)."""
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise error(400, f"{field}: token id {bad} is outside the vocabulary [0, {vocab})", field)

@@ -53,12 +53,12 @@ class Futures:
                                                      state="pending", created=now()))
         self._done[request_id] = asyncio.Event()
         self._live[request_id] = (user, None)
-        task = asyncio.create_task(self._run(request_id, kind, work), name=f"future-{kind}-{request_id}")
+        task = asyncio.create_task(self._run(request_id, user, kind, work), name=f"future-{kind}-{request_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return request_id
 
-    async def _run(self, request_id: str, kind: str, work: Callable[[], Awaitable[Result]]) -> None:
+    async def _run(self, request_id: str, user: str, kind: str, work: Callable[[], Awaitable[Result]]) -> None:
         state, result, error, category = "complete", None, None, None
         try:
             result = await work()
@@ -75,7 +75,6 @@ class Futures:
         if error is not None:
             values.update(error=error, category=category)
         await self.db.write(update(FutureRow).where(FutureRow.request_id == request_id).values(**values))
-        user = self._live.get(request_id, ("", None))[0]
         self._live[request_id] = (user, result if result is not None else {"error": error, "category": category})
         self._done.pop(request_id, asyncio.Event()).set()
 

@@ -27,7 +27,7 @@ from skyrl_lora.api.futures import Futures, Result, json_result
 from skyrl_lora.api.ordering import ModelSequencer
 from skyrl_lora.api.proto_conv import PROTO, decode_forward_backward, encode_forward_backward, encode_sample_response
 from skyrl_lora.api.settings import ApiSettings
-from skyrl_lora.errors import SkyrlError
+from skyrl_lora.errors import SkyrlError, check_token_ids
 from skyrl_lora.inference.client import FanOutError, InferenceError, RemoteInferenceClient
 from skyrl_lora.inference.protocol import SamplingParamsIn
 from skyrl_lora.training.protocol import LoraSpec
@@ -53,11 +53,8 @@ def _vocab_size(base_model: str) -> int | None:
 
 def check_vocab(tokens: list[int], vocab: int | None, field: str) -> None:
     """Refuse token ids the model does not have at submit time (a 400 naming the field, not a failed future)."""
-    if vocab is None or not tokens:
-        return
-    bad = next((t for t in tokens if not 0 <= t < vocab), None)
-    if bad is not None:
-        raise SkyrlError(400, f"{field}: token id {bad} is outside the vocabulary [0, {vocab})", field)
+    if vocab is not None:
+        check_token_ids(tokens, vocab, field)
 
 
 def _inference_error(exc: BaseException) -> SkyrlError:

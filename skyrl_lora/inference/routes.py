@@ -10,6 +10,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.routing import Route
 
+from skyrl_lora.errors import check_token_ids
 from skyrl_lora.inference import vllm_compat as compat
 from skyrl_lora.inference.lora_control import LoraController, LoraError, new_request_id
 from skyrl_lora.inference.protocol import (
@@ -66,9 +67,7 @@ class TokenGenerator:
         for field_name, ids in (("prompt_token_ids", req.prompt_token_ids),
                                 ("prefix_output_token_ids", req.prefix_output_token_ids),
                                 ("sampling_params.stop_token_ids", req.sampling_params.stop_token_ids)):
-            bad = next((t for t in ids if not 0 <= t < vocab), None)
-            if bad is not None:
-                raise LoraError(400, f"{field_name}: token id {bad} is outside the vocabulary [0, {vocab})", field_name)
+            check_token_ids(ids, vocab, field_name, LoraError)
         limit = compat.max_model_len(self.engine)
         total = len(req.prompt_token_ids) + len(req.prefix_output_token_ids) + req.sampling_params.max_tokens
         if total > limit:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -50,6 +49,7 @@ def collate(data: Sequence[Datum], loss: LossSpec, vocab: int, max_seq_len: int,
         raise SkyrlError(400, "data: the batch is empty", "data")
     allowed = {"target_tokens", *loss.required, *loss.optional}
     items: list[Item] = []
+    rows: list[torch.Tensor] = []
     for i, datum in enumerate(data):
         at = f"data[{i}]"
         n = len(datum.model_input)
@@ -60,7 +60,9 @@ def collate(data: Sequence[Datum], loss: LossSpec, vocab: int, max_seq_len: int,
         ids = _tensor(datum.model_input, f"{at}.model_input", torch.long)
         _in_vocab(ids, vocab, f"{at}.model_input")
         given = datum.loss_fn_inputs
-        for key in sorted(set(given) - allowed):
+        unknown = sorted(set(given) - allowed)
+        if unknown:
+            key = unknown[0]
             raise SkyrlError(400, f"{at}.loss_fn_inputs.{key}: not an input of this loss (it takes {sorted(allowed)})",
                              f"{at}.loss_fn_inputs.{key}")
         for key in ("target_tokens", *loss.required):
@@ -78,11 +80,11 @@ def collate(data: Sequence[Datum], loss: LossSpec, vocab: int, max_seq_len: int,
                 _in_vocab(t, vocab, field)
             inputs[key] = t.to(device)
         items.append(Item(n, inputs.pop("target_tokens"), inputs))
+        rows.append(ids)
     width = max(it.length for it in items)
     input_ids = torch.zeros((len(items), width), dtype=torch.long)
     mask = torch.zeros((len(items), width), dtype=torch.long)
-    for row, datum in enumerate(data):
-        input_ids[row, : len(datum.model_input)] = torch.tensor(datum.model_input, dtype=torch.long)
-        mask[row, : len(datum.model_input)] = 1
-    assert math.isfinite(width)
+    for r, ids in enumerate(rows):
+        input_ids[r, : len(ids)] = ids
+        mask[r, : len(ids)] = 1
     return Batch(input_ids.to(device), mask.to(device), items)

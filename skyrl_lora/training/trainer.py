@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import shutil
 import threading
 import time
@@ -49,8 +50,6 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def _check_name(value: str, field: str) -> str:
-    import re
-
     if not re.fullmatch(LORA_NAME_PATTERN, value or ""):
         raise SkyrlError(400, f"{field}: '{value}' must match {LORA_NAME_PATTERN}", field)
     return value
@@ -133,8 +132,7 @@ class MultiTenantTrainer:
         self.tiers.drop(tenant)
         del self.specs[tenant], self.steps[tenant]
         self._pending_elsewhere.pop(tenant, None)
-        for old in (self.config.sampler_root / tenant,):
-            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(self.config.sampler_root / tenant, ignore_errors=True)
         self._publish()
 
     def tenants(self) -> list[str]:
