@@ -4,7 +4,7 @@ Both paths hit the same vLLM server actor with the same requests (fixed length: 
 alternating rounds so drift hits both: at concurrency 1 the ratio of median latencies (target ≤ 1.15),
 at concurrency 32 the ratio of tokens/s (target ≥ 0.9).
 
-    python bench/api_overhead.py --rounds 3
+    python -m bench.api_overhead --rounds 3
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ import asyncio
 import json
 import logging
 import os
-import platform
 import statistics
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from bench.common import machine_name, today, write_result
 
 logger = logging.getLogger("bench.api_overhead")
 KEY = "tml-bench-0123456789"
@@ -151,7 +152,7 @@ def main() -> None:
                     tps["api"][-1], tps["api_raw_http"][-1], tps["direct"][-1])
 
     result = {
-        "machine": args.machine or platform.node(), "date": time.strftime("%Y-%m-%d"), "max_tokens": args.max_tokens,
+        "machine": machine_name(args.machine), "date": today(), "max_tokens": args.max_tokens,
         "concurrency": args.concurrency, "rounds": args.rounds,
         "latency_s_median": {k: statistics.median(v) for k, v in lat.items()},
         "latency_ratio_c1": statistics.median(lat["api"]) / statistics.median(lat["direct"]),
@@ -163,20 +164,16 @@ def main() -> None:
         "targets": {"latency_ratio_c1": "<= 1.15", "throughput_ratio_c32": ">= 0.9"},
         "samples": {"latency_s": lat, "tokens_per_s": tps},
     }
+    loop.run_until_complete(direct.aclose())
+    loop.run_until_complete(raw_http.aclose())
     ray.get(api_actor.stop.remote())
     ray.shutdown()
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"{result['machine']}-{result['date']}-api-overhead"
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    _plot(result, args.out / f"{stem}.png")
+    write_result(result, args.out, "api-overhead", _plot)
     print(json.dumps({k: result[k] for k in ("latency_ratio_c1", "throughput_ratio_c32", "service_only", "latency_s_median",
                                              "tokens_per_s_median")}, indent=2))
 
 
 def _plot(result: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))

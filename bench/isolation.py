@@ -6,7 +6,7 @@ pause, (e) vLLM's engine-wide pause. Conditions run in rounds of alternating ord
 sync latency (update_lora) / raw adapter load, and B's tokens/s alone before and after many syncs of
 LoRAs whose requests are in flight (the sticky ``load_inplace`` trap must not bite).
 
-    python bench/isolation.py --phase-s 5 --rounds 6 --out bench/results
+    python -m bench.isolation --phase-s 5 --rounds 6 --out bench/results
 Writes ``<out>/<machine>-<date>-isolation.json`` and a PNG beside it.
 """
 
@@ -16,15 +16,13 @@ import argparse
 import asyncio
 import json
 import logging
-import platform
 import statistics
-import time
 from pathlib import Path
 
+from bench.common import add_common_args, machine_name, tiny_setup, today, write_result
 from skyrl_lora.cluster import inference_servers
 from skyrl_lora.inference.client import RemoteInferenceClient
 from skyrl_lora.inference.loadgen import measure_phase, median, run_streams, sync_strategy, timed
-from skyrl_lora.models.tiny import build_fixtures
 
 logger = logging.getLogger("bench.isolation")
 
@@ -99,9 +97,6 @@ async def bench(urls: list[str], paths: list[str], prompt: list[int], args: argp
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
@@ -132,32 +127,21 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--latency-samples", type=int, default=20)
     parser.add_argument("--damage-syncs", type=int, default=200)
-    parser.add_argument("--model", default=None, help="base model path (default: the tiny model)")
-    parser.add_argument("--num-gpus", type=float, default=0)
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    add_common_args(parser)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    fixtures = build_fixtures()
-    paths = [str(fixtures.loras["woof"]), str(fixtures.loras["meow"])]
+    setup = tiny_setup()
+    paths, prompt = setup.paths, setup.prompt
     loras = {"tenant-a": paths[1], "tenant-b": paths[0], "probe": paths[1]}
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(fixtures.base)
-    prompt = tok("def greet(name):\n    return")["input_ids"]
     import vllm
 
-    with inference_servers(args.model or str(fixtures.base), loras, num_gpus_per_server=args.num_gpus,
+    with inference_servers(args.model or setup.base, loras, num_gpus_per_server=args.num_gpus,
                            max_loras=6, max_lora_rank=16) as cluster:
         result = asyncio.run(bench(cluster.urls, paths, prompt, args))
-    result.update({"machine": platform.node(), "date": time.strftime("%Y-%m-%d"), "vllm": vllm.__version__,
+    result.update({"machine": machine_name(args.machine), "date": today(), "vllm": vllm.__version__,
                    "args": {k: str(v) for k, v in vars(args).items()}})
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"{platform.node()}-{time.strftime('%Y-%m-%d')}-isolation"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    plot(result, stem.with_suffix(".png"))
+    path = write_result(result, args.out, "isolation", plot)
     print(json.dumps({k: result[k] for k in ("b_ratio_vs_a_no_sync", "sync_over_raw_load", "damage")}, indent=2))
-    print(f"wrote {stem}.json and {stem}.png")
+    print(path)
 
 
 if __name__ == "__main__":

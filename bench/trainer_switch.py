@@ -5,8 +5,8 @@ Measurements alternate round by round (step, CPU switch, disk switch, ...) so dr
 figures are medians. A switch is what a real step pays when its tenant is not resident: evict the
 current tenant of the slot to its tier, and restore the incoming one from the tier it was in.
 
-    python bench/trainer_switch.py                      # tiny model, CPU
-    python bench/trainer_switch.py --model 0.5b --rank 32 --seq-len 512   # random 0.5B Llama, on GPU
+    python -m bench.trainer_switch                      # tiny model, CPU
+    python -m bench.trainer_switch --model 0.5b --rank 32 --seq-len 512   # random 0.5B Llama, on GPU
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import statistics
 import tempfile
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from bench.common import machine_name, today, write_result
 from skyrl_lora.training.config import TrainerConfig
 from skyrl_lora.training.protocol import AdamParams, Datum, LoraSpec
 from skyrl_lora.training.trainer import MultiTenantTrainer
@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> dict:
     tps = {label: statistics.median(v) for label, v in samples.items()}
     step_s = statistics.median(steps)
     result = {
-        "machine": args.machine or platform.node(), "date": time.strftime("%Y-%m-%d"),
+        "machine": machine_name(args.machine), "date": today(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__, "model": args.model, "rank": args.rank, "batch": args.batch, "seq_len": args.seq_len,
         "tenant_state_bytes": one, "rounds": args.rounds,
@@ -149,9 +149,6 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def plot(result: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
@@ -183,10 +180,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     result = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"{result['machine']}-{result['date']}-trainer-switch-{result['model']}"
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    plot(result, args.out / f"{stem}.png")
+    write_result(result, args.out, f"trainer-switch-{result['model']}", plot)
     print(json.dumps({k: result[k] for k in ("switch_over_step", "train_tokens_per_s_ratio_vs_1_tenant")}, indent=2))
 
 

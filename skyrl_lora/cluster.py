@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
+import shutil
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,9 +25,10 @@ logger = logging.getLogger(__name__)
 class InferenceCluster:
     actors: list[Any] = field(default_factory=list)
     urls: list[str] = field(default_factory=list)
+    token: str | None = None
 
     def client(self, **kwargs: Any) -> RemoteInferenceClient:
-        return RemoteInferenceClient(self.urls, **kwargs)
+        return RemoteInferenceClient(self.urls, token=self.token, **kwargs)
 
 
 def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -124,7 +127,12 @@ def skyrl_system(config: Any, *, serve_api: bool = False) -> Iterator[SkyrlSyste
     model = config.model_path()
     data = Path(config.data_dir).resolve()
     data.mkdir(parents=True, exist_ok=True)
-    system = SkyrlSystem(config=config, model=model, inference=InferenceCluster(), trainer=None)
+    # One bearer token per deployment: only the trainer, the API service and this driver may sample
+    # from the servers directly, pause a tenant or load adapters; tenants go through the API.
+    token = config.inference_token or secrets.token_urlsafe(24)
+    os.environ["SKYRL_INFERENCE_TOKEN"] = token  # this driver's own clients
+    shutil.rmtree(data / "servers", ignore_errors=True)  # restart manifests of an earlier deployment
+    system = SkyrlSystem(config=config, model=model, inference=InferenceCluster(token=token), trainer=None)
     gpu_bundles = [{"GPU": config.gpus_per_server, "CPU": 1}] * config.num_inference_servers if config.gpus_per_server else []
     try:
         strategy = None
@@ -134,17 +142,20 @@ def skyrl_system(config: Any, *, serve_api: bool = False) -> Iterator[SkyrlSyste
         server_config = ServerConfig(model=model, max_loras=config.max_loras,
                                      max_cpu_loras=config.max_cpu_loras, max_lora_rank=config.max_lora_rank,
                                      max_model_len=config.max_model_len, adapter_roots=config.roots(),
-                                     gpu_memory_utilization=config.gpu_memory_utilization)
+                                     gpu_memory_utilization=config.gpu_memory_utilization, control_token=token,
+                                     state_dir=str(data / "servers"))
         for i in range(config.num_inference_servers):
             if system.placement_group is not None:
                 strategy = PlacementGroupSchedulingStrategy(system.placement_group, placement_group_bundle_index=i)
             actor, url = start_server_actor(server_config, num_gpus=config.gpus_per_server, num_cpus=1,
-                                            name=server_name(i), scheduling_strategy=strategy)
+                                            name=server_name(i), scheduling_strategy=strategy,
+                                            max_restarts=config.server_max_restarts)
             system.inference.actors.append(actor)
             system.inference.urls.append(url)
             logger.info("inference server %d at %s", i, url)
         trainer_config = TrainerConfig(base_model=model, state_dir=data / "trainer", sampler_root=data / "adapters",
-                                       inference_urls=tuple(system.inference.urls), max_lora_rank=config.max_lora_rank,
+                                       inference_urls=tuple(system.inference.urls), inference_token=token,
+                                       max_lora_rank=config.max_lora_rank,
                                        resident_budget_bytes=config.resident_budget_bytes,
                                        cpu_budget_bytes=config.cpu_budget_bytes, disk_budget_bytes=config.disk_budget_bytes,
                                        keep_sampler_versions=1_000_000 if serve_api else 4)
@@ -155,7 +166,7 @@ def skyrl_system(config: Any, *, serve_api: bool = False) -> Iterator[SkyrlSyste
 
             settings = ApiSettings(base_model=model, model_name=config.model_name, data_dir=data / "api",
                                    database_url=config.database_url, api_keys=config.api_keys,
-                                   max_context_length=config.max_model_len)
+                                   max_context_length=config.max_model_len, inference_token=token)
             system.api, system.api_url = start_api_actor(settings, system.trainer, system.inference.urls,
                                                          host=config.api_host, port=config.api_port, name=API_NAME)
         yield system

@@ -53,6 +53,10 @@ class SkyrlConfig(BaseSettings):
     max_lora_rank: int = Field(32, ge=1, le=1024)
     max_model_len: int = Field(1024, ge=16)
     gpu_memory_utilization: float = Field(0.6, gt=0, le=1)
+    server_max_restarts: int = Field(3, ge=0, description="Ray restarts a crashed server this often; it comes back "
+                                     "at its address with every tenant's current adapter")
+    inference_token: str | None = Field(None, description="bearer token of the inference servers (default: a random "
+                                        "one per deployment, handed to the trainer and the API)")
     # training
     trainer_gpus: float = Field(0, ge=0)
     resident_budget_bytes: int = Field(512 * MiB, ge=0)

@@ -16,6 +16,8 @@ from skyrl_lora.models.tiny import TinyFixtures, build_fixtures
 
 logger = logging.getLogger(__name__)
 
+ALICE, BOB = "tml-alice-0123456789", "tml-bob-9876543210"  # the API tests' two users
+
 # Tenants loaded at server start. Tests that change an adapter use their own tenant names.
 STATIC_TENANTS = ("meow", "woof", "meow2", "woof2")
 
@@ -40,6 +42,12 @@ def tok(tiny: TinyFixtures):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny.base)
+
+
+@pytest.fixture(scope="session")
+def word_ids(tok) -> dict[str, int]:
+    """The single token each phrase LoRA says."""
+    return {w: tok(" " + w, add_special_tokens=False)["input_ids"][0] for w in ("meow", "woof")}
 
 
 @dataclass(frozen=True)
@@ -84,3 +92,29 @@ async def wait_for(predicate: Callable[[], Awaitable[bool]], timeout_s: float = 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def api_env(tiny, vllm_server, tmp_path_factory):
+    """The Tinker-compatible service on loopback with a real trainer actor and the shared vLLM server
+    (one per test module that uses it)."""
+    import ray
+
+    from skyrl_lora.api.server import ApiServer
+    from skyrl_lora.api.settings import ApiSettings
+    from skyrl_lora.training.actor import start_trainer_actor
+    from skyrl_lora.training.config import TrainerConfig
+
+    root = tmp_path_factory.mktemp("api")
+    trainer = start_trainer_actor(TrainerConfig(
+        base_model=str(tiny.base), state_dir=root / "trainer", sampler_root=root / "adapters",
+        inference_urls=(vllm_server.url,), max_lora_rank=16, keep_sampler_versions=1_000_000, num_threads=1), num_gpus=0)
+    settings = ApiSettings(base_model=str(tiny.base), data_dir=root / "api", api_keys={ALICE: "alice", BOB: "bob"},
+                           max_context_length=1024, long_poll_s=2.0)
+    server = ApiServer(settings, trainer, [vllm_server.url]).start()
+    os.environ["TINKER_TELEMETRY"] = "0"
+    yield {"server": server, "settings": settings, "trainer": trainer, "vllm": vllm_server}
+    server.stop()
+    ray.kill(trainer)
+
+

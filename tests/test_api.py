@@ -4,34 +4,14 @@
 from __future__ import annotations
 
 import asyncio
-import os
 
 import httpx
 import pytest
-import ray
 
 from skyrl_lora.api.server import ApiServer
-from skyrl_lora.api.settings import ApiSettings
-from skyrl_lora.training.actor import start_trainer_actor
-from skyrl_lora.training.config import TrainerConfig
 
 pytestmark = [pytest.mark.vllm]
-ALICE, BOB = "tml-alice-0123456789", "tml-bob-9876543210"
-
-
-@pytest.fixture(scope="module")
-def api_env(tiny, vllm_server, tmp_path_factory):
-    root = tmp_path_factory.mktemp("api")
-    trainer = start_trainer_actor(TrainerConfig(
-        base_model=str(tiny.base), state_dir=root / "trainer", sampler_root=root / "adapters",
-        inference_urls=(vllm_server.url,), max_lora_rank=16, keep_sampler_versions=1_000_000, num_threads=1), num_gpus=0)
-    settings = ApiSettings(base_model=str(tiny.base), data_dir=root / "api", api_keys={ALICE: "alice", BOB: "bob"},
-                           max_context_length=1024, long_poll_s=2.0)
-    server = ApiServer(settings, trainer, [vllm_server.url]).start()
-    os.environ["TINKER_TELEMETRY"] = "0"
-    yield {"server": server, "settings": settings, "trainer": trainer, "vllm": vllm_server}
-    server.stop()
-    ray.kill(trainer)
+from .conftest import ALICE, BOB
 
 
 def woof_datum(tok, types):
@@ -113,7 +93,7 @@ def test_another_tenant_cannot_touch_alices_objects(api_env) -> None:
     import tinker
 
     run, sampler_path, state_path = api_env["alice_run"], api_env["alice_sampler_path"], api_env["alice_state_path"]
-    url, name = api_env["server"].url, api_env["settings"].served_name
+    url = api_env["server"].url
     bob = tinker.ServiceClient(base_url=url, api_key=BOB)
     rest = bob.create_rest_client()
     with pytest.raises(tinker.NotFoundError):

@@ -87,3 +87,26 @@ def test_seam_stop_strings() -> None:
     assert find_seam_stop(decode, [1], [4, 5], ["END"]) is None
     assert find_seam_stop(decode, [1], [2], []) is None
     assert find_seam_stop(decode, [], [2], ["c"]) is None
+
+
+def test_adapter_paths_are_confined_to_the_roots(tmp_path) -> None:
+    """No '..', no absolute path elsewhere, no symlink out of the roots; a real adapter inside passes."""
+    from types import SimpleNamespace
+
+    from skyrl_lora.inference.lora_control import LoraController, LoraError
+
+    root = tmp_path / "adapters"
+    inside = root / "tenant-a" / "v1"
+    inside.mkdir(parents=True)
+    (inside / "adapter_config.json").write_text('{"r": 8}')
+    outside = tmp_path / "elsewhere" / "evil"
+    outside.mkdir(parents=True)
+    (outside / "adapter_config.json").write_text('{"r": 8}')
+    (root / "tenant-b").mkdir()
+    (root / "tenant-b" / "link").symlink_to(outside)
+    ctl = SimpleNamespace(adapter_roots=[root.resolve()], _lora_cfg=SimpleNamespace(max_lora_rank=16))
+    assert LoraController._check_path(ctl, str(inside)) == str(inside.resolve())
+    for bad in (str(outside), str(root / ".." / "elsewhere" / "evil"), str(root / "tenant-b" / "link"), "/etc"):
+        with pytest.raises(LoraError) as e:
+            LoraController._check_path(ctl, bad)
+        assert e.value.status == 403 and "lora_path" in e.value.message, bad

@@ -23,11 +23,6 @@ GREEDY = {"temperature": 0.0, "ignore_eos": True}
 
 
 @pytest.fixture(scope="module")
-def word_ids(tok) -> dict[str, int]:
-    return {w: tok(" " + w, add_special_tokens=False)["input_ids"][0] for w in ("meow", "woof")}
-
-
-@pytest.fixture(scope="module")
 def prompt(tok) -> list[int]:
     return tok("def main():\n    print('hello')")["input_ids"]
 

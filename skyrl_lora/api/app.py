@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from skyrl_lora.api import schemas as S
 from skyrl_lora.api.db import hash_key
@@ -59,6 +60,12 @@ def create_app(service: TinkerService, metrics: Callable[[], Awaitable[str]] | N
         loc = [str(x) for x in first.get("loc", ()) if x not in ("body", "query", "path", "header")]
         field = ".".join(loc) or "body"
         return _error(400, f"{field}: {first.get('msg', 'invalid')}", field)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:  # e.g. a body that does not parse
+        if exc.status_code == 400:
+            return _error(400, f"body: {exc.detail}", "body")
+        return _error(exc.status_code, str(exc.detail))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:  # never a bare 500 page

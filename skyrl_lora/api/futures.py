@@ -21,6 +21,7 @@ from skyrl_lora.api.db import Database, FutureRow, now
 from skyrl_lora.errors import SkyrlError
 
 logger = logging.getLogger(__name__)
+_FUTURES = FutureRow.__table__  # Core statements: the ORM's per-statement bookkeeping is not needed here
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class Futures:
 
     async def submit(self, user: str, kind: str, model_id: str | None, work: Callable[[], Awaitable[Result]]) -> str:
         request_id = f"req-{uuid.uuid4().hex}"
-        await self.db.write(insert(FutureRow).values(request_id=request_id, user_id=user, kind=kind, model_id=model_id,
+        await self.db.write(insert(_FUTURES).values(request_id=request_id, user_id=user, kind=kind, model_id=model_id,
                                                      state="pending", created=now()))
         self._done[request_id] = asyncio.Event()
         self._live[request_id] = (user, None)
@@ -74,7 +75,7 @@ class Futures:
             values.update(content_type=result.content_type, result=result.body)
         if error is not None:
             values.update(error=error, category=category)
-        await self.db.write(update(FutureRow).where(FutureRow.request_id == request_id).values(**values))
+        await self.db.write(update(_FUTURES).where(_FUTURES.c.request_id == request_id).values(**values))
         self._live[request_id] = (user, result if result is not None else {"error": error, "category": category})
         self._done.pop(request_id, asyncio.Event()).set()
 

@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 def build_app(settings: ApiSettings, trainer: Any, inference_urls: list[str]):
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     db = Database(settings.db_url)
-    service = TinkerService(settings, trainer, RemoteInferenceClient(inference_urls), db)
+    service = TinkerService(settings, trainer, RemoteInferenceClient(inference_urls, token=settings.inference_token), db)
     service.startup()
 
     async def metrics() -> str:

@@ -17,7 +17,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from cachetools import LRUCache
 from pydantic import ValidationError
+from ray.exceptions import RayActorError
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
@@ -74,6 +76,9 @@ class TinkerService:
         self.futures = Futures(db, long_poll_s=settings.long_poll_s)
         self.seq = ModelSequencer(turn_timeout_s=settings.turn_timeout_s, persist=self._persist_seq)
         self._users: dict[str, str] = {}
+        # Sampler rows change only here (created, or expired by _prune_pinned), so the hot sample path
+        # reads them from memory; the database stays the durable copy for a restart.
+        self._samplers: LRUCache = LRUCache(maxsize=100_000)
         self.vocab_size = _vocab_size(settings.base_model)
 
     # ------------------------------------------------------------------ lifecycle
@@ -134,6 +139,9 @@ class TinkerService:
     async def _call(self, method: Any, *args: Any) -> Any:
         try:
             return await method.remote(*args)
+        except RayActorError as exc:
+            raise SkyrlError(503, "trainer: the training process stopped while this request ran; it restarts with "
+                                  "each model's last saved state (save_state); submit the request again", None) from exc
         except Exception as exc:
             cause = _cause(exc)
             if isinstance(cause, SkyrlError):
@@ -348,6 +356,7 @@ class TinkerService:
             s.execute(delete(SamplerRow).where(SamplerRow.sampler_id == sampler_id))
             s.add(row)
         await self.db.run(fn)
+        self._samplers[sampler_id] = row
         if model is not None and lora_name and lora_name != model.tenant:
             await self._prune_pinned(user, model)
         return row
@@ -366,6 +375,7 @@ class TinkerService:
                 await self.inference.unload_lora_adapter(old.lora_name)
             except (FanOutError, InferenceError) as exc:
                 logger.info("unloading %s: %s", old.lora_name, exc)
+            self._samplers.pop(old.sampler_id, None)
             await self.db.run(lambda s, sid=old.sampler_id: s.execute(
                 update(SamplerRow).where(SamplerRow.sampler_id == sid).values(lora_name="expired")))
 
@@ -386,7 +396,11 @@ class TinkerService:
         return {"sampler_id": row.sampler_id, "base_model": row.base_model, "model_path": row.model_path}
 
     async def _sampler(self, user: str, sampler_id: str) -> SamplerRow:
-        row = await self.db.run(lambda s: s.get(SamplerRow, sampler_id))
+        row = self._samplers.get(sampler_id)
+        if row is None:
+            row = await self.db.run(lambda s: s.get(SamplerRow, sampler_id))
+            if row is not None:
+                self._samplers[sampler_id] = row
         if row is None or row.user_id != user:
             raise SkyrlError(404, f"sampling_session_id: no sampler '{sampler_id}'", "sampling_session_id")
         if row.lora_name == "expired":

@@ -18,6 +18,7 @@ class ApiSettings(BaseSettings):
     database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///<data_dir>/skyrl_api.db")
     api_keys: dict[str, str] = Field(default_factory=dict, description="tml-... key -> user id (stored hashed)")
     max_context_length: int = Field(2048, ge=16)
+    inference_token: str | None = Field(None, description="the inference servers' bearer token, when they require one")
     long_poll_s: float = Field(10.0, gt=0, le=40.0, description="a retrieve_future waits this long before try_again")
     turn_timeout_s: float = Field(120.0, gt=0)
     default_max_tokens: int = Field(256, ge=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -17,10 +18,19 @@ class VLLMServerActor:
 
     def __init__(self, config: ServerConfig) -> None:
         logging.basicConfig(level=logging.INFO)
-        self.server = EmbeddedVLLMServer(config)
+        context = ray.get_runtime_context()
+        self.server = EmbeddedVLLMServer(config, key=context.get_actor_id() or "server")
+        self._starting: asyncio.Task | None = None
+        if context.was_current_actor_reconstructed:
+            # Ray restarted us after a crash: nobody else will call start(), so ask ourselves. With a
+            # state_dir the server comes back at its old port with every tenant's current adapter.
+            logger.warning("inference server actor restarted; starting the server again")
+            self._restart_call = context.current_actor.start.remote()  # keep the ref: a dropped one may be cancelled
 
     async def start(self) -> str:
-        return await self.server.start()
+        if self._starting is None:  # idempotent: a restart's own call and a caller's may overlap
+            self._starting = asyncio.ensure_future(self.server.start())
+        return await asyncio.shield(self._starting)
 
     def url(self) -> str | None:
         return self.server.url
@@ -36,6 +46,19 @@ class VLLMServerActor:
 
     def state(self) -> dict[str, Any]:
         return self.server.controller.state().model_dump() if self.server.controller else {}
+
+    def memory(self) -> dict[str, float]:
+        """Resident memory of this server's processes (the actor and vLLM's engine processes), bytes."""
+        import psutil
+
+        me = psutil.Process()
+        out = {"server": float(me.memory_info().rss)}
+        for child in me.children(recursive=True):
+            try:
+                out[f"child-{child.name()}"] = out.get(f"child-{child.name()}", 0.0) + float(child.memory_info().rss)
+            except psutil.Error:
+                continue
+        return out
 
     def log_tail(self) -> str:
         return self.server.log_tail()

@@ -24,7 +24,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,8 +84,11 @@ class LoraController:
 
     _ids = itertools.count(10_000)  # far from vLLM's own counter, which starts at 1
 
-    def __init__(self, engine: Any, *, adapter_roots: list[str] | None = None, drain_timeout_s: float = 30.0) -> None:
+    def __init__(self, engine: Any, *, adapter_roots: list[str] | None = None, drain_timeout_s: float = 30.0,
+                 on_change: Callable[[str, str | None], Awaitable[None]] | None = None) -> None:
         self.engine = engine
+        # told (tenant, path or None) after every adapter change, e.g. to keep a restart manifest
+        self.on_change = on_change
         self.adapter_roots = [Path(r).resolve() for r in (adapter_roots or [])]
         self.drain_timeout_s = drain_timeout_s
         self.gates = PauseGates(on_reopen=self._on_reopen)
@@ -276,9 +279,9 @@ class LoraController:
         try:
             ok = await self.engine.add_lora(request)
         except Exception as exc:  # vLLM raises plain exceptions for bad adapters
-            raise LoraError(400, f"LoRA '{name}' failed to load from '{request.lora_path}': {exc}", "lora_path") from exc
+            raise LoraError(400, f"lora_path: LoRA '{name}' failed to load from '{request.lora_path}': {exc}", "lora_path") from exc
         if ok is False:
-            raise LoraError(400, f"LoRA '{name}' failed to load from '{request.lora_path}'", "lora_path")
+            raise LoraError(400, f"lora_path: LoRA '{name}' failed to load from '{request.lora_path}'", "lora_path")
 
     async def _remove_engine_lora(self, lora_id: int) -> None:
         tenant = self._retiring.pop(lora_id, None)
@@ -314,6 +317,7 @@ class LoraController:
                                     compat.make_lora_request(old.engine_name, old.lora_id, real))
                 self.tenants[name] = new
                 self._publish_to_openai(new)
+                await self._changed(name, real)
                 return new, 0, load_s
             lora_id = next(self._ids)
             engine_name = self._engine_name(name, lora_id)
@@ -335,6 +339,7 @@ class LoraController:
                 if not any(a.lora_id == old.lora_id for a in self._rt(name).admissions):
                     await self._remove_engine_lora(old.lora_id)
             logger.info("LoRA %s -> v%d (%s), %d requests moved to the new version", name, new.version, real, aborted)
+            await self._changed(name, real)
             return new, aborted, load_s
 
     async def unload(self, name: str) -> None:
@@ -355,6 +360,15 @@ class LoraController:
                 except Exception:
                     logger.debug("remove_lora(%d) failed", lora_id, exc_info=True)
             self.gates.forget(name)
+            await self._changed(name, None)
+
+    async def _changed(self, name: str, path: str | None) -> None:
+        if self.on_change is None:
+            return
+        try:
+            await self.on_change(name, path)
+        except Exception:  # bookkeeping must never fail the change itself
+            logger.exception("recording the change of LoRA %s failed", name)
 
     # ------------------------------------------------------------------ state
     def info(self, name: str) -> LoraInfo:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
+from fastapi.routing import APIRoute
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 from starlette.routing import Route
 
 from skyrl_lora.errors import check_token_ids
@@ -186,7 +189,7 @@ def _clip_spans(spans: list[VersionSpan], end: int) -> list[VersionSpan]:
 
 
 def build_router() -> APIRouter:
-    router = APIRouter(prefix=PREFIX)
+    router = APIRouter(prefix=PREFIX, route_class=_BodyErrorsNamed)
 
     @router.post("/generate", response_model=GenerateResponse)
     async def generate(body: GenerateRequest, raw: Request) -> Any:
@@ -248,6 +251,49 @@ def build_router() -> APIRouter:
         return _controller(raw).state()
 
     return router
+
+
+class _BodyErrorsNamed(APIRoute):
+    """A body that is not JSON at all (FastAPI answers a bare ``{"detail"}``) gets our error shape,
+    naming the body: vLLM's app has built its exception handlers before our routes arrive."""
+
+    def get_route_handler(self) -> Any:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Any:
+            try:
+                return await handler(request)
+            except HTTPException as exc:
+                if exc.status_code != 400:
+                    raise
+                return JSONResponse(status_code=400, content={"error": {"message": f"body: {exc.detail}",
+                                                                        "field": "body"}})
+        return handle
+
+
+class BearerTokenGuard:
+    """ASGI wrapper: every route but the health and metrics probes needs the deployment's bearer token.
+
+    A wrapper rather than app middleware: vLLM has built the app's middleware stack by the time our
+    routes are installed, and Starlette refuses middleware added after that.
+    """
+
+    OPEN_PATHS = frozenset({"/health", "/metrics", "/ping"})
+
+    def __init__(self, app: Any, token: str) -> None:
+        self.app = app
+        self._expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope.get("path") not in self.OPEN_PATHS:
+            given = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self._expected):
+                response = JSONResponse(status_code=401, content={"error": {
+                    "message": "Authorization: missing or wrong bearer token for this inference server",
+                    "field": "Authorization"}})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def install_routes(app: FastAPI, controller: LoraController) -> None:

@@ -43,6 +43,12 @@ class ServerConfig(BaseModel):
     extra_args: tuple[str, ...] = ()
     loras: dict[str, str] = Field(default_factory=dict, description="LoRAs to load at start, name -> path")
     adapter_roots: tuple[str, ...] = ()
+    control_token: str | None = Field(None, description="when set, every /skyrl and /v1 route needs "
+                                      "'Authorization: Bearer <token>': only the trainer, the API service and operators "
+                                      "can sample, pause or load adapters; tenants go through the API with their keys")
+    state_dir: str | None = Field(None, description="where the server keeps its port and adapter manifest, so that a "
+                                  "restarted server comes back at the same address serving every tenant's current "
+                                  "adapter; the servers of one deployment may share it")
     drain_timeout_s: float = 30.0
     startup_timeout_s: float = 600.0
 
@@ -105,8 +111,9 @@ class ServerStartupError(RuntimeError):
 class EmbeddedVLLMServer:
     """Owns the engine, the app, the LoRA controller and the uvicorn server of one process."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, key: str = "server") -> None:
         self.config = config
+        self.key = key  # stable across restarts (the Ray actor id): names this server's manifest and port
         self.url: str | None = None
         self.engine: Any = None
         self.controller: Any = None
@@ -141,14 +148,16 @@ class EmbeddedVLLMServer:
 
         from skyrl_lora.inference import vllm_compat as compat
         from skyrl_lora.inference.lora_control import LoraController
-        from skyrl_lora.inference.routes import install_routes
+        from skyrl_lora.inference.manifest import AdapterManifest
+        from skyrl_lora.inference.routes import BearerTokenGuard, install_routes
 
         assert self._ready is not None
         try:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self.config.host, self.config.port))
+            manifest = AdapterManifest(self.config.state_dir, self.key) if self.config.state_dir else None
+            sock = self._bind(manifest.saved_port() if manifest and not self.config.port else None)
             port = sock.getsockname()[1]
+            if manifest is not None:
+                manifest.save_port(port)
             args = compat.parse_server_args(self.config.vllm_argv(port))
             _, build_engine, build_app, init_app_state = compat.server_parts()
             async with build_engine(args) as engine:
@@ -157,14 +166,15 @@ class EmbeddedVLLMServer:
                 app = compat.build_app(build_app, args, engine, tasks)
                 await compat.init_app_state(init_app_state, engine, app.state, args, tasks)
                 controller = LoraController(engine, adapter_roots=list(self.config.adapter_roots),
-                                            drain_timeout_s=self.config.drain_timeout_s)
+                                            drain_timeout_s=self.config.drain_timeout_s,
+                                            on_change=manifest.record if manifest else None)
                 controller.attach_serving_models(getattr(app.state, "openai_serving_models", None))
                 install_routes(app, controller)
                 self.controller = controller
-                for name, path in self.config.loras.items():
-                    await controller.load(name, path, load_inplace=False)
+                await self._load_initial_adapters(controller, manifest)
                 sock.listen(1024)
-                config = uvicorn.Config(app, log_level="warning", timeout_keep_alive=30, lifespan="on")
+                served = BearerTokenGuard(app, self.config.control_token) if self.config.control_token else app
+                config = uvicorn.Config(served, log_level="warning", timeout_keep_alive=30, lifespan="on")
                 self._uvicorn = uvicorn.Server(config)
                 serve_task = asyncio.create_task(self._uvicorn.serve(sockets=[sock]))
                 while not self._uvicorn.started:
@@ -181,6 +191,37 @@ class EmbeddedVLLMServer:
             if not isinstance(exc, asyncio.CancelledError):
                 logger.exception("vLLM server stopped with an error")
             raise
+
+    def _bind(self, saved_port: int | None) -> socket.socket:
+        """The configured port, else the port this server had before a restart (so clients' URLs stay
+        valid), else any free one."""
+        for port in ([saved_port] if saved_port else []) + [self.config.port]:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((self.config.host, port))
+                return sock
+            except OSError:
+                sock.close()
+                if port != saved_port:
+                    raise
+                logger.warning("port %d of the previous start is taken; picking another", port)
+        raise AssertionError("unreachable")
+
+    async def _load_initial_adapters(self, controller: Any, manifest: Any) -> None:
+        """The configured LoRAs, then whatever the manifest says is current (newest change wins)."""
+        wanted: dict[str, str | None] = dict(self.config.loras)
+        if manifest is not None:
+            wanted.update(manifest.current())
+        for name, path in wanted.items():
+            if path is None:
+                continue
+            try:
+                await controller.load(name, path, load_inplace=False)
+            except Exception as exc:  # one bad entry must not keep the server (and every other tenant) down
+                if name in self.config.loras and path == self.config.loras[name]:
+                    raise
+                logger.error("could not restore LoRA %s from %s: %s", name, path, exc)
 
     async def stop(self, timeout_s: float = 30.0) -> None:
         if self._uvicorn is not None:

@@ -44,18 +44,42 @@ class TrainerActor:
         self.trainer = MultiTenantTrainer(config)
         self._lock: asyncio.Lock | None = None
         self._client: RemoteInferenceClient | None = None
+        context = ray.get_runtime_context()
+        # After a crash Ray restarts us with empty memory: every tenant comes back from its last saved
+        # state (save_state) before any request runs; the restart itself triggers it, not a caller.
+        self._restore_pending = bool(context.was_current_actor_reconstructed)
+        if self._restore_pending:
+            logger.warning("trainer actor restarted; restoring every tenant's last saved state")
+            self._restart_call = context.current_actor.ready.remote()  # keep the ref: a dropped one may be cancelled
 
     async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         if self._lock is None:  # created on the actor's own loop
             self._lock = asyncio.Lock()
         async with self._lock:
+            if self._restore_pending:
+                self._restore_pending = False
+                await asyncio.to_thread(self._restore_saved_states)
             return await asyncio.to_thread(fn, *args, **kwargs)
+
+    def _restore_saved_states(self) -> None:
+        self.trainer.load()
+        root = self.config.checkpoint_dir
+        for tenant_dir in sorted(p for p in root.glob("*") if p.is_dir()) if root.is_dir() else []:
+            saved = sorted(tenant_dir.glob("*.safetensors"), key=lambda f: f.stat().st_mtime)
+            if not saved:
+                continue
+            try:
+                self.trainer.load_state(tenant_dir.name, str(saved[-1]), with_optimizer=True)
+                logger.info("restored tenant %s from %s", tenant_dir.name, saved[-1].name)
+            except Exception:  # one unreadable file must not keep the other tenants down
+                logger.exception("could not restore tenant %s from %s", tenant_dir.name, saved[-1])
 
     def _inference(self) -> RemoteInferenceClient | None:
         if not self.config.inference_urls:
             return None
         if self._client is None:
-            self._client = RemoteInferenceClient(list(self.config.inference_urls), timeout_s=self.config.sync_timeout_s)
+            self._client = RemoteInferenceClient(list(self.config.inference_urls), timeout_s=self.config.sync_timeout_s,
+                                                 token=self.config.inference_token)
         return self._client
 
     # ------------------------------------------------------------------ lifecycle

@@ -27,6 +27,7 @@ class TrainerConfig(BaseModel):
     sampler_root: Path = Field(description="adapter directories for vLLM; must lie inside the servers' adapter roots")
     keep_sampler_versions: int = Field(4, ge=1, description="older exported adapter directories of a tenant are deleted")
     inference_urls: tuple[str, ...] = Field((), description="servers that save_weights_for_sampler syncs into")
+    inference_token: str | None = Field(None, description="the servers' bearer token, when they require one")
     sync_mode: SyncMode = "abort"
     sync_timeout_s: float = Field(120.0, gt=0)
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (None = torch default)")
