@@ -2,7 +2,13 @@
 
 Both paths hit the same vLLM server actor with the same requests (fixed length: ``stop=[]``), in
 alternating rounds so drift hits both: at concurrency 1 the ratio of median latencies (target ≤ 1.15),
-at concurrency 32 the ratio of tokens/s (target ≥ 0.9).
+at concurrency 32 the ratio of tokens/s (target ≥ 0.9). A third path, plain HTTP to the API, shows the
+service's own cost without the SDK's client work.
+
+At concurrency 32 the load comes from ``--client-processes`` processes for every path alike (32 in
+flight in all): users of a shared backend are many processes, and one Python process driving 32
+SDK calls measures that process's GIL rather than the service (the SDK runs its own event-loop
+thread beside the caller's threads). The service itself runs in its own Ray actor, as deployed.
 
     python -m bench.api_overhead --rounds 3
 """
@@ -11,45 +17,201 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import statistics
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
 from pathlib import Path
 
-from bench.common import machine_name, today, write_result
+from bench.common import add_common_args, machine_name, today, write_result
 
 logger = logging.getLogger("bench.api_overhead")
 KEY = "tml-bench-0123456789"
+PATHS = ("api", "direct", "api_raw_http")
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where and what to sample; crosses into the client processes."""
+
+    api_url: str
+    server_url: str
+    base_model: str
+    prompt: tuple[int, ...]
+    max_tokens: int
+
+
+# ---------------------------------------------------------------------------------------------- clients
+def _sdk_sampler(t: Target):
+    import tinker
+
+    client = tinker.ServiceClient(base_url=t.api_url, api_key=KEY).create_sampling_client(base_model=t.base_model)
+    return client.result() if hasattr(client, "result") else client  # SDK 0.38 hands back a future
+
+
+def _sdk_one(sampler, t: Target) -> int:
+    from tinker import types
+
+    res = sampler.sample(types.ModelInput.from_ints(list(t.prompt)), 1,
+                         types.SamplingParams(max_tokens=t.max_tokens, temperature=1.0, stop=[])).result()
+    return len(res.sequences[0].tokens)
+
+
+async def _raw_session(http, t: Target) -> str:
+    async with http.post(f"{t.api_url}/api/v1/create_session", json={}) as r:
+        sid = (await r.json())["session_id"]
+    async with http.post(f"{t.api_url}/api/v1/create_sampling_session", json={
+            "session_id": sid, "sampling_session_seq_id": 0, "base_model": t.base_model}) as r:
+        return (await r.json())["sampling_session_id"]
+
+
+async def _raw_one(http, sampler_id: str, t: Target) -> int:
+    """asample + retrieve_future over plain HTTP (aiohttp), without the SDK's client work."""
+    async with http.post(f"{t.api_url}/api/v1/asample", json={
+            "sampling_session_id": sampler_id, "prompt": {"chunks": [{"tokens": list(t.prompt)}]},
+            "sampling_params": {"max_tokens": t.max_tokens, "temperature": 1.0, "stop": []}}) as r:
+        rid = (await r.json())["request_id"]
+    while True:
+        async with http.post(f"{t.api_url}/api/v1/retrieve_future", json={"request_id": rid}) as r:
+            if "protobuf" in r.headers.get("content-type", ""):
+                await r.read()
+                return t.max_tokens
+            body = await r.json()
+            if "error" in body:
+                raise RuntimeError(str(body))
+
+
+async def _async_load(path: str, t: Target, n: int, concurrency: int) -> int:
+    import aiohttp
+
+    from skyrl_lora.inference.client import RemoteInferenceClient
+
+    sem = asyncio.Semaphore(concurrency)
+    if path == "direct":
+        client = RemoteInferenceClient(t.server_url)
+        params = {"max_tokens": t.max_tokens, "temperature": 1.0, "ignore_eos": True}
+
+        async def one() -> int:
+            async with sem:
+                (s,) = await client.sample_with_retry(list(t.prompt), params)
+                return len(s.token_ids)
+        try:
+            return sum(await asyncio.gather(*(one() for _ in range(n))))
+        finally:
+            await client.aclose()
+    async with aiohttp.ClientSession(headers={"X-API-Key": KEY}, timeout=aiohttp.ClientTimeout(total=120),
+                                     connector=aiohttp.TCPConnector(limit=0)) as http:
+        sampler_id = await _raw_session(http, t)
+
+        async def raw() -> int:
+            async with sem:
+                return await _raw_one(http, sampler_id, t)
+        return sum(await asyncio.gather(*(raw() for _ in range(n))))
+
+
+_SDK_SAMPLER = None
+
+
+def client_load(path: str, t: Target, n: int, concurrency: int) -> int:
+    """Runs in a client process: ``n`` requests, ``concurrency`` in flight; returns tokens received."""
+    global _SDK_SAMPLER
+    if path != "api":
+        return asyncio.run(_async_load(path, t, n, concurrency))
+    if _SDK_SAMPLER is None:  # one SDK client per process, as an application would hold it
+        _SDK_SAMPLER = _sdk_sampler(t)
+    with ThreadPoolExecutor(concurrency) as pool:
+        return sum(pool.map(lambda _: _sdk_one(_SDK_SAMPLER, t), range(n)))
+
+
+def throughput(pool: ProcessPoolExecutor, processes: int, path: str, t: Target, n: int, concurrency: int) -> float:
+    share, extra = divmod(n, processes)
+    conc, cextra = divmod(concurrency, processes)
+    t0 = time.perf_counter()
+    futures = [pool.submit(client_load, path, t, share + (i < extra), conc + (i < cextra)) for i in range(processes)]
+    tokens = sum(f.result() for f in futures)
+    return tokens / (time.perf_counter() - t0)
+
+
+class SerialClients:
+    """Concurrency 1: one long-lived client per path in this process, one request at a time."""
+
+    def __init__(self, t: Target) -> None:
+        import aiohttp
+
+        from skyrl_lora.inference.client import RemoteInferenceClient
+
+        self.t = t
+        self.loop = asyncio.new_event_loop()
+        self.sdk = _sdk_sampler(t)
+        self.direct = RemoteInferenceClient(t.server_url)
+
+        async def raw_setup() -> tuple:
+            http = aiohttp.ClientSession(headers={"X-API-Key": KEY}, timeout=aiohttp.ClientTimeout(total=120))
+            return http, await _raw_session(http, t)
+        self.http, self.sampler_id = self.loop.run_until_complete(raw_setup())
+        self.params = {"max_tokens": t.max_tokens, "temperature": 1.0, "ignore_eos": True}
+
+    def timed(self, path: str) -> float:
+        t0 = time.perf_counter()
+        if path == "api":
+            _sdk_one(self.sdk, self.t)
+        elif path == "direct":
+            self.loop.run_until_complete(self.direct.sample_with_retry(list(self.t.prompt), self.params))
+        else:
+            self.loop.run_until_complete(_raw_one(self.http, self.sampler_id, self.t))
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.http.close())
+        self.loop.run_until_complete(self.direct.aclose())
+        self.loop.close()
+
+
+# ---------------------------------------------------------------------------------------------- main
+def _plot(result: dict, out: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.boxplot([result["samples"]["latency_s"][p] for p in ("direct", "api_raw_http", "api")])
+    ax1.set_xticks([1, 2, 3], ["direct client", "API (plain HTTP)", "API (tinker SDK)"])
+    ax1.set_ylabel("latency, s")
+    ax1.set_title(f"concurrency 1: ratio {result['latency_ratio_c1']:.3f} (target ≤ 1.15)")
+    names = ["direct", "api_raw_http", "api"]
+    ax2.bar(["direct", "API (HTTP)", "API (SDK)"], [result["tokens_per_s_median"][n] for n in names],
+            color=["tab:gray", "tab:cyan", "tab:blue"])
+    ax2.set_ylabel("tokens/s")
+    ax2.set_title(f"concurrency {result['concurrency']} ({result['client_processes']} client processes): "
+                  f"ratio {result['throughput_ratio_c32']:.3f} (target ≥ 0.9)", fontsize=9)
+    fig.suptitle(f"{result['machine']} · {result['date']} · {result['max_tokens']} tokens per sample")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--serial-requests", type=int, default=16, help="requests per path per round, concurrency 1")
-    parser.add_argument("--concurrent-requests", type=int, default=96, help="requests per path per round, concurrency 32")
+    parser.add_argument("--concurrent-requests", type=int, default=192, help="requests per path per round at c32")
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--client-processes", type=int, default=min(4, os.cpu_count() or 1))
     parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--num-gpus", type=float, default=0)
-    parser.add_argument("--machine", default=None)
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    add_common_args(parser, model=False)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ["TINKER_TELEMETRY"] = "0"
 
     import ray
-    import tinker
-    from tinker import types
     from transformers import AutoTokenizer
 
     from skyrl_lora.api.server import start_api_actor
     from skyrl_lora.api.settings import ApiSettings
     from skyrl_lora.inference.actor import start_server_actor
-    from skyrl_lora.inference.client import RemoteInferenceClient
     from skyrl_lora.inference.server import ServerConfig
     from skyrl_lora.models.tiny import build_fixtures
     from skyrl_lora.training.actor import start_trainer_actor
@@ -62,134 +224,47 @@ def main() -> None:
                                      num_gpus=args.num_gpus)
     trainer = start_trainer_actor(TrainerConfig(base_model=str(fx.base), state_dir=root / "t", sampler_root=root / "a",
                                                 inference_urls=(url,), max_lora_rank=16), num_gpus=0)
-    # The service in its own process, as deployed (sharing this client's GIL would bill it for the SDK's CPU).
     api_actor, api_url = start_api_actor(ApiSettings(base_model=str(fx.base), data_dir=root / "api",
                                                      api_keys={KEY: "bench"}), trainer, [url])
-    tok = AutoTokenizer.from_pretrained(fx.base)
-    prompt = tok("def main():\n    print('hello')")["input_ids"]
-    sampler = tinker.ServiceClient(base_url=api_url, api_key=KEY).create_sampling_client(base_model=str(fx.base))
-    sdk_params = types.SamplingParams(max_tokens=args.max_tokens, temperature=1.0, stop=[])
-    direct = RemoteInferenceClient(url)
-    direct_params = {"max_tokens": args.max_tokens, "temperature": 1.0, "ignore_eos": True}
-    loop = asyncio.new_event_loop()
+    prompt = AutoTokenizer.from_pretrained(fx.base)("def main():\n    print('hello')")["input_ids"]
+    target = Target(api_url=api_url, server_url=url, base_model=str(fx.base), prompt=tuple(prompt),
+                    max_tokens=args.max_tokens)
 
-    def via_api() -> int:
-        res = sampler.sample(types.ModelInput.from_ints(prompt), 1, sdk_params).result()
-        return len(res.sequences[0].tokens)
-
-    async def via_direct_one() -> int:
-        (s,) = await direct.sample_with_retry(prompt, direct_params)
-        return len(s.token_ids)
-
-    import httpx
-
-    raw_http = httpx.AsyncClient(base_url=api_url, headers={"X-API-Key": KEY}, timeout=60)
-    sid = loop.run_until_complete(raw_http.post("/api/v1/create_session", json={})).json()["session_id"]
-    sampler_id = loop.run_until_complete(raw_http.post("/api/v1/create_sampling_session", json={
-        "session_id": sid, "sampling_session_seq_id": 0, "base_model": str(fx.base)})).json()["sampling_session_id"]
-
-    async def via_raw_one() -> int:
-        """The service's own cost: asample + retrieve_future over plain HTTP, without the SDK's client work."""
-        r = await raw_http.post("/api/v1/asample", json={
-            "sampling_session_id": sampler_id, "prompt": {"chunks": [{"tokens": prompt}]},
-            "sampling_params": {"max_tokens": args.max_tokens, "temperature": 1.0, "stop": []}})
-        rid = r.json()["request_id"]
-        while True:
-            r = await raw_http.post("/api/v1/retrieve_future", json={"request_id": rid})
-            if "protobuf" in r.headers.get("content-type", ""):
-                return args.max_tokens
-            if "error" in r.json():
-                raise RuntimeError(r.text)
-
-    def serial(fn, n: int) -> list[float]:
-        out = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t0)
-        return out
-
-    pool = ThreadPoolExecutor(args.concurrency)
-
-    def concurrent_api(n: int) -> float:
-        t0 = time.perf_counter()
-        tokens = sum(pool.map(lambda _: via_api(), range(n)))
-        return tokens / (time.perf_counter() - t0)
-
-    def concurrent_direct(n: int, one_request=None) -> float:
-        one_request = one_request or via_direct_one
-
-        async def run() -> float:
-            sem = asyncio.Semaphore(args.concurrency)
-
-            async def one() -> int:
-                async with sem:
-                    return await one_request()
-            t0 = time.perf_counter()
-            tokens = sum(await asyncio.gather(*(one() for _ in range(n))))
-            return tokens / (time.perf_counter() - t0)
-        return loop.run_until_complete(run())
-
-    serial(via_api, 4)  # warm-up: kernels, connections, the database
-    serial(lambda: loop.run_until_complete(via_direct_one()), 4)
-    serial(lambda: loop.run_until_complete(via_raw_one()), 4)
-    lat = {"api": [], "direct": [], "api_raw_http": []}
-    tps = {"api": [], "direct": [], "api_raw_http": []}
-    runners = {"api": via_api, "direct": lambda: loop.run_until_complete(via_direct_one()),
-               "api_raw_http": lambda: loop.run_until_complete(via_raw_one())}
-    for r in range(args.rounds):
-        order = ("api", "direct", "api_raw_http") if r % 2 == 0 else ("api_raw_http", "direct", "api")
-        for path in order:
-            lat[path] += serial(runners[path], args.serial_requests)
-        for path in order:
-            if path == "api":
-                tps[path].append(concurrent_api(args.concurrent_requests))
-            else:
-                tps[path].append(concurrent_direct(args.concurrent_requests,
-                                                   via_raw_one if path == "api_raw_http" else via_direct_one))
-        logger.info("round %d: median latency api %.3f raw %.3f direct %.3f; tok/s api %.0f raw %.0f direct %.0f", r,
-                    statistics.median(lat["api"]), statistics.median(lat["api_raw_http"]), statistics.median(lat["direct"]),
-                    tps["api"][-1], tps["api_raw_http"][-1], tps["direct"][-1])
-
+    procs = args.client_processes
+    lat: dict[str, list[float]] = {p: [] for p in PATHS}
+    tps: dict[str, list[float]] = {p: [] for p in PATHS}
+    serial = SerialClients(target)
+    with ProcessPoolExecutor(procs, mp_context=get_context("spawn")) as pool:
+        for path in PATHS:  # warm-up: imports in every client process, kernels, connections, the database
+            throughput(pool, procs, path, target, 2 * procs, procs)
+            serial.timed(path)
+        for r in range(args.rounds):
+            order = PATHS if r % 2 == 0 else PATHS[::-1]
+            for path in order:  # concurrency 1: one request at a time, long-lived clients in this process
+                lat[path] += [serial.timed(path) for _ in range(args.serial_requests)]
+            for path in order:
+                tps[path].append(throughput(pool, procs, path, target, args.concurrent_requests, args.concurrency))
+            logger.info("round %d: median latency api %.3f raw %.3f direct %.3f; tok/s api %.0f raw %.0f direct %.0f",
+                        r, *(statistics.median(lat[p]) for p in ("api", "api_raw_http", "direct")),
+                        *(tps[p][-1] for p in ("api", "api_raw_http", "direct")))
+    serial.close()
+    ray.get(api_actor.stop.remote())
+    ray.shutdown()
+    med_lat = {k: statistics.median(v) for k, v in lat.items()}
+    med_tps = {k: statistics.median(v) for k, v in tps.items()}
     result = {
         "machine": machine_name(args.machine), "date": today(), "max_tokens": args.max_tokens,
-        "concurrency": args.concurrency, "rounds": args.rounds,
-        "latency_s_median": {k: statistics.median(v) for k, v in lat.items()},
-        "latency_ratio_c1": statistics.median(lat["api"]) / statistics.median(lat["direct"]),
-        "tokens_per_s_median": {k: statistics.median(v) for k, v in tps.items()},
-        "throughput_ratio_c32": statistics.median(tps["api"]) / statistics.median(tps["direct"]),
-        "service_only": {  # the same, with a plain HTTP client instead of the SDK: what the service itself costs
-            "latency_ratio_c1": statistics.median(lat["api_raw_http"]) / statistics.median(lat["direct"]),
-            "throughput_ratio_c32": statistics.median(tps["api_raw_http"]) / statistics.median(tps["direct"])},
+        "concurrency": args.concurrency, "client_processes": procs, "rounds": args.rounds,
+        "latency_s_median": med_lat, "latency_ratio_c1": med_lat["api"] / med_lat["direct"],
+        "tokens_per_s_median": med_tps, "throughput_ratio_c32": med_tps["api"] / med_tps["direct"],
+        "service_only": {"latency_ratio_c1": med_lat["api_raw_http"] / med_lat["direct"],
+                         "throughput_ratio_c32": med_tps["api_raw_http"] / med_tps["direct"]},
         "targets": {"latency_ratio_c1": "<= 1.15", "throughput_ratio_c32": ">= 0.9"},
         "samples": {"latency_s": lat, "tokens_per_s": tps},
     }
-    loop.run_until_complete(direct.aclose())
-    loop.run_until_complete(raw_http.aclose())
-    ray.get(api_actor.stop.remote())
-    ray.shutdown()
-    write_result(result, args.out, "api-overhead", _plot)
-    print(json.dumps({k: result[k] for k in ("latency_ratio_c1", "throughput_ratio_c32", "service_only", "latency_s_median",
-                                             "tokens_per_s_median")}, indent=2))
-
-
-def _plot(result: dict, out: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.boxplot([result["samples"]["latency_s"]["direct"], result["samples"]["latency_s"]["api_raw_http"],
-                 result["samples"]["latency_s"]["api"]])
-    ax1.set_xticks([1, 2, 3], ["direct client", "API (plain HTTP)", "API (tinker SDK)"])
-    ax1.set_ylabel("latency, s")
-    ax1.set_title(f"concurrency 1: ratio {result['latency_ratio_c1']:.3f} (target ≤ 1.15)")
-    names = ["direct", "api_raw_http", "api"]
-    ax2.bar(["direct", "API (HTTP)", "API (SDK)"], [result["tokens_per_s_median"][n] for n in names],
-            color=["tab:gray", "tab:cyan", "tab:blue"])
-    ax2.set_ylabel("tokens/s")
-    ax2.set_title(f"concurrency {result['concurrency']}: ratio {result['throughput_ratio_c32']:.3f} (target ≥ 0.9)")
-    fig.suptitle(f"{result['machine']} · {result['date']} · {result['max_tokens']} tokens per sample")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    print(write_result(result, args.out, "api-overhead", _plot))
+    logger.info("latency ratio c1 %.3f, throughput ratio c%d %.3f (plain HTTP %.3f)", result["latency_ratio_c1"],
+                args.concurrency, result["throughput_ratio_c32"], result["service_only"]["throughput_ratio_c32"])
 
 
 if __name__ == "__main__":

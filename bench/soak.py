@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from bench.common import add_common_args, machine_name, tiny_setup, today, write_result
 from skyrl_lora.inference.client import RemoteInferenceClient
 
@@ -97,7 +99,9 @@ async def soak(urls: list[str], tenants: list[str], paths: tuple[str, str], prom
         await client.update_lora(tenant, paths[(n // len(tenants) + 1) % 2])
         sync_s.append(time.perf_counter() - t)
         if memory_probe is not None and (n == min(syncs - 1, max(10, syncs // 10)) or n == syncs - 1):
-            memory.append(await memory_probe())  # after warm-up, and at the end
+            sample = await memory_probe()  # after warm-up, and at the end: the servers' processes and this one
+            sample["client"] = float(psutil.Process().memory_info().rss)
+            memory.append(sample)
         if n % 50 == 49:
             logger.info("%d syncs, %d requests, %d mismatches, %d errors", n + 1, counts.requests,
                         counts.mismatched_requests, len(counts.errors))

@@ -159,7 +159,8 @@ def skyrl_system(config: Any, *, serve_api: bool = False) -> Iterator[SkyrlSyste
                                        resident_budget_bytes=config.resident_budget_bytes,
                                        cpu_budget_bytes=config.cpu_budget_bytes, disk_budget_bytes=config.disk_budget_bytes,
                                        keep_sampler_versions=1_000_000 if serve_api else 4)
-        system.trainer = start_trainer_actor(trainer_config, num_gpus=config.trainer_gpus, name=TRAINER_NAME)
+        system.trainer = start_trainer_actor(trainer_config, num_gpus=config.trainer_gpus, name=TRAINER_NAME,
+                                             max_restarts=config.trainer_max_restarts)
         if serve_api:
             from skyrl_lora.api.server import start_api_actor
             from skyrl_lora.api.settings import ApiSettings

@@ -59,6 +59,8 @@ class SkyrlConfig(BaseSettings):
                                         "one per deployment, handed to the trainer and the API)")
     # training
     trainer_gpus: float = Field(0, ge=0)
+    trainer_max_restarts: int = Field(3, ge=0, description="Ray restarts a crashed trainer this often; each tenant "
+                                      "comes back from its last save_state")
     resident_budget_bytes: int = Field(512 * MiB, ge=0)
     cpu_budget_bytes: int = Field(2048 * MiB, ge=0)
     disk_budget_bytes: int | None = Field(None, ge=0)
