@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
-from bench.common import add_common_args, machine_name, today, write_result
+from bench.common import add_common_args, machine_name, tiny_setup, today, write_result
 
 logger = logging.getLogger("bench.api_overhead")
 KEY = "tml-bench-0123456789"
@@ -202,32 +202,27 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     add_common_args(parser, model=False)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ["TINKER_TELEMETRY"] = "0"
 
     import ray
-    from transformers import AutoTokenizer
-
     from skyrl_lora.api.server import start_api_actor
     from skyrl_lora.api.settings import ApiSettings
     from skyrl_lora.inference.actor import start_server_actor
     from skyrl_lora.inference.server import ServerConfig
-    from skyrl_lora.models.tiny import build_fixtures
     from skyrl_lora.training.actor import start_trainer_actor
     from skyrl_lora.training.config import TrainerConfig
 
-    fx = build_fixtures()
+    setup = tiny_setup("def main():\n    print('hello')")
     root = Path(tempfile.mkdtemp(prefix="api-bench-"))
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    server, url = start_server_actor(ServerConfig(model=str(fx.base), max_loras=4, max_lora_rank=16, max_model_len=1024),
+    server, url = start_server_actor(ServerConfig(model=setup.base, max_loras=4, max_lora_rank=16, max_model_len=1024),
                                      num_gpus=args.num_gpus)
-    trainer = start_trainer_actor(TrainerConfig(base_model=str(fx.base), state_dir=root / "t", sampler_root=root / "a",
+    trainer = start_trainer_actor(TrainerConfig(base_model=setup.base, state_dir=root / "t", sampler_root=root / "a",
                                                 inference_urls=(url,), max_lora_rank=16), num_gpus=0)
-    api_actor, api_url = start_api_actor(ApiSettings(base_model=str(fx.base), data_dir=root / "api",
+    api_actor, api_url = start_api_actor(ApiSettings(base_model=setup.base, data_dir=root / "api",
                                                      api_keys={KEY: "bench"}), trainer, [url])
-    prompt = AutoTokenizer.from_pretrained(fx.base)("def main():\n    print('hello')")["input_ids"]
-    target = Target(api_url=api_url, server_url=url, base_model=str(fx.base), prompt=tuple(prompt),
+    target = Target(api_url=api_url, server_url=url, base_model=setup.base, prompt=tuple(setup.prompt),
                     max_tokens=args.max_tokens)
 
     procs = args.client_processes

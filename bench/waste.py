@@ -102,7 +102,7 @@ async def bench(urls: list[str], paths: list[str], prompt: list[int], args: argp
     await client.sample(prompt, {"max_tokens": 8, "temperature": 0.0}, "tenant-a")
     out = []
     for i in range(args.windows * 2):
-        w = await window(client, urls, prompt, paths, sync=(i % 2 == 1) != (i // 2 % 2 == 1), args=args)
+        w = await window(client, urls, prompt, paths, sync=i % 4 in (1, 2), args=args)  # ABBA
         logger.info("window %d sync=%s: %d aborts, delivered %d, engine generated %.0f", i, w["sync"], w["aborts"],
                     w["delivered_tokens"], w["engine_generated_tokens"])
         out.append(w)

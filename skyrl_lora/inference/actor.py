@@ -25,7 +25,7 @@ class VLLMServerActor:
             # Ray restarted us after a crash: nobody else will call start(), so ask ourselves. With a
             # state_dir the server comes back at its old port with every tenant's current adapter.
             logger.warning("inference server actor restarted; starting the server again")
-            self._restart_call = context.current_actor.start.remote()  # keep the ref: a dropped one may be cancelled
+            self._restart_call = context.current_actor.start.remote()  # runs once __init__ has returned
 
     async def start(self) -> str:
         if self._starting is None:  # idempotent: a restart's own call and a caller's may overlap
@@ -55,7 +55,8 @@ class VLLMServerActor:
         out = {"server": float(me.memory_info().rss)}
         for child in me.children(recursive=True):
             try:
-                out[f"child-{child.name()}"] = out.get(f"child-{child.name()}", 0.0) + float(child.memory_info().rss)
+                key = f"child-{child.name()}"
+                out[key] = out.get(key, 0.0) + float(child.memory_info().rss)
             except psutil.Error:
                 continue
         return out

@@ -7,7 +7,7 @@ versus tokens delivered (anything more was generated twice), or prefill work cau
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
@@ -23,14 +23,10 @@ class EngineCounters:
     finished_requests: float = 0.0
 
     def __sub__(self, other: EngineCounters) -> EngineCounters:
-        return EngineCounters(*(a - b for a, b in zip(self._values(), other._values())))
+        return EngineCounters(*(a - b for a, b in zip(astuple(self), astuple(other))))
 
     def __add__(self, other: EngineCounters) -> EngineCounters:
-        return EngineCounters(*(a + b for a, b in zip(self._values(), other._values())))
-
-    def _values(self) -> tuple[float, ...]:
-        return (self.generation_tokens, self.prompt_tokens, self.prompt_tokens_cached, self.prefill_seconds,
-                self.prefill_requests, self.finished_requests)
+        return EngineCounters(*(a + b for a, b in zip(astuple(self), astuple(other))))
 
 
 _SAMPLES = {

@@ -50,7 +50,7 @@ class TrainerActor:
         self._restore_pending = bool(context.was_current_actor_reconstructed)
         if self._restore_pending:
             logger.warning("trainer actor restarted; restoring every tenant's last saved state")
-            self._restart_call = context.current_actor.ready.remote()  # keep the ref: a dropped one may be cancelled
+            self._restart_call = context.current_actor.ready.remote()  # runs once __init__ has returned
 
     async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         if self._lock is None:  # created on the actor's own loop
@@ -63,8 +63,7 @@ class TrainerActor:
 
     def _restore_saved_states(self) -> None:
         self.trainer.load()
-        root = self.config.checkpoint_dir
-        for tenant_dir in sorted(p for p in root.glob("*") if p.is_dir()) if root.is_dir() else []:
+        for tenant_dir in sorted(p for p in self.config.checkpoint_dir.glob("*") if p.is_dir()):
             saved = sorted(tenant_dir.glob("*.safetensors"), key=lambda f: f.stat().st_mtime)
             if not saved:
                 continue
