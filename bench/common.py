@@ -67,3 +67,50 @@ def tiny_setup(prompt: str = "def greet(name):\n    return") -> TinySetup:
     tok = AutoTokenizer.from_pretrained(fixtures.base)
     return TinySetup(base=str(fixtures.base), paths=[str(fixtures.loras["woof"]), str(fixtures.loras["meow"])],
                      prompt=tok(prompt)["input_ids"], tokenizer=tok)
+
+
+class CpuMeter:
+    """CPU seconds spent by named groups of processes (each pid with its children) between two reads.
+
+    Throughput ratios on a small machine are set by whoever burns the cores; this says who that is.
+    """
+
+    def __init__(self, groups: dict[str, list[int]]) -> None:
+        import psutil
+
+        self._procs: dict[str, list[Any]] = {}
+        for name, pids in groups.items():
+            procs = []
+            for pid in pids:
+                try:
+                    p = psutil.Process(pid)
+                    procs += [p, *p.children(recursive=True)]
+                except psutil.Error:
+                    continue
+            self._procs[name] = procs
+
+    def read(self) -> dict[str, float]:
+        import psutil
+
+        out: dict[str, float] = {}
+        for name, procs in self._procs.items():
+            total = 0.0
+            for p in procs:
+                try:
+                    t = p.cpu_times()
+                    total += t.user + t.system
+                except psutil.Error:
+                    continue
+            out[name] = total
+        return out
+
+    @staticmethod
+    def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+        return {k: after[k] - before.get(k, 0.0) for k in after}
+
+
+def actor_pid(actor: Any) -> int:
+    """The process id of a Ray actor (runs a tiny function inside it)."""
+    import ray
+
+    return int(ray.get(actor.__ray_call__.remote(lambda _self: os.getpid()), timeout=60))

@@ -113,8 +113,15 @@ def test_another_tenant_cannot_touch_alices_objects(api_env) -> None:
 
     with httpx.Client(base_url=url, timeout=30) as http:
         for headers in ({}, {"X-API-Key": "tml-not-a-key-000000"}):
-            r = http.post("/api/v1/get_info", json={"model_id": run}, headers=headers)
-            assert r.status_code == 401 and "X-API-Key" in r.json()["error"]
+            for route, body in (("get_info", {"model_id": run}), ("asample", {"base_model": "x"}),
+                                ("retrieve_future", {"request_id": "req-x"})):  # FastAPI and the hot path alike
+                r = http.post(f"/api/v1/{route}", json=body, headers=headers)
+                assert r.status_code == 401 and r.json()["field"] == "X-API-Key", (route, r.text)
+        alice_future = http.post("/api/v1/asample", headers={"X-API-Key": ALICE}, json={
+            "base_model": api_env["settings"].served_name, "prompt": {"chunks": [{"tokens": [1, 2]}]},
+            "sampling_params": {"max_tokens": 1}}).json()["request_id"]
+        r = http.post("/api/v1/retrieve_future", json={"request_id": alice_future}, headers={"X-API-Key": BOB})
+        assert r.status_code == 404 and r.json()["field"] == "request_id"
         r = http.post("/api/v1/get_info", json={"model_id": run}, headers={"X-API-Key": BOB})
         assert r.status_code == 404 and r.json()["field"] == "model_id"
         bob_session = http.post("/api/v1/create_session", json={}, headers={"X-API-Key": BOB}).json()["session_id"]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds, on the CPU machine, the wheel bundle that brings vllm 0.26.0 + ray 2.60.0 (and the few test
 # packages the device image lacks) to the GPU device, whose image has torch 2.11 but neither.
-# Run from the project root. Writes .stage/p0.. (< 64 MiB each: one per device call) and .stage/extra,
+# Run from the project root. Writes .stage/p0..p4 (45 MiB each: one per device call, beside the working tree) and .stage/extra,
 # and keeps .stage/ out of git. ~6 minutes; skipped when .stage is complete.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -18,7 +18,7 @@ rm -rf "$work/rx" && mkdir "$work/rx"
 rm -rf "$work/others" && mkdir "$work/others" && cp "$work"/w/*.whl "$work/others/" && rm "$work"/others/vllm-* "$work"/others/ray-*
 (cd "$work" && tar -cf others.tar others && tar -cf bundle.tar vllm-trim.tar.xz ray.tar.xz others.tar)
 rm -rf .stage && mkdir -p .stage/extra
-split -b 62M -d -a 1 "$work/bundle.tar" "$work/part"
+split -b 45M -d -a 1 "$work/bundle.tar" "$work/part"
 for f in "$work"/part*; do n=${f##*/part}; mkdir -p ".stage/p$n"; mv "$f" ".stage/p$n/"; done
 # xgrammar needs a newer apache-tvm-ffi than vllm pins; flashinfer is imported by some code paths;
 # pytest-asyncio is what our test suite needs beyond the image's pytest.

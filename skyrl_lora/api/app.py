@@ -3,16 +3,15 @@
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from skyrl_lora.api import schemas as S
-from skyrl_lora.api.db import hash_key
-from skyrl_lora.api.futures import Result
+from skyrl_lora.api.hot_path import SamplingHotPath, error_body, first_error
 from skyrl_lora.api.proto_conv import PROTO
 from skyrl_lora.api.service import TinkerService
 from skyrl_lora.errors import SkyrlError
@@ -25,7 +24,7 @@ async def _user(request: Request, x_api_key: Annotated[str | None, Header()] = N
     """The caller's user id from its X-API-Key (checked against the hashed keys)."""
     if not x_api_key:
         raise SkyrlError(401, "X-API-Key: missing", "X-API-Key")
-    found = await request.app.state.service.user_for_key(hash_key(x_api_key))
+    found = await request.app.state.service.user_for_key(x_api_key)
     if found is None:
         raise SkyrlError(401, "X-API-Key: not a valid key", "X-API-Key")
     return found
@@ -34,12 +33,12 @@ async def _user(request: Request, x_api_key: Annotated[str | None, Header()] = N
 User = Annotated[str, Depends(_user)]
 
 
-def _error(status: int, message: str, field: str | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": message, "field": field, "detail": message})
+def _error(status: int, message: str, field: str | None = None) -> Response:
+    return Response(error_body(message, field), status_code=status, media_type="application/json")
 
 
 def create_app(service: TinkerService, metrics: Callable[[], Awaitable[str]] | None = None,
-               on_shutdown: Callable[[], Awaitable[None]] | None = None) -> FastAPI:
+               on_shutdown: Callable[[], Awaitable[None]] | None = None) -> SamplingHotPath:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
@@ -50,25 +49,22 @@ def create_app(service: TinkerService, metrics: Callable[[], Awaitable[str]] | N
     app.state.service = service
 
     @app.exception_handler(SkyrlError)
-    async def _skyrl(_: Request, exc: SkyrlError) -> JSONResponse:
+    async def _skyrl(_: Request, exc: SkyrlError) -> Response:
         return _error(exc.status, exc.message, exc.field)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
-        loc = [str(x) for x in first.get("loc", ()) if x not in ("body", "query", "path", "header")]
-        field = ".".join(loc) or "body"
-        return _error(400, f"{field}: {first.get('msg', 'invalid')}", field)
+    async def _invalid(_: Request, exc: RequestValidationError) -> Response:
+        field, message = first_error(list(exc.errors()), skip=("body", "query", "path", "header"))
+        return _error(400, message, field)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:  # e.g. a body that does not parse
+    async def _http(_: Request, exc: StarletteHTTPException) -> Response:  # e.g. a body that does not parse
         if exc.status_code == 400:
             return _error(400, f"body: {exc.detail}", "body")
         return _error(exc.status_code, str(exc.detail))
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:  # never a bare 500 page
+    async def _unexpected(_: Request, exc: Exception) -> Response:  # never a bare 500 page
         logger.exception("unhandled error")
         return _error(500, f"internal error: {type(exc).__name__}: {exc}")
 
@@ -81,6 +77,9 @@ def create_app(service: TinkerService, metrics: Callable[[], Awaitable[str]] | N
 
     @app.post(f"{v1}/client/config")
     async def client_config() -> dict:
+        # Plain httpx, not the SDK's default pyqwest transport: measured on the 2-core box
+        # (bench/api_overhead.py) pyqwest saved the client ~1.4 ms of CPU per sample but added ~10-30 ms
+        # to every sample's latency at concurrency 1 (c1 ratio 1.12-1.27 against 1.04 with httpx).
         return {"pjwt_auth_enabled": False, "use_pyqwest_transport": False}
 
     @app.post(f"{v1}/client/dynamic_config")
@@ -167,20 +166,9 @@ def create_app(service: TinkerService, metrics: Callable[[], Awaitable[str]] | N
     async def get_sampler(sampler_id: str, u: User) -> dict:
         return await service.get_sampler(u, sampler_id)
 
-    @app.post(f"{v1}/asample")
-    async def asample(req: S.SampleIn, u: User) -> S.UntypedFuture:
-        return await service.sample(u, req)
-
     @app.post(f"{v1}/cancel_future")
     async def cancel_future(u: User) -> dict:
         return {}
-
-    @app.post(f"{v1}/retrieve_future")
-    async def retrieve_future(req: S.FutureIn, u: User) -> Any:
-        out = await service.futures.retrieve(u, req.request_id)
-        if isinstance(out, Result):
-            return Response(out.body, media_type=out.content_type)
-        return out
 
     # ---------------------------------------------------------------- runs and checkpoints
     @app.get(f"{v1}/training_runs")
@@ -208,7 +196,7 @@ def create_app(service: TinkerService, metrics: Callable[[], Awaitable[str]] | N
     async def weights_info(req: S.WeightsInfoIn, u: User) -> dict:
         return await service.weights_info(u, req.tinker_path)
 
-    return app
+    return SamplingHotPath(app, service, v1)  # asample and retrieve_future skip FastAPI's per-request work
 
 
 __all__ = ["create_app", "PROTO"]

@@ -3,25 +3,32 @@
 A future's result (JSON or protobuf bytes) or its failure is written to the database, so a finished
 future survives a restart; one still running at a restart is reported failed (see ``Database``).
 Polls long-wait on an event for a while before answering ``try_again``, so clients poll gently.
+Finished futures are kept for ``retention_s`` (every sample's result is a row; without a bound the
+database would grow with the sampling traffic forever), then forgotten: a poll for one is a 404.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
-import uuid
+import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
-from cachetools import LRUCache
-from sqlalchemy import insert, update
+from cachetools import TTLCache
+from sqlalchemy import bindparam, delete, insert, update
 
 from skyrl_lora.api.db import Database, FutureRow, now
 from skyrl_lora.errors import SkyrlError
 
 logger = logging.getLogger(__name__)
-_FUTURES = FutureRow.__table__  # Core statements: the ORM's per-statement bookkeeping is not needed here
+_FUTURES = FutureRow.__table__
+# Prepared once: the database batches rows of the same statement into one executemany.
+_INSERT = insert(_FUTURES)
+_FINISH = update(_FUTURES).where(_FUTURES.c.request_id == bindparam("rid"))  # SET: the parameters' column names
 
 
 @dataclass(frozen=True)
@@ -39,28 +46,56 @@ def json_result(payload: dict) -> Result:
 
 
 class Futures:
-    def __init__(self, db: Database, *, long_poll_s: float = 10.0) -> None:
+    def __init__(self, db: Database, *, long_poll_s: float = 10.0, retention_s: float = 3600.0) -> None:
         self.db = db
         self.long_poll_s = long_poll_s
+        self.retention_s = retention_s
         self._done: dict[str, asyncio.Event] = {}
         self._tasks: set[asyncio.Task] = set()
-        # This process's futures, so polls need no database read; the database is the durable copy
-        # (it answers for futures of an earlier process, after a restart).
-        self._live: LRUCache = LRUCache(maxsize=100_000)  # request_id -> (user, outcome or None)
+        self._working: set[asyncio.Task] = set()  # still running their work (not yet writing the outcome)
+        self._pruner: asyncio.Task | None = None
+        # Recent futures of this process, so polls need no database read (a result is nearly always
+        # fetched right after it finishes). The database is the durable copy: it answers for anything
+        # evicted here and for futures of an earlier process, after a restart.
+        self._live: TTLCache = TTLCache(maxsize=10_000, ttl=min(retention_s, 600.0))  # id -> (user, outcome|None)
+        # Ids need to be unique, not secret (a future is only served to its owner): a random process
+        # prefix and a counter cost nothing per request, unlike a uuid4's system call.
+        self._prefix = secrets.token_hex(6)
+        self._counter = itertools.count()
+
+    def new_id(self, kind: str) -> str:
+        return f"{kind}-{self._prefix}-{next(self._counter):x}"
 
     async def submit(self, user: str, kind: str, model_id: str | None, work: Callable[[], Awaitable[Result]]) -> str:
-        request_id = f"req-{uuid.uuid4().hex}"
-        await self.db.write(insert(_FUTURES).values(request_id=request_id, user_id=user, kind=kind, model_id=model_id,
-                                                     state="pending", created=now()))
+        """Start ``work`` and return its future's id once the future's row is committed.
+
+        The work starts while the row is being written, so a sample's inference does not wait for a commit.
+        """
+        if self._pruner is None:
+            self._pruner = asyncio.create_task(self._prune_forever(), name="futures-retention")
+        request_id = self.new_id("req")
         self._done[request_id] = asyncio.Event()
         self._live[request_id] = (user, None)
-        task = asyncio.create_task(self._run(request_id, user, kind, work), name=f"future-{kind}-{request_id}")
+        inserted = asyncio.ensure_future(self.db.write(_INSERT, {
+            "request_id": request_id, "user_id": user, "kind": kind, "model_id": model_id, "state": "pending",
+            "created": now()}))
+        task = asyncio.create_task(self._run(request_id, user, kind, work, inserted), name=f"future-{kind}-{request_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        try:
+            await inserted
+        except BaseException:  # no durable row, no future: the caller gets the error, the work stops
+            task.cancel()
+            self._live.pop(request_id, None)
+            self._done.pop(request_id, None)
+            raise
         return request_id
 
-    async def _run(self, request_id: str, user: str, kind: str, work: Callable[[], Awaitable[Result]]) -> None:
+    async def _run(self, request_id: str, user: str, kind: str, work: Callable[[], Awaitable[Result]],
+                   inserted: asyncio.Future) -> None:
         state, result, error, category = "complete", None, None, None
+        me = asyncio.current_task()
+        self._working.add(me)
         try:
             result = await work()
         except SkyrlError as exc:
@@ -69,15 +104,18 @@ class Futures:
         except Exception as exc:  # any other failure is the server's, reported with its cause
             logger.exception("future %s (%s) failed", request_id, kind)
             state, category, error = "failed", "server", f"{type(exc).__name__}: {exc}"
+        finally:
+            self._working.discard(me)
 
-        values: dict = {"state": state, "finished": now()}
-        if result is not None:
-            values.update(content_type=result.content_type, result=result.body)
-        if error is not None:
-            values.update(error=error, category=category)
-        await self.db.write(update(_FUTURES).where(_FUTURES.c.request_id == request_id).values(**values))
+        # Answer the waiting poll first, then write the durable copy: the result does not wait for a
+        # commit (under load that wait was a commit or two per sample). A crash in between leaves the
+        # row pending, which a restart reports as failed: the one outcome the client may see twice.
         self._live[request_id] = (user, result if result is not None else {"error": error, "category": category})
         self._done.pop(request_id, asyncio.Event()).set()
+        await inserted  # the outcome's UPDATE must follow the row's INSERT
+        await self.db.write(_FINISH, {
+            "rid": request_id, "state": state, "finished": now(), "error": error, "category": category,
+            "content_type": None if result is None else result.content_type, "result": None if result is None else result.body})
 
     async def retrieve(self, user: str, request_id: str) -> Result | dict:
         """The result, a failure ``{"error", "category"}``, or ``{"type": "try_again"}`` after a long poll."""
@@ -89,7 +127,8 @@ class Futures:
             if outcome is None:
                 if not await self._wait(request_id):
                     return _try_again(request_id)
-                outcome = self._live[request_id][1]
+                entry = self._live.get(request_id)  # None if evicted meanwhile: the database answers
+                outcome = entry[1] if entry is not None else None
             if outcome is not None:
                 return outcome
         row = await self._get(user, request_id)
@@ -125,7 +164,26 @@ class Futures:
             raise SkyrlError(404, f"request_id: no future '{request_id}'", "request_id")
         return row
 
-    async def close(self) -> None:
-        for task in list(self._tasks):
+    async def prune(self, finished_before: datetime) -> int:
+        """Forget futures that finished before ``finished_before``; running ones are kept. Returns how many."""
+        stmt = delete(_FUTURES).where(_FUTURES.c.state != "pending", _FUTURES.c.finished < finished_before)
+        return await self.db.run(lambda s: int(s.execute(stmt).rowcount or 0))
+
+    async def _prune_forever(self) -> None:
+        while True:
+            await asyncio.sleep(min(self.retention_s / 4, 300.0))
+            try:
+                removed = await self.prune(now() - timedelta(seconds=self.retention_s))
+                if removed:
+                    logger.info("forgot %d futures finished over %.0f s ago", removed, self.retention_s)
+            except Exception:  # the next round tries again; serving must not stop for this
+                logger.exception("pruning old futures failed")
+
+    async def close(self, timeout_s: float = 30.0) -> None:
+        """Stop running work (its rows stay pending: failed at the next start); finished outcomes are written."""
+        if self._pruner is not None:
+            self._pruner.cancel()
+        for task in list(self._working):
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout_s)

@@ -24,7 +24,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from skyrl_lora.api import schemas as S
-from skyrl_lora.api.db import CheckpointRow, Database, ModelRow, SamplerRow, SessionRow, now
+from skyrl_lora.api.db import CheckpointRow, Database, ModelRow, SamplerRow, SessionRow, hash_key, now
 from skyrl_lora.api.futures import Futures, Result, json_result
 from skyrl_lora.api.ordering import ModelSequencer
 from skyrl_lora.api.proto_conv import PROTO, decode_forward_backward, encode_forward_backward, encode_sample_response
@@ -73,9 +73,9 @@ class TinkerService:
         self.trainer = trainer
         self.inference = inference
         self.db = db
-        self.futures = Futures(db, long_poll_s=settings.long_poll_s)
+        self.futures = Futures(db, long_poll_s=settings.long_poll_s, retention_s=settings.future_retention_s)
         self.seq = ModelSequencer(turn_timeout_s=settings.turn_timeout_s, persist=self._persist_seq)
-        self._users: dict[str, str] = {}
+        self._users: LRUCache = LRUCache(maxsize=10_000)  # api key -> user, valid keys only
         # Sampler rows change only here (created, or expired by _prune_pinned), so the hot sample path
         # reads them from memory; the database stays the durable copy for a restart.
         self._samplers: LRUCache = LRUCache(maxsize=100_000)
@@ -92,13 +92,15 @@ class TinkerService:
         await self.futures.close()
         await self.inference.aclose()
 
-    async def user_for_key(self, key_hash: str) -> str | None:
-        if key_hash not in self._users:
-            user = await self.db.run(lambda s: Database.user_for(s, key_hash))
-            if user is None:
-                return None
-            self._users[key_hash] = user
-        return self._users[key_hash]
+    async def user_for_key(self, api_key: str) -> str | None:
+        """The user of a key; found keys are remembered (keys come from settings and are never revoked live)."""
+        user = self._users.get(api_key)
+        if user is None:
+            digest = hash_key(api_key)
+            user = await self.db.run(lambda s: Database.user_for(s, digest))
+            if user is not None:
+                self._users[api_key] = user
+        return user
 
     # ------------------------------------------------------------------ helpers
     async def _session(self, user: str, session_id: str) -> SessionRow:
@@ -454,7 +456,8 @@ class TinkerService:
             raise SkyrlError(400, "prompt: no tokens", "prompt")
         check_vocab(prompt, self.vocab_size, "prompt")
         params = self.sampling_params(req, len(prompt))
-        ids = [f"seq-{uuid.uuid4().hex[:12]}-{i}" for i in range(req.num_samples)]
+        seq = self.futures.new_id("seq")
+        ids = [f"{seq}-{i}" for i in range(req.num_samples)]
         want_prompt = bool(req.prompt_logprobs)
 
         async def work() -> Result:

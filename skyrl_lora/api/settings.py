@@ -20,6 +20,7 @@ class ApiSettings(BaseSettings):
     max_context_length: int = Field(2048, ge=16)
     inference_token: str | None = Field(None, description="the inference servers' bearer token, when they require one")
     long_poll_s: float = Field(10.0, gt=0, le=40.0, description="a retrieve_future waits this long before try_again")
+    future_retention_s: float = Field(3600.0, ge=1.0, description="finished futures (results) are kept this long")
     turn_timeout_s: float = Field(120.0, gt=0)
     default_max_tokens: int = Field(256, ge=1)
     keep_ephemeral_samplers: int = Field(8, ge=1, description="pinned snapshot adapters kept loaded per model")
