@@ -177,7 +177,7 @@ class SerialClients:
 def _plot(result: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4))
     ax1.boxplot([result["samples"]["latency_s"][p] for p in ("direct", "api_raw_http", "api")])
     ax1.set_xticks([1, 2, 3], ["direct client", "API (plain HTTP)", "API (tinker SDK)"])
     ax1.set_ylabel("latency, s")
@@ -188,10 +188,30 @@ def _plot(result: dict, out: Path) -> None:
     ax2.set_ylabel("tokens/s")
     ax2.set_title(f"concurrency {result['concurrency']} ({result['client_processes']} client processes): "
                   f"paired ratio {result['throughput_ratio_c32']:.3f} (target ≥ 0.9)", fontsize=9)
+    cpu = result.get("cpu_ms_per_sample_c32")
+    if cpu:  # who burns the cores, per sample: on a small box the clients share them with vLLM
+        bottom = [0.0, 0.0, 0.0]
+        for group, colour in (("vllm", "tab:gray"), ("api", "tab:blue"), ("clients", "tab:orange")):
+            heights = [cpu[n].get(group, 0.0) for n in names]
+            ax3.bar(["direct", "API (HTTP)", "API (SDK)"], heights, bottom=bottom, color=colour, label=group)
+            bottom = [b + h for b, h in zip(bottom, heights)]
+        ax3.set_ylabel("CPU ms per sample")
+        ax3.set_title(f"CPU per sample at concurrency {result['concurrency']}, by process", fontsize=9)
+        ax3.legend(fontsize=8)
     fig.suptitle(f"{result['machine']} · {result['date']} · {result['max_tokens']} tokens per sample")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+def replot(json_path: Path) -> None:
+    """Redraw a result's PNG from its JSON (``python -m bench.api_overhead --replot <json>``)."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    _plot(json.loads(json_path.read_text()), json_path.with_name(json_path.name.removesuffix(".json") + ".png"))
 
 
 def main() -> None:
@@ -202,8 +222,12 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--client-processes", type=int, default=min(4, os.cpu_count() or 1))
     parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--replot", type=Path, default=None, help="only redraw the PNG of this result JSON")
     add_common_args(parser, model=False)
     args = parser.parse_args()
+    if args.replot is not None:
+        replot(args.replot)
+        return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ["TINKER_TELEMETRY"] = "0"
 

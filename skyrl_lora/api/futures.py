@@ -109,7 +109,7 @@ class Futures:
 
         # Answer the waiting poll first, then write the durable copy: the result does not wait for a
         # commit (under load that wait was a commit or two per sample). A crash in between leaves the
-        # row pending, which a restart reports as failed: the one outcome the client may see twice.
+        # row pending, so after a restart a poll is told "failed" for a result the client may already hold.
         self._live[request_id] = (user, result if result is not None else {"error": error, "category": category})
         self._done.pop(request_id, asyncio.Event()).set()
         await inserted  # the outcome's UPDATE must follow the row's INSERT

@@ -8,6 +8,7 @@ from typing import Any
 
 import ray
 
+from skyrl_lora.actor_restart import call_self_after_restart
 from skyrl_lora.inference.server import EmbeddedVLLMServer, ServerConfig, vllm_env
 
 logger = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ class VLLMServerActor:
             # Ray restarted us after a crash: nobody else will call start(), so ask ourselves. With a
             # state_dir the server comes back at its old port with every tenant's current adapter.
             logger.warning("inference server actor restarted; starting the server again")
-            self._restart_call = context.current_actor.start.remote()  # runs once __init__ has returned
+            self._restart_call = call_self_after_restart("start")
 
     async def start(self) -> str:
         if self._starting is None:  # idempotent: a restart's own call and a caller's may overlap

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import ray
 
+from skyrl_lora.actor_restart import call_self_after_restart
 from skyrl_lora.errors import SkyrlError
 from skyrl_lora.inference.client import FanOutError, InferenceError, RemoteInferenceClient
 from skyrl_lora.training.config import TrainerConfig
@@ -50,7 +51,7 @@ class TrainerActor:
         self._restore_pending = bool(context.was_current_actor_reconstructed)
         if self._restore_pending:
             logger.warning("trainer actor restarted; restoring every tenant's last saved state")
-            self._restart_call = context.current_actor.ready.remote()  # runs once __init__ has returned
+            self._restart_call = call_self_after_restart("ready")
 
     async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         if self._lock is None:  # created on the actor's own loop
