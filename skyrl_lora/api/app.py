@@ -22,12 +22,7 @@ MAX_BODY = 256 << 20
 
 async def _user(request: Request, x_api_key: Annotated[str | None, Header()] = None) -> str:
     """The caller's user id from its X-API-Key (checked against the hashed keys)."""
-    if not x_api_key:
-        raise SkyrlError(401, "X-API-Key: missing", "X-API-Key")
-    found = await request.app.state.service.user_for_key(x_api_key)
-    if found is None:
-        raise SkyrlError(401, "X-API-Key: not a valid key", "X-API-Key")
-    return found
+    return await request.app.state.service.authenticate(x_api_key)
 
 
 User = Annotated[str, Depends(_user)]

@@ -111,7 +111,9 @@ class Futures:
         # commit (under load that wait was a commit or two per sample). A crash in between leaves the
         # row pending, so after a restart a poll is told "failed" for a result the client may already hold.
         self._live[request_id] = (user, result if result is not None else {"error": error, "category": category})
-        self._done.pop(request_id, asyncio.Event()).set()
+        event = self._done.pop(request_id, None)
+        if event is not None:
+            event.set()
         await inserted  # the outcome's UPDATE must follow the row's INSERT
         await self.db.write(_FINISH, {
             "rid": request_id, "state": state, "finished": now(), "error": error, "category": category,

@@ -98,12 +98,7 @@ class SamplingHotPath:
 
     async def _user(self, scope: Scope) -> str:
         key = next((v for k, v in scope["headers"] if k == b"x-api-key"), None)
-        if not key:
-            raise SkyrlError(401, "X-API-Key: missing", "X-API-Key")
-        user = await self.service.user_for_key(key.decode("latin-1"))
-        if user is None:
-            raise SkyrlError(401, "X-API-Key: not a valid key", "X-API-Key")
-        return user
+        return await self.service.authenticate(None if key is None else key.decode("latin-1"))
 
     async def _asample(self, user: str, body: bytes) -> tuple[int, bytes, bytes]:
         future = await self.service.sample(user, S.SampleIn.model_validate_json(body))

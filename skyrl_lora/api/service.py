@@ -92,14 +92,18 @@ class TinkerService:
         await self.futures.close()
         await self.inference.aclose()
 
-    async def user_for_key(self, api_key: str) -> str | None:
-        """The user of a key; found keys are remembered (keys come from settings and are never revoked live)."""
+    async def authenticate(self, api_key: str | None) -> str:
+        """The user of an ``X-API-Key`` (401 naming the header without a valid one). Found keys are
+        remembered: keys come from settings and are never revoked while the service runs."""
+        if not api_key:
+            raise SkyrlError(401, "X-API-Key: missing", "X-API-Key")
         user = self._users.get(api_key)
         if user is None:
             digest = hash_key(api_key)
             user = await self.db.run(lambda s: Database.user_for(s, digest))
-            if user is not None:
-                self._users[api_key] = user
+            if user is None:
+                raise SkyrlError(401, "X-API-Key: not a valid key", "X-API-Key")
+            self._users[api_key] = user
         return user
 
     # ------------------------------------------------------------------ helpers
