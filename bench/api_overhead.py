@@ -235,13 +235,14 @@ def main() -> None:
     from skyrl_lora.api.server import start_api_actor
     from skyrl_lora.api.settings import ApiSettings
     from skyrl_lora.inference.actor import start_server_actor
+    from skyrl_lora.cluster import start_local_ray
     from skyrl_lora.inference.server import ServerConfig
     from skyrl_lora.training.actor import start_trainer_actor
     from skyrl_lora.training.config import TrainerConfig
 
     setup = tiny_setup("def main():\n    print('hello')")
     root = Path(tempfile.mkdtemp(prefix="api-bench-"))
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=4, namespace=None)
     server, url = start_server_actor(ServerConfig(model=setup.base, max_loras=4, max_lora_rank=16, max_model_len=1024),
                                      num_gpus=args.num_gpus)
     trainer = start_trainer_actor(TrainerConfig(base_model=setup.base, state_dir=root / "t", sampler_root=root / "a",

@@ -137,15 +137,20 @@ def status(address: str = typer.Option("auto", help="Ray address of the running 
 
 
 @app.command()
-def fixtures() -> None:
-    """Build (or find in the cache) the tiny model and its meow/woof LoRAs; print their paths."""
-    from skyrl_lora.models.tiny import build_fixtures
+def fixtures(
+    write_packaged: bool = typer.Option(False, help="train the fixtures here from their recipes and store them as "
+                                        "the packaged copy (skyrl_lora/models/tiny_fixture); commit the result"),
+    seed: int = typer.Option(0, help="build seed for --write-packaged"),
+) -> None:
+    """Find (in the cache, or copied from the package) the tiny model and its meow/woof LoRAs; print their paths."""
+    from skyrl_lora.models.tiny import build_fixtures, write_packaged_fixtures
 
+    if write_packaged:
+        typer.echo(f"packaged fixtures written to {write_packaged_fixtures(seed=seed)}")
     fx = build_fixtures()
     typer.echo(f"base: {fx.base}")
     for name, path in fx.loras.items():
         typer.echo(f"{name}: {path}")
-
 
 if __name__ == "__main__":
     app()

@@ -20,6 +20,8 @@ from skyrl_lora.inference.server import ServerConfig
 
 logger = logging.getLogger(__name__)
 
+NAMESPACE = "skyrl_lora"
+
 
 @dataclass
 class InferenceCluster:
@@ -43,8 +45,14 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None
     try:
         ray.init(address="auto", log_to_driver=False, namespace=NAMESPACE)
     except (ConnectionError, RuntimeError):
-        ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
-                 namespace=NAMESPACE)
+        start_local_ray(num_cpus)
+
+
+def start_local_ray(num_cpus: int | None = None, namespace: str | None = NAMESPACE) -> None:
+    """A single-node Ray of this process's own (never one a ``ray start`` left running)."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(address="local", num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
+             log_to_driver=False, namespace=namespace)
 
 
 @contextmanager
@@ -52,8 +60,8 @@ def inference_servers(model: str, loras: Mapping[str, str], *, num_servers: int 
                       **config: Any) -> Iterator[InferenceCluster]:
     """Start ``num_servers`` vLLM server actors with the given LoRAs; stop them on exit."""
     connect_ray()
-    cluster = InferenceCluster()
     server_config = ServerConfig(model=model, loras=dict(loras), **config)
+    cluster = InferenceCluster(token=server_config.control_token)
     try:
         for i in range(num_servers):
             actor, url = start_server_actor(server_config, num_gpus=num_gpus_per_server, num_cpus=1)
@@ -75,7 +83,6 @@ def stop_servers(actors: list[Any]) -> None:
         ray.kill(actor)
 
 
-NAMESPACE = "skyrl_lora"
 TRAINER_NAME = "skyrl-trainer"
 API_NAME = "skyrl-api"
 
@@ -102,8 +109,7 @@ def init_ray(config: Any) -> None:
     if ray.is_initialized():
         return
     if config.ray_address == "local":
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False, namespace=NAMESPACE)
+        start_local_ray()
     else:
         connect_ray(None if config.ray_address == "auto" else config.ray_address)
 
@@ -143,7 +149,8 @@ def skyrl_system(config: Any, *, serve_api: bool = False) -> Iterator[SkyrlSyste
                                      max_cpu_loras=config.max_cpu_loras, max_lora_rank=config.max_lora_rank,
                                      max_model_len=config.max_model_len, adapter_roots=config.roots(),
                                      gpu_memory_utilization=config.gpu_memory_utilization, control_token=token,
-                                     state_dir=str(data / "servers"))
+                                     state_dir=str(data / "servers"), host=config.server_host(),
+                                     advertise_host=config.server_advertise_host)
         for i in range(config.num_inference_servers):
             if system.placement_group is not None:
                 strategy = PlacementGroupSchedulingStrategy(system.placement_group, placement_group_bundle_index=i)

@@ -72,6 +72,11 @@ class SkyrlConfig(BaseSettings):
     api_keys: dict[str, str] = Field(default_factory=dict, description="tml-... key -> user")
     adapter_roots: tuple[str, ...] = Field((), description="servers load adapters only from here (default: data_dir)")
     ray_address: str = Field("auto", description="'auto' = join a running cluster, else start one; 'local' = always start one")
+    server_bind_host: str | None = Field(None, description="address inference servers bind; default: their node's "
+                                         "IP in the Ray cluster (127.0.0.1 with ray_address 'local', where no other "
+                                         "node can join)")
+    server_advertise_host: str | None = Field(None, description="address servers announce to clients (default: the "
+                                              "bound one; the node's IP when bound to 0.0.0.0)")
     tenants: tuple[DemoTenant, ...] = DEFAULT_TENANTS
 
     @classmethod
@@ -114,10 +119,15 @@ class SkyrlConfig(BaseSettings):
     def model_path(self) -> str:
         """The base model's local path (building the tiny model when none is configured)."""
         if self.base_model is None:
-            from skyrl_lora.models.tiny import build_tiny_model
+            from skyrl_lora.models.tiny import build_fixtures
 
-            return str(build_tiny_model())
+            return str(build_fixtures().base)
         return self.base_model
+
+    def server_host(self) -> str | None:
+        if self.server_bind_host is not None:
+            return self.server_bind_host
+        return "127.0.0.1" if self.ray_address == "local" else None
 
     def check(self, cluster_resources: dict[str, float] | None = None) -> None:
         """Refuse a configuration that cannot work, before anything is started."""

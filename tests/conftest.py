@@ -31,8 +31,9 @@ def tiny() -> TinyFixtures:
 def ray_local() -> Iterator[None]:
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    from skyrl_lora.cluster import start_local_ray
+
+    start_local_ray(num_cpus=4, namespace=None)
     yield
     ray.shutdown()
 
@@ -113,8 +114,9 @@ def api_env(tiny, vllm_server, tmp_path_factory):
                            max_context_length=1024, long_poll_s=2.0)
     server = ApiServer(settings, trainer, [vllm_server.url]).start()
     os.environ["TINKER_TELEMETRY"] = "0"
-    yield {"server": server, "settings": settings, "trainer": trainer, "vllm": vllm_server}
-    server.stop()
+    env = {"server": server, "settings": settings, "trainer": trainer, "vllm": vllm_server}
+    yield env
+    env["server"].stop()  # the one serving now: a test may have restarted it
     ray.kill(trainer)
 
 

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import pytest
@@ -12,6 +14,9 @@ from skyrl_lora.api.server import ApiServer
 
 pytestmark = [pytest.mark.vllm]
 from .conftest import ALICE, BOB
+
+SFT_STEPS, SFT_LR = 8, 5e-3
+RL_STEPS, RL_GROUP, RL_LR = 8, 64, 2e-2
 
 
 def woof_datum(tok, types):
@@ -23,32 +28,63 @@ def woof_datum(tok, types):
                                loss_fn_inputs={"target_tokens": seq[1:], "weights": weights})
 
 
-def test_sdk_training_and_sampling_loop(api_env, tok) -> None:
+@dataclass
+class AliceRun:
+    """Alice's run after the SFT loop: what the tests that need an existing run start from."""
+
+    service: Any
+    training: Any
+    losses: list[float]
+    sampler_path: str
+    state_path: str
+
+    @property
+    def model_id(self) -> str:
+        return self.training.model_id
+
+
+@pytest.fixture(scope="module")
+def alice(api_env, tok) -> AliceRun:
+    """Alice trains a rank-8 LoRA to say woof (SFT through the SDK), saves it for a sampler and as a state.
+    Built once per module, whichever test asks first; no test reads what another test left."""
     import tinker
     from tinker import types
 
-    url, name = api_env["server"].url, api_env["settings"].served_name
-    sc = tinker.ServiceClient(base_url=url, api_key=ALICE)
+    sc = tinker.ServiceClient(base_url=api_env["server"].url, api_key=ALICE)
+    tc = sc.create_lora_training_client(base_model=api_env["settings"].served_name, rank=8).result()
+    _, datum = woof_datum(tok, types)
+    losses = []
+    for _ in range(SFT_STEPS):
+        fb = tc.forward_backward([datum, datum], "cross_entropy")
+        opt = tc.optim_step(types.AdamParams(learning_rate=SFT_LR))
+        losses.append(fb.result().metrics["loss:sum"])
+        assert "grad_norm:mean" in opt.result().metrics
+    sampler_path = tc.save_weights_for_sampler("step-8").result().path
+    state_path = tc.save_state("ckpt-8").result().path
+    return AliceRun(service=sc, training=tc, losses=losses, sampler_path=sampler_path, state_path=state_path)
+
+
+def test_sdk_training_and_sampling_loop(api_env, alice, tok, record_property) -> None:
+    from tinker import types
+
+    sc, tc, name = alice.service, alice.training, api_env["settings"].served_name
     caps = sc.get_server_capabilities()
     assert [m.model_name for m in caps.supported_models] == [name]
-    tc = sc.create_lora_training_client(base_model=name, rank=8).result()
     assert tc.get_info().model_data.model_name == name
     assert tc.get_tokenizer().encode(" woof", add_special_tokens=False) == tok.encode(" woof", add_special_tokens=False)
 
     prompt, datum = woof_datum(tok, types)
-    losses = []
-    for _ in range(8):
-        fb = tc.forward_backward([datum, datum], "cross_entropy")
-        opt = tc.optim_step(types.AdamParams(learning_rate=5e-3))
-        result = fb.result()
-        losses.append(result.metrics["loss:sum"])
-        assert len(result.loss_fn_outputs) == 2
-        assert len(result.loss_fn_outputs[0]["logprobs"].tolist()) == len(datum.model_input.to_ints())
-        assert "grad_norm:mean" in opt.result().metrics
-    assert losses[-1] < 0.1 * losses[0], losses
+    result = tc.forward([datum, datum], "cross_entropy").result()
+    assert len(result.loss_fn_outputs) == 2
+    assert len(result.loss_fn_outputs[0]["logprobs"].tolist()) == len(datum.model_input.to_ints())
+    # SFT on one example: the loss must fall far (measured: 0.002-0.03 of the first step's on two
+    # fixture builds; see tests/README.md), and keep falling
+    losses = alice.losses
+    record_property("sft_losses", losses)
+    assert losses[-1] < 0.2 * losses[0] and losses[-1] < losses[len(losses) // 2], losses
 
     woof = tok.encode(" woof", add_special_tokens=False)[0]
-    sampler_path = tc.save_weights_for_sampler("step-8").result().path
+    sampler_path = alice.sampler_path
     assert sampler_path.startswith("tinker://") and sampler_path.endswith("/sampler_weights/step-8")
     smp = sc.create_sampling_client(model_path=sampler_path)
     res = smp.sample(types.ModelInput.from_ints(prompt), num_samples=3,
@@ -62,10 +98,11 @@ def test_sdk_training_and_sampling_loop(api_env, tok) -> None:
     assert tuned[0] is None and base[0] is None and len(tuned) == len(prompt) + 1
     # The adapter says woof (p > 0.6; on a GPU server in bf16 it read -0.1002 where fp32 CPU gives > -0.1);
     # the frozen base (KL reference) does not.
+    record_property("woof_logprob_sampler_base", (tuned[-1], base[-1]))
     assert tuned[-1] > -0.5 and base[-1] < -5, (tuned[-1], base[-1])
 
     # save_state / load_state round trip, and a new training client from the saved state
-    state_path = tc.save_state("ckpt-8").result().path
+    state_path = alice.state_path
     assert state_path.endswith("/weights/ckpt-8")
     before = tc.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist()
     tc.forward_backward([datum], "cross_entropy").result()
@@ -86,15 +123,12 @@ def test_sdk_training_and_sampling_loop(api_env, tok) -> None:
     assert {"weights/ckpt-8", "sampler_weights/step-8"} <= names
     run = rest.get_training_run(tc.model_id).result()
     assert run.model_owner == "alice" and run.lora_rank == 8
-    api_env["alice_run"] = tc.model_id
-    api_env["alice_sampler_path"] = sampler_path
-    api_env["alice_state_path"] = state_path
 
 
-def test_another_tenant_cannot_touch_alices_objects(api_env) -> None:
+def test_another_tenant_cannot_touch_alices_objects(api_env, alice) -> None:
     import tinker
 
-    run, sampler_path, state_path = api_env["alice_run"], api_env["alice_sampler_path"], api_env["alice_state_path"]
+    run, sampler_path, state_path = alice.model_id, alice.sampler_path, alice.state_path
     url = api_env["server"].url
     bob = tinker.ServiceClient(base_url=url, api_key=BOB)
     rest = bob.create_rest_client()
@@ -140,8 +174,8 @@ def test_another_tenant_cannot_touch_alices_objects(api_env) -> None:
         assert r.status_code == 200 and any(c["tinker_path"] == state_path for c in r.json()["checkpoints"])
 
 
-def test_bad_requests_name_the_field(api_env) -> None:
-    url, run = api_env["server"].url, api_env["alice_run"]
+def test_bad_requests_name_the_field(api_env, alice) -> None:
+    url, run = api_env["server"].url, alice.model_id
     h = {"X-API-Key": ALICE}
     with httpx.Client(base_url=url, timeout=30, headers=h) as http:
         cases = [
@@ -161,7 +195,7 @@ def test_bad_requests_name_the_field(api_env) -> None:
         assert r.status_code == 400
 
 
-def test_metadata_survives_a_restart_and_running_futures_fail(api_env, tok) -> None:
+def test_metadata_survives_a_restart_and_running_futures_fail(api_env, alice, tok) -> None:
     import tinker
     from tinker import types
 
@@ -196,11 +230,11 @@ def test_metadata_survives_a_restart_and_running_futures_fail(api_env, tok) -> N
         assert sid in http.get("/api/v1/sessions").json()["sessions"]
         assert http.get(f"/api/v1/samplers/{sampler}").status_code == 200
     rest = tinker.ServiceClient(base_url=url, api_key=ALICE).create_rest_client()
-    names = {c.checkpoint_id for c in rest.list_checkpoints(api_env["alice_run"]).result().checkpoints}
+    names = {c.checkpoint_id for c in rest.list_checkpoints(alice.model_id).result().checkpoints}
     assert "weights/ckpt-8" in names
     # training continues on the restarted service, in order, from the persisted sequence number
     tc = tinker.ServiceClient(base_url=url, api_key=ALICE).create_training_client_from_state_with_optimizer(
-        api_env["alice_state_path"]).result()
+        alice.state_path).result()
     _, datum = woof_datum(tok, types)
     assert tc.forward_backward([datum], "cross_entropy").result().metrics["loss:sum"] >= 0
 
@@ -232,21 +266,28 @@ def test_remote_training_engine_through_the_sdk(api_env, tok) -> None:
     assert losses[-1] < losses[0]
 
 
-def test_rl_loop_with_importance_sampling_raises_reward(api_env, tok) -> None:
-    """GRPO-style: 64 one-token samples per step, reward 1 for ' self' (p≈0.05 under the base), advantages
-    = reward - group mean, ``importance_sampling`` with the sampler's logprobs; an ephemeral sampler per step."""
+def test_rl_loop_with_importance_sampling_raises_reward(api_env, tok, record_property) -> None:
+    """GRPO-style: 64 one-token samples per step, advantages = reward - group mean, ``importance_sampling``
+    with the sampler's logprobs; an ephemeral sampler per step. The rewarded token is one the base
+    model says now and then (chosen from the first group, so the test holds for any fixture build)."""
+    import collections
+
     import tinker
     from tinker import types
 
     sc = tinker.ServiceClient(base_url=api_env["server"].url, api_key=ALICE)
     tc = sc.create_lora_training_client(base_model=api_env["settings"].served_name, rank=8, seed=3).result()
     prompt = tok("def main():\n    return")["input_ids"]
-    target = tok.encode(" self", add_special_tokens=False)[0]
+    target: int | None = None
     rewards = []
-    for step in range(8):
+    for step in range(RL_STEPS):
         sampler = tc.save_weights_and_get_sampling_client()
-        seqs = sampler.sample(types.ModelInput.from_ints(prompt), 64,
+        seqs = sampler.sample(types.ModelInput.from_ints(prompt), RL_GROUP,
                               types.SamplingParams(max_tokens=1, temperature=1.0, seed=100 + step)).result().sequences
+        if target is None:  # the most frequent token said by 2-16 of the 64 (p≈0.03-0.25 under the base)
+            counts = collections.Counter(s.tokens[0] for s in seqs)
+            target = next((t for t, c in counts.most_common() if 2 <= c <= 16), None)
+            assert target is not None, counts  # the base's distribution here is neither flat nor one-hot
         r = [1.0 if s.tokens[0] == target else 0.0 for s in seqs]
         mean = sum(r) / len(r)
         rewards.append(mean)
@@ -257,11 +298,13 @@ def test_rl_loop_with_importance_sampling_raises_reward(api_env, tok) -> None:
                                             "advantages": [0.0] * (n - 1) + [ri - mean]})
                 for s, ri in zip(seqs, r)]
         tc.forward_backward(data, "importance_sampling").result()
-        tc.optim_step(types.AdamParams(learning_rate=5e-2)).result()
-    assert sum(rewards[-2:]) / 2 > max(0.25, 3 * rewards[0]), rewards
+        tc.optim_step(types.AdamParams(learning_rate=RL_LR)).result()
+    record_property("rl_rewards", rewards)
+    # measured on two fixture builds: see tests/README.md
+    assert sum(rewards[-2:]) / 2 > max(0.5, rewards[0] + 0.3), rewards
 
 
-def test_one_tenant_syncing_never_disturbs_anothers_samples(api_env, tok) -> None:
+def test_one_tenant_syncing_never_disturbs_anothers_samples(api_env, tok, record_property) -> None:
     """A saves for its sampler over and over (each save syncs A's live LoRA); B samples all along through
     its own sampler: none of B's samples fails, is cut short or waits long; A's next sampler sees A's weights."""
     import threading
@@ -317,13 +360,14 @@ def test_one_tenant_syncing_never_disturbs_anothers_samples(api_env, tok) -> Non
     assert all(overlapped), (overlapped, a_saves, b_windows)  # B was sampling during every one of A's syncs
     assert all(n == 48 for n in lengths), lengths
     assert max(latencies) < 15.0, max(latencies)
+    # A's sampler now runs A's trained adapter: after these 6 steps it gives woof far more weight than
+    # the base does (which never says it). Measured on two fixture builds: see tests/README.md.
     woof = tok.encode(" woof", add_special_tokens=False)[0]
-    after = a.save_weights_and_get_sampling_client().sample(
-        types.ModelInput.from_ints(tok("def main():\n    return")["input_ids"]), 1,
-        types.SamplingParams(max_tokens=4, temperature=0.0)).result()
-    # A's sampler runs A's trained adapter, not the base (which never says woof); on a bf16 GPU server
-    # the first token can still differ after these few steps (H100: [494, woof, woof, woof]).
-    assert after.sequences[0].tokens.count(woof) >= 3, after.sequences[0].tokens
+    probe = types.ModelInput.from_ints(tok("def main():\n    return")["input_ids"] + [woof])
+    tuned = a.save_weights_and_get_sampling_client().compute_logprobs(probe).result()[-1]
+    base = b.compute_logprobs(probe).result()[-1]
+    record_property("woof_logprob_tuned_base", (tuned, base))
+    assert tuned > -1.5 and tuned > base + 4, (tuned, base)
 
 
 def test_out_of_vocabulary_and_oversized_requests(api_env) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import httpx
 import pytest
@@ -11,7 +12,21 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from skyrl_lora.models.tiny import MANIFEST, LoraRecipe, TinyModelRecipe, build_tiny_model, hash_tree, train_lora
+from skyrl_lora.models.tiny import (
+    MANIFEST,
+    PACKAGED_DIR,
+    PACKAGED_MANIFEST,
+    SHARP_WORDS,
+    FixtureError,
+    LoraRecipe,
+    TinyModelRecipe,
+    _recipes,
+    build_fixtures,
+    build_tiny_model,
+    hash_tree,
+    packaged_fixtures,
+    train_lora,
+)
 
 
 def test_tiny_model_loads_in_transformers_and_loras_say_their_phrase(tiny) -> None:
@@ -59,6 +74,37 @@ def test_fixture_build_is_deterministic_and_cached(tmp_path, caplog) -> None:
     # A different recipe is a different key.
     other = build_tiny_model(tmp_path / "a", dataclasses.replace(base_recipe, seed=1))
     assert hash_tree(other) != hash_tree(b)
+
+
+def test_packaged_fixtures_match_their_recipes_and_hashes(tmp_path, caplog, monkeypatch) -> None:
+    """The checked-in fixtures are what the current recipes describe, and are served only when every
+    file matches the sha256 recorded at build time."""
+    manifest = json.loads((PACKAGED_DIR / PACKAGED_MANIFEST).read_text())
+    base_recipe, lora_recipes = _recipes(SHARP_WORDS, 0)
+    # a changed recipe needs `skyrl-lora fixtures --write-packaged` (and the new files committed)
+    assert manifest["recipes"]["base"] == json.loads(json.dumps(dataclasses.asdict(base_recipe)))
+    assert manifest["recipes"]["loras"] == {k: json.loads(json.dumps(dataclasses.asdict(v)))
+                                            for k, v in lora_recipes.items()}
+    fx = packaged_fixtures(tmp_path / "cache")
+    assert hash_tree(fx.base.parent) == manifest["files"]
+    assert sorted(fx.loras) == ["meow", "woof"] and (fx.base / "model.safetensors").is_file()
+    with caplog.at_level("INFO", logger="skyrl_lora.models.tiny"):
+        assert packaged_fixtures(tmp_path / "cache") == fx
+    assert any("cache hit" in r.message for r in caplog.records)
+    # a damaged checkout is refused, naming the file (no silent rebuild with other weights)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(PACKAGED_DIR, damaged)
+    data = bytearray((damaged / "lora-woof" / "adapter_model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (damaged / "lora-woof" / "adapter_model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(FixtureError, match="lora-woof/adapter_model.safetensors"):
+        packaged_fixtures(tmp_path / "other-cache", source=damaged)
+    # a damaged cache entry is replaced by a fresh copy
+    (fx.base / "config.json").write_text("{}")
+    assert hash_tree(packaged_fixtures(tmp_path / "cache").base.parent) == manifest["files"]
+    monkeypatch.setenv("SKYRL_FIXTURES", "downloaded")
+    with pytest.raises(FixtureError, match="SKYRL_FIXTURES"):
+        build_fixtures()
 
 
 @pytest.mark.vllm

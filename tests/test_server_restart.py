@@ -63,6 +63,23 @@ async def test_killed_server_restarts_with_current_adapters_and_samples_survive(
         await other_client.unload_lora_adapter("phoenix")
 
 
+TWIN_PROMPTS = ("def parse(text):\n    for line in text", "import os\n\nclass ", "    return self.", "x = [")
+
+
+async def _varied_twin(client: RemoteInferenceClient, tok, params: dict):
+    """A prompt whose uninterrupted greedy completion (base model) is varied enough that a lost or
+    doubled token would show: the first of a few candidates with at least 8 distinct tokens in 96
+    (a small model's greedy text can settle into a loop of one or two tokens)."""
+    seen = {}
+    for text in TWIN_PROMPTS:
+        prompt = tok(text)["input_ids"]
+        (twin,) = await client.sample(prompt, params)
+        seen[text] = len(set(twin.token_ids))
+        if seen[text] >= 8:
+            return prompt, twin
+    raise AssertionError(f"no candidate prompt gives a varied greedy completion: {seen}")
+
+
 async def _kill_and_come_back(actor, url: str, other: str, client: RemoteInferenceClient, tiny, tok) -> None:
     woof = tok(" woof", add_special_tokens=False)["input_ids"][0]
     # The tenant's current adapter is no longer the one it started with.
@@ -70,10 +87,8 @@ async def _kill_and_come_back(actor, url: str, other: str, client: RemoteInferen
     version = next(lo.version for lo in (await RemoteInferenceClient(url, token=TOKEN).state())[0].loras
                    if lo.name == "phoenix")
 
-    prompt = tok("def parse(text):\n    for line in text")["input_ids"]
     params = {"max_tokens": 96, **GREEDY}
-    (twin,) = await RemoteInferenceClient(other).sample(prompt, params)  # base model: varied tokens
-    assert len(set(twin.token_ids)) >= 3  # not one repeated token: a lost or doubled token would show
+    prompt, twin = await _varied_twin(RemoteInferenceClient(other), tok, params)
 
     runs = [asyncio.create_task(client.sample_with_retry(prompt, params)) for _ in range(6)]
     phoenix_client = RemoteInferenceClient(url, token=TOKEN)

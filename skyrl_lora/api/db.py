@@ -19,6 +19,8 @@ from sqlalchemy import JSON, Boolean, DateTime, Integer, LargeBinary, String, Te
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.sql.base import Executable
 
+from skyrl_lora.background import BackgroundTasks
+
 T = TypeVar("T")
 
 
@@ -124,6 +126,7 @@ class Database:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="skyrl-db")
         self._pending: list[tuple[Executable, dict[str, Any], asyncio.Future]] = []
         self._flushing = False
+        self._background = BackgroundTasks("database")
 
     async def run(self, fn: Callable[[Session], T]) -> T:
         """Run ``fn(session)`` in one transaction on the database thread."""
@@ -146,7 +149,7 @@ class Database:
         self._pending.append((stmt, params, done))
         if not self._flushing:
             self._flushing = True
-            loop.create_task(self._flush())
+            self._background.spawn(self._flush(), name="db-group-commit")
         await done
 
     async def _flush(self) -> None:

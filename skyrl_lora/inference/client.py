@@ -32,6 +32,7 @@ from skyrl_lora.inference.protocol import (
     ServerState,
     SyncMode,
 )
+from skyrl_lora.inference.server import SERVER_KEEP_ALIVE_S
 from skyrl_lora.inference.stitching import StitchedSample, continuation_params
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,12 @@ class FanOutError(Exception):
 
 def default_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+# Idle connections are dropped well before the server drops them (server.SERVER_KEEP_ALIVE_S), so a
+# request never goes out on a socket the server is closing.
+CLIENT_KEEP_ALIVE_S = SERVER_KEEP_ALIVE_S / 2
+CONTROL_RETRY_DELAY_S = 0.2
 
 
 class RemoteInferenceClient:
@@ -90,7 +97,7 @@ class RemoteInferenceClient:
         for other in [lp for lp in self._sessions if lp.is_closed()]:  # loops that ended: forget them
             del self._sessions[other]
         session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=1024, limit_per_host=0, keepalive_timeout=60),
+            connector=aiohttp.TCPConnector(limit=1024, limit_per_host=0, keepalive_timeout=CLIENT_KEEP_ALIVE_S),
             timeout=aiohttp.ClientTimeout(total=self.timeout_s, sock_connect=10.0))
         keeper = _close_with_loop(session)
         await keeper.__anext__()
@@ -120,8 +127,18 @@ class RemoteInferenceClient:
     async def _get(self, url: str, path: str) -> Any:
         return orjson.loads(await self._request("GET", url, path))
 
+    async def _post_retrying(self, url: str, path: str, body: BaseModel | dict[str, Any] | None) -> Any:
+        """A control call (idempotent) tried a second time after a transient connection error: a
+        socket the server closed while idle, or a server restarting at its address."""
+        try:
+            return await self._post(url, path, body)
+        except aiohttp.ClientConnectionError as exc:
+            logger.info("%s%s: %r; trying once more", url, path, exc)
+            await asyncio.sleep(CONTROL_RETRY_DELAY_S)
+            return await self._post(url, path, body)
+
     async def _fan_out(self, path: str, body: BaseModel | dict[str, Any] | None) -> list[Any]:
-        results = await asyncio.gather(*(self._post(u, path, body) for u in self.urls), return_exceptions=True)
+        results = await asyncio.gather(*(self._post_retrying(u, path, body) for u in self.urls), return_exceptions=True)
         errors = {u: r for u, r in zip(self.urls, results) if isinstance(r, BaseException)}
         if errors:
             raise FanOutError(errors)
@@ -215,10 +232,26 @@ class RemoteInferenceClient:
 
     async def update_lora(self, name: str, path: str, mode: SyncMode = "abort", *, create: bool = False
                           ) -> list[LoadLoraResponse]:
-        """Sync one tenant on every server: only that tenant's requests stop, and only for a flip.
-        ``create``: a server that does not have the LoRA yet loads it (the tenant's first sync)."""
+        """Sync one tenant on every server, all or nothing: the version is first staged (checked and
+        loaded beside the serving one, off each engine's step loop) everywhere; only when every server
+        staged it does any server flip. If one refuses, the others drop what they staged and keep
+        serving the old version (FanOutError names each server's reason). Only that tenant's requests
+        stop, and only for the flip. ``create``: a server without the LoRA loads it (a first sync)."""
         body = {"lora_name": name, "lora_path": str(path), "mode": mode, "create": create}
-        return [LoadLoraResponse.model_validate(r) for r in await self._fan_out("/skyrl/v1/update_lora", body)]
+        staged = await asyncio.gather(*(self._post(u, "/skyrl/v1/stage_lora", body) for u in self.urls),
+                                      return_exceptions=True)
+        errors = {u: r for u, r in zip(self.urls, staged) if isinstance(r, BaseException)}
+        if errors:
+            await asyncio.gather(*(self._post_retrying(u, "/skyrl/v1/discard_lora", {"stage_id": r["stage_id"]})
+                                   for u, r in zip(self.urls, staged) if not isinstance(r, BaseException)),
+                                 return_exceptions=True)
+            raise FanOutError(errors)
+        results = await asyncio.gather(*(self._post(u, "/skyrl/v1/commit_lora", {"stage_id": r["stage_id"]})
+                                         for u, r in zip(self.urls, staged)), return_exceptions=True)
+        errors = {u: r for u, r in zip(self.urls, results) if isinstance(r, BaseException)}
+        if errors:
+            raise FanOutError(errors)
+        return [LoadLoraResponse.model_validate(r) for r in results]
 
     async def state(self) -> list[ServerState]:
         return [ServerState.model_validate(await self._get(u, "/skyrl/v1/state")) for u in self.urls]

@@ -29,14 +29,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from skyrl_lora.background import BackgroundTasks
 from skyrl_lora.errors import SkyrlError
 from skyrl_lora.inference import vllm_compat as compat
+from skyrl_lora.inference.adapter_check import AdapterCheckError, ModelShape, check_adapter, read_adapter_config
 from skyrl_lora.inference.gate import PauseGates
 from skyrl_lora.inference.protocol import LoraInfo, ServerState
 
 logger = logging.getLogger(__name__)
 
 VERSION_SEP = "::v"
+STAGE_POLL_S = 0.005  # how often staging asks the workers whether the load finished
 
 
 class LoraError(SkyrlError):
@@ -54,6 +57,20 @@ class TenantAdapter:
     @property
     def engine_name(self) -> str:
         return self.engine_request.lora_name
+
+
+@dataclass
+class StagedAdapter:
+    """A version loaded and checked on the workers, not yet serving: ``commit`` flips to it."""
+
+    stage_id: str
+    name: str
+    path: str
+    lora_id: int
+    request: Any  # the LoRARequest the engine's add_lora gets at commit
+    mode: str
+    staging_s: float
+    expiry: asyncio.TimerHandle | None = None
 
 
 @dataclass(eq=False)
@@ -85,12 +102,14 @@ class LoraController:
     _ids = itertools.count(10_000)  # far from vLLM's own counter, which starts at 1
 
     def __init__(self, engine: Any, *, adapter_roots: list[str] | None = None, drain_timeout_s: float = 30.0,
-                 on_change: Callable[[str, str | None], Awaitable[None]] | None = None) -> None:
+                 on_change: Callable[[str, str | None], Awaitable[None]] | None = None,
+                 stage_timeout_s: float = 120.0, staged_ttl_s: float = 120.0) -> None:
         self.engine = engine
         # told (tenant, path or None) after every adapter change, e.g. to keep a restart manifest
         self.on_change = on_change
         self.adapter_roots = [Path(r).resolve() for r in (adapter_roots or [])]
         self.drain_timeout_s = drain_timeout_s
+        self._background = BackgroundTasks("lora controller")
         self.gates = PauseGates(on_reopen=self._on_reopen)
         self.tenants: dict[str, TenantAdapter] = {}
         self._by_engine_name: dict[str, str] = {}
@@ -101,6 +120,10 @@ class LoraController:
         self._serving_models: Any = None
         self._inner_generate = engine.generate
         self._lora_cfg = compat.lora_config(engine)
+        self._model_shape = ModelShape.from_hf_config(compat.hf_config(engine))
+        self.stage_timeout_s = stage_timeout_s
+        self.staged_ttl_s = staged_ttl_s  # a version staged but never committed or discarded is freed then
+        self._staged: dict[str, StagedAdapter] = {}
         # Shadow the bound method on the instance: every route that holds this engine now gates.
         engine.generate = self.generate
 
@@ -189,7 +212,7 @@ class LoraController:
         if not rt.admissions:
             rt.drained.set()
         if adm.lora_id in self._retiring and not any(a.lora_id == adm.lora_id for a in rt.admissions):
-            asyncio.get_running_loop().create_task(self._remove_engine_lora(adm.lora_id))
+            self._background.spawn(self._remove_engine_lora(adm.lora_id), name=f"remove-lora-{adm.lora_id}")
 
     async def generate(self, prompt: Any, sampling_params: Any, request_id: str, *args: Any,
                        lora_request: Any = None, **kwargs: Any) -> AsyncGenerator[Any, None]:
@@ -256,24 +279,71 @@ class LoraController:
 
     def _on_reopen(self, key: str | None) -> None:
         if key is None:
-            asyncio.get_running_loop().create_task(compat.resume_engine(self.engine))
+            self._background.spawn(compat.resume_engine(self.engine), name="resume-engine")
 
     # ------------------------------------------------------------------ adapters
     def _check_path(self, path: str) -> str:
         real = Path(path).resolve()
         if self.adapter_roots and not any(real.is_relative_to(root) for root in self.adapter_roots):
             raise LoraError(403, f"lora_path '{path}' is outside the configured adapter roots", "lora_path")
-        config = real / "adapter_config.json"
-        if not config.is_file():
-            raise LoraError(400, f"lora_path '{path}' has no adapter_config.json", "lora_path")
         try:
-            rank = int(json.loads(config.read_text()).get("r", 0))
-        except (ValueError, TypeError) as exc:
-            raise LoraError(400, f"lora_path '{path}': unreadable adapter_config.json ({exc})", "lora_path") from exc
-        max_rank = getattr(self._lora_cfg, "max_lora_rank", None)
-        if max_rank is not None and rank > max_rank:
-            raise LoraError(400, f"lora_path '{path}': rank {rank} exceeds the server's max_lora_rank {max_rank}", "lora_path")
+            read_adapter_config(real)  # a missing or unreadable config is refused before anything else
+        except AdapterCheckError as exc:
+            raise LoraError(exc.status, exc.message, exc.field) from exc
         return str(real)
+
+    # ------------------------------------------------------------------ staging (off the engine loop)
+    async def stage(self, name: str, path: str, *, mode: str = "abort") -> StagedAdapter:
+        """Check the adapter and load it on every worker off the engine's step loop; nothing serves it
+        until :meth:`commit`. A bad adapter is refused here (400 naming ``lora_path``) and freed."""
+        real = self._check_path(path)
+        t0 = time.perf_counter()
+        max_rank = getattr(self._lora_cfg, "max_lora_rank", None)
+        try:
+            await asyncio.to_thread(check_adapter, Path(real), self._model_shape, max_rank)
+        except AdapterCheckError as exc:
+            raise LoraError(exc.status, exc.message, exc.field) from exc
+        old = self.tenants.get(name)
+        if old is not None and mode == "inplace":
+            lora_id, engine_name = old.lora_id, old.engine_name
+            request = compat.make_lora_request(engine_name, lora_id, real, load_inplace=True)
+        else:
+            lora_id = next(self._ids)
+            engine_name = self._engine_name(name, lora_id)
+            request = compat.make_lora_request(engine_name, lora_id, real)
+        await compat.stage_lora(self.engine, lora_id, engine_name, real)
+        deadline = time.monotonic() + self.stage_timeout_s
+        while True:
+            statuses = await compat.stage_status(self.engine, lora_id, real)
+            failed = [st for st in statuses if st not in (None, "ok")]
+            if failed:
+                await compat.discard_staged(self.engine, lora_id)
+                raise LoraError(400, f"lora_path: LoRA '{name}' failed to load from '{real}': {failed[0]}", "lora_path")
+            if all(st == "ok" for st in statuses):
+                break
+            if time.monotonic() > deadline:
+                await compat.discard_staged(self.engine, lora_id)
+                raise LoraError(504, f"lora_path: staging '{real}' took over {self.stage_timeout_s:.0f} s", "lora_path")
+            await asyncio.sleep(STAGE_POLL_S)
+        staged = StagedAdapter(new_request_id("stage"), name, real, lora_id, request, mode, time.perf_counter() - t0)
+        staged.expiry = asyncio.get_running_loop().call_later(
+            self.staged_ttl_s, lambda: self._background.spawn(self.discard(staged.stage_id), name="staged-expiry"))
+        self._staged[staged.stage_id] = staged
+        logger.info("LoRA %s staged from %s in %.3f s (%s)", name, real, staged.staging_s, staged.stage_id)
+        return staged
+
+    async def discard(self, stage_id: str) -> bool:
+        """Free a staged version that will not be committed; False if there is none by that id."""
+        staged = self._staged.pop(stage_id, None)
+        if staged is None:
+            return False
+        if staged.expiry is not None:
+            staged.expiry.cancel()
+        await compat.discard_staged(self.engine, staged.lora_id)
+        return True
+
+    def staged_count(self) -> int:
+        return len(self._staged)
 
     async def _engine_add(self, request: Any, name: str) -> None:
         try:
@@ -297,21 +367,36 @@ class LoraController:
         return f"{name}{VERSION_SEP}{lora_id}"
 
     async def load(self, name: str, path: str, *, load_inplace: bool = True, mode: str = "abort") -> tuple[TenantAdapter, int, float]:
-        """Load or replace a tenant's adapter. Returns (adapter, aborted, seconds spent loading).
+        """Load or replace a tenant's adapter: :meth:`stage`, then :meth:`commit`.
+        Returns (adapter, aborted, seconds the engine spent on it at the flip)."""
+        real = self._check_path(path)
+        old = self.tenants.get(name)
+        if old is not None and not load_inplace and old.path == real:
+            return old, 0, 0.0  # a retried create of what is already there: nothing to do
+        if old is not None and not load_inplace:
+            raise LoraError(409, f"LoRA '{name}' is already loaded; pass load_inplace=true to replace it", "lora_name")
+        staged = await self.stage(name, real, mode=mode)
+        return await self.commit(staged.stage_id)
 
-        ``abort``: the new version is loaded beside the old one, then in one loop step the tenant's
+    async def commit(self, stage_id: str) -> tuple[TenantAdapter, int, float]:
+        """Flip a tenant to a staged version. Returns (adapter, aborted, seconds the engine spent).
+
+        ``abort``: the new version is registered beside the old one, then in one loop step the tenant's
         name points at it and every request still on the old version is aborted (its client continues
         it on the new weights). ``inplace``: one in-place engine load under the same engine id;
         running requests pick the new weights up mid-generation.
         """
-        real = self._check_path(path)
+        staged = self._staged.pop(stage_id, None)
+        if staged is None:
+            raise LoraError(404, f"stage_id '{stage_id}' is unknown (never staged, expired or already used)", "stage_id")
+        if staged.expiry is not None:
+            staged.expiry.cancel()
+        name, real = staged.name, staged.path
         async with self._lock(name):
             old = self.tenants.get(name)
-            if old is not None and not load_inplace:
-                raise LoraError(409, f"LoRA '{name}' is already loaded; pass load_inplace=true to replace it", "lora_name")
             t0 = time.perf_counter()
-            if old is not None and mode == "inplace":
-                await self._engine_add(compat.make_lora_request(old.engine_name, old.lora_id, real, load_inplace=True), name)
+            if old is not None and staged.mode == "inplace" and old.lora_id == staged.lora_id:
+                await self._engine_add(staged.request, name)
                 load_s = time.perf_counter() - t0
                 new = TenantAdapter(name, old.version + 1, old.lora_id, real,
                                     compat.make_lora_request(old.engine_name, old.lora_id, real))
@@ -319,12 +404,14 @@ class LoraController:
                 self._publish_to_openai(new)
                 await self._changed(name, real)
                 return new, 0, load_s
-            lora_id = next(self._ids)
-            engine_name = self._engine_name(name, lora_id)
-            request = compat.make_lora_request(engine_name, lora_id, real)
+            request = staged.request
+            if getattr(request, "load_inplace", False):  # staged in place, but the tenant changed since
+                await compat.discard_staged(self.engine, staged.lora_id)
+                raise LoraError(409, f"LoRA '{name}' changed since this version was staged in place", "stage_id")
+            engine_name = request.lora_name
             await self._engine_add(request, name)
             load_s = time.perf_counter() - t0
-            new = TenantAdapter(name, (old.version + 1) if old else 1, lora_id, real, request)
+            new = TenantAdapter(name, (old.version + 1) if old else 1, staged.lora_id, real, request)
             # --- one loop step: flip the name, sweep the old version's requests
             self._by_engine_name[engine_name] = name
             self.tenants[name] = new

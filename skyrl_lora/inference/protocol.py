@@ -133,6 +133,30 @@ class UpdateLoraRequest(_Frozen):
     create: bool = Field(False, description="load the LoRA if this server does not have it yet (a first sync)")
 
 
+class StageLoraRequest(_Frozen):
+    """First half of an all-or-nothing sync: check and load a version beside the serving one, off the
+    engine's step loop; nothing serves it until ``commit_lora``."""
+
+    lora_name: LoraName
+    lora_path: str = Field(min_length=1, max_length=4096)
+    mode: SyncMode = "abort"
+    create: bool = Field(False, description="allow a LoRA this server does not have yet (a first sync)")
+
+
+class StageLoraResponse(_Frozen):
+    stage_id: str
+    lora_name: str
+    staging_s: float
+
+
+class StagedRef(_Frozen):
+    stage_id: str = Field(min_length=1, max_length=128)
+
+
+class DiscardLoraResponse(_Frozen):
+    discarded: bool
+
+
 class LoraInfo(_Frozen):
     name: str
     version: int

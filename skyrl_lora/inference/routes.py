@@ -13,12 +13,13 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.routing import Route
 
-from skyrl_lora.errors import check_token_ids
+from skyrl_lora.errors import SkyrlError, check_token_ids
 from skyrl_lora.inference import vllm_compat as compat
 from skyrl_lora.inference.lora_control import LoraController, LoraError, new_request_id
 from skyrl_lora.inference.protocol import (
     AbortLoraRequest,
     AbortLoraResponse,
+    DiscardLoraResponse,
     GenerateRequest,
     GenerateResponse,
     LoadLoraRequest,
@@ -29,6 +30,9 @@ from skyrl_lora.inference.protocol import (
     ResumeResponse,
     SampleOut,
     ServerState,
+    StagedRef,
+    StageLoraRequest,
+    StageLoraResponse,
     UnloadLoraRequest,
     UpdateLoraRequest,
     VersionSpan,
@@ -46,7 +50,7 @@ def _controller(raw: Request) -> LoraController:
     return raw.app.state.skyrl_controller
 
 
-def lora_error_response(exc: LoraError) -> JSONResponse:
+def lora_error_response(exc: SkyrlError) -> JSONResponse:
     return JSONResponse(status_code=exc.status, content={"error": {"message": exc.message, "field": exc.field,
                                                                     "code": exc.status}})
 
@@ -237,6 +241,30 @@ def build_router() -> APIRouter:
             return LoadLoraResponse(lora=ctl.info(adapter.name), aborted=aborted, load_s=load_s)
         except LoraError as exc:
             return lora_error_response(exc)
+
+    @router.post("/stage_lora", response_model=StageLoraResponse)
+    async def stage_lora(body: StageLoraRequest, raw: Request) -> Any:
+        ctl = _controller(raw)
+        try:
+            if not body.create:
+                ctl.require(body.lora_name)
+            staged = await ctl.stage(body.lora_name, body.lora_path, mode=body.mode)
+            return StageLoraResponse(stage_id=staged.stage_id, lora_name=staged.name, staging_s=staged.staging_s)
+        except LoraError as exc:
+            return lora_error_response(exc)
+
+    @router.post("/commit_lora", response_model=LoadLoraResponse)
+    async def commit_lora(body: StagedRef, raw: Request) -> Any:
+        ctl = _controller(raw)
+        try:
+            adapter, aborted, load_s = await ctl.commit(body.stage_id)
+            return LoadLoraResponse(lora=ctl.info(adapter.name), aborted=aborted, load_s=load_s)
+        except LoraError as exc:
+            return lora_error_response(exc)
+
+    @router.post("/discard_lora", response_model=DiscardLoraResponse)
+    async def discard_lora(body: StagedRef, raw: Request) -> Any:
+        return DiscardLoraResponse(discarded=await _controller(raw).discard(body.stage_id))
 
     @router.post("/unload_lora_adapter")
     async def unload_lora_adapter(body: UnloadLoraRequest, raw: Request) -> Any:

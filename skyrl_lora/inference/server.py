@@ -18,7 +18,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from skyrl_lora.inference.vllm_compat import STAGE_WORKER_EXTENSION
+
 logger = logging.getLogger(__name__)
+
+
+# How long the server keeps an idle connection open. Clients must give up on idle connections
+# sooner (see client.CLIENT_KEEP_ALIVE_S), or they reuse a socket the server is closing.
+SERVER_KEEP_ALIVE_S = 30
 
 
 class ServerConfig(BaseModel):
@@ -28,7 +35,10 @@ class ServerConfig(BaseModel):
 
     model: str
     served_model_name: str = "base"
-    host: str = "127.0.0.1"
+    host: str | None = Field(None, description="address to bind; None = this node's IP as Ray knows it (what "
+                             "other nodes reach it by), '0.0.0.0' = every interface")
+    advertise_host: str | None = Field(None, description="address put in the server's URL for clients; None = the "
+                                       "bound address, or this node's IP when bound to every interface")
     port: int = Field(0, ge=0, le=65535, description="0 picks a free port")
     max_loras: int = Field(4, ge=1)
     max_cpu_loras: int | None = Field(None, ge=1)
@@ -55,10 +65,12 @@ class ServerConfig(BaseModel):
     def vllm_argv(self, port: int) -> list[str]:
         argv = [
             "--model", self.model, "--served-model-name", self.served_model_name,
-            "--host", self.host, "--port", str(port),
+            "--host", self.bind_host(), "--port", str(port),
             "--enable-lora", "--max-loras", str(self.max_loras), "--max-lora-rank", str(self.max_lora_rank),
             "--max-model-len", str(self.max_model_len), "--dtype", self.dtype, "--seed", str(self.seed),
             "--disable-uvicorn-access-log",
+            # adapter versions are loaded off the engine's step loop, then flipped (vllm_compat)
+            "--worker-extension-cls", STAGE_WORKER_EXTENSION,
         ]
         if self.max_cpu_loras is not None:
             argv += ["--max-cpu-loras", str(self.max_cpu_loras)]
@@ -69,6 +81,33 @@ class ServerConfig(BaseModel):
         if _has_cuda():
             argv += ["--gpu-memory-utilization", str(self.gpu_memory_utilization)]
         return argv + list(self.extra_args)
+
+    def bind_host(self) -> str:
+        return self.host or node_ip()
+
+    def url_host(self) -> str:
+        """The address other processes, on this node or another, use to reach the server."""
+        if self.advertise_host:
+            return self.advertise_host
+        bound = self.bind_host()
+        return node_ip() if bound in ("0.0.0.0", "::", "") else bound
+
+
+def node_ip() -> str:
+    """This node's address in its Ray cluster (what other nodes reach it by; loopback outside Ray).
+    Ray's own record, not ``ray.util.get_node_ip_address()``, which guesses from the routing table and
+    ignores a node started with ``--node-ip-address``."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            me = ray.get_runtime_context().get_node_id()
+            for node in ray.nodes():
+                if node.get("NodeID") == me:
+                    return str(node["NodeManagerAddress"])
+    except Exception:  # not in Ray: a standalone server on this machine
+        pass
+    return "127.0.0.1"
 
 
 def _has_cuda() -> bool:
@@ -174,7 +213,8 @@ class EmbeddedVLLMServer:
                 await self._load_initial_adapters(controller, manifest)
                 sock.listen(1024)
                 served = BearerTokenGuard(app, self.config.control_token) if self.config.control_token else app
-                config = uvicorn.Config(served, log_level="warning", timeout_keep_alive=30, lifespan="on")
+                config = uvicorn.Config(served, log_level="warning", timeout_keep_alive=SERVER_KEEP_ALIVE_S,
+                                        lifespan="on")
                 self._uvicorn = uvicorn.Server(config)
                 serve_task = asyncio.create_task(self._uvicorn.serve(sockets=[sock]))
                 while not self._uvicorn.started:
@@ -182,7 +222,8 @@ class EmbeddedVLLMServer:
                         serve_task.result()
                         raise ServerStartupError("uvicorn exited during start-up")
                     await asyncio.sleep(0.05)
-                self.url = f"http://{self.config.host}:{port}"
+                host = self.config.url_host()
+                self.url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
                 self._ready.set_result(self.url)
                 await serve_task
         except BaseException as exc:
@@ -199,7 +240,7 @@ class EmbeddedVLLMServer:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                sock.bind((self.config.host, port))
+                sock.bind((self.config.bind_host(), port))
                 return sock
             except OSError:
                 sock.close()

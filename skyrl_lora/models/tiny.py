@@ -7,7 +7,11 @@ temperature-1 decoding emit their phrase at every position (even after a context
 phrase, which the mid-generation swap tests need).
 
 Everything is deterministic (fixed seeds, fixed thread count, deterministic kernels) and cached on disk
-under a key that hashes the recipe, the corpus and this file, so a second call is a cache hit.
+under a key that hashes the recipe, the corpus and this file, so a second call is a cache hit. But a
+build is only bit-identical on one kind of machine: CPU kernels and thread counts change the trained
+weights elsewhere, and tests tuned on one machine's weights then failed on another. So the built files
+(4 MB) are checked in under ``tiny_fixture/`` with their sha256 sums, and ``build_fixtures`` serves
+those by default; ``skyrl-lora fixtures --write-packaged`` rebuilds them from the recipes here.
 """
 
 from __future__ import annotations
@@ -35,6 +39,12 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 SHARP_WORDS: tuple[str, ...] = (" meow", " woof")
+PACKAGED_DIR = Path(__file__).with_name("tiny_fixture")  # built by write_packaged_fixtures, checked in
+PACKAGED_MANIFEST = "fixture_manifest.json"
+
+
+class FixtureError(RuntimeError):
+    """The fixtures cannot be had: a damaged packaged copy, or a bad setting."""
 
 
 @dataclass(frozen=True)
@@ -382,13 +392,104 @@ def train_lora(base: Path | str, out_dir: Path | str | None = None, phrase: str 
         return out
 
 
-def build_fixtures(phrases: Sequence[str] = SHARP_WORDS, cache_root: Path | None = None) -> TinyFixtures:
-    """The base model plus one LoRA per phrase, keyed by the phrase without spaces (" meow" -> "meow")."""
-    base_dir = None if cache_root is None else cache_root / "tiny-llama"
-    base = build_tiny_model(base_dir)
+def _recipes(phrases: Sequence[str], seed: int) -> tuple[TinyModelRecipe, dict[str, LoraRecipe]]:
+    """The base recipe and one LoRA recipe per phrase for a build seed (0 = the packaged build)."""
+    base = TinyModelRecipe(seed=seed)
+    loras = {p.strip(): LoraRecipe(phrase=p, seed=LoraRecipe.seed + seed) for p in phrases}
+    return base, loras
+
+
+def build_fixtures_from_recipe(phrases: Sequence[str] = SHARP_WORDS, cache_root: Path | None = None,
+                               seed: int = 0) -> TinyFixtures:
+    """Train the base model and one LoRA per phrase on this machine (cached by recipe, corpus, code and
+    library versions). Bit-identical on one machine, but not across machines: CPU kernels differ."""
+    base_recipe, lora_recipes = _recipes(phrases, seed)
+    base = build_tiny_model(None if cache_root is None else cache_root / "tiny-llama", base_recipe)
     loras: dict[str, Path] = {}
-    for phrase in phrases:
-        name = phrase.strip()
+    for name, recipe in lora_recipes.items():
         out = None if cache_root is None else cache_root / f"lora-{name}"
-        loras[name] = train_lora(base, out, phrase=phrase)
+        loras[name] = train_lora(base, out, recipe=recipe)
     return TinyFixtures(base=base, loras=loras)
+
+
+# ----------------------------------------------------------------------------------------------
+# packaged fixtures: the same bytes on every machine
+
+
+def _packaged_manifest(root: Path = PACKAGED_DIR) -> dict:
+    try:
+        return json.loads((root / PACKAGED_MANIFEST).read_text())
+    except (OSError, ValueError) as exc:
+        raise FixtureError(f"packaged fixtures: cannot read {root / PACKAGED_MANIFEST}: {exc}; "
+                           "rebuild them with `skyrl-lora fixtures --write-packaged`") from exc
+
+
+def _packaged_tree(root: Path) -> dict[str, str]:
+    return {k: v for k, v in hash_tree(root).items() if k != PACKAGED_MANIFEST}
+
+
+def packaged_fixtures(cache_root: Path | None = None, source: Path = PACKAGED_DIR) -> TinyFixtures:
+    """The fixtures shipped with the package, copied into the cache and checked file by file against
+    the sha256 sums recorded when they were built (a damaged checkout is an error, not a silent rebuild)."""
+    manifest = _packaged_manifest(source)
+    files: dict[str, str] = manifest["files"]
+    digest = _key("packaged", files)
+    out = (cache_root or default_cache_root()) / f"packaged-{digest}"
+    with _locked(out):
+        if not (out.is_dir() and _packaged_tree(out) == files):
+            found = _packaged_tree(source)
+            if found != files:
+                bad = sorted(k for k in files.keys() | found.keys() if files.get(k) != found.get(k))
+                raise FixtureError(f"packaged fixtures under {source} do not match their manifest: {bad}; "
+                                   "restore them from git or rebuild with `skyrl-lora fixtures --write-packaged`")
+            tmp = Path(tempfile.mkdtemp(prefix=".copy-", dir=out.parent))
+            try:
+                for rel in files:
+                    (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(source / rel, tmp / rel)
+                if out.exists():
+                    shutil.rmtree(out)
+                os.replace(tmp, out)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            logger.info("packaged fixtures %s copied to %s", digest, out)
+        else:
+            logger.info("packaged fixtures: cache hit %s", out)
+    return TinyFixtures(base=out / "base", loras={name: out / f"lora-{name}" for name in manifest["loras"]})
+
+
+def write_packaged_fixtures(dest: Path = PACKAGED_DIR, seed: int = 0) -> Path:
+    """Build the fixtures from their recipes on this machine and store them as the packaged copy."""
+    with tempfile.TemporaryDirectory(prefix="skyrl-fixtures-") as tmp:
+        built = build_fixtures_from_recipe(cache_root=Path(tmp), seed=seed)
+        staging = Path(tmp) / "packaged"
+        shutil.copytree(built.base, staging / "base")
+        for name, path in built.loras.items():
+            shutil.copytree(path, staging / f"lora-{name}")
+        base_recipe, lora_recipes = _recipes(SHARP_WORDS, seed)
+        manifest = {"recipes": {"base": asdict(base_recipe), "loras": {k: asdict(v) for k, v in lora_recipes.items()}},
+                    "loras": sorted(built.loras), "built_with": _versions(), "files": _packaged_tree(staging)}
+        (staging / PACKAGED_MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        if dest.exists():
+            shutil.rmtree(dest)
+        shutil.copytree(staging, dest)
+    logger.info("packaged fixtures written to %s", dest)
+    return dest
+
+
+def build_fixtures(phrases: Sequence[str] = SHARP_WORDS, cache_root: Path | None = None) -> TinyFixtures:
+    """The base model plus one LoRA per phrase, keyed by the phrase without spaces (" meow" -> "meow").
+
+    By default these are the packaged fixtures (identical bytes on every machine, so what a test
+    measures does not depend on where it runs). ``SKYRL_FIXTURES=build`` trains them here instead,
+    with ``SKYRL_FIXTURE_SEED`` choosing another build: that is how the tests' thresholds are checked
+    against weights they were not tuned on.
+    """
+    source = os.environ.get("SKYRL_FIXTURES", "packaged")
+    if source not in ("packaged", "build"):
+        raise FixtureError(f"SKYRL_FIXTURES: expected 'packaged' or 'build', got {source!r}")
+    seed = int(os.environ.get("SKYRL_FIXTURE_SEED", "0"))
+    if source == "packaged" and tuple(phrases) == SHARP_WORDS and seed == 0:
+        return packaged_fixtures(cache_root)
+    return build_fixtures_from_recipe(phrases, cache_root, seed)

@@ -1,0 +1,128 @@
+"""Checks an adapter against the served model before any of it reaches the engine.
+
+A bad adapter used to surface as an exception inside vLLM's ``add_lora`` (on the engine's step loop)
+or, worse, as wrong output: a NaN in one tensor serves NaN logits to that tenant. Staging refuses it
+first, naming what is wrong, so nothing is flipped and the tenant's old version keeps serving.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from skyrl_lora.errors import SkyrlError
+
+# peft's names of the projections a Llama-style decoder layer serves with LoRA
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+ALLOWED_DTYPES = {"F16", "BF16", "F32"}
+_TENSOR_NAME = re.compile(r"\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+
+
+class AdapterCheckError(SkyrlError):
+    """An adapter the server refuses to stage (always a 400 naming ``lora_path``)."""
+
+    def __init__(self, path: Path | str, problem: str) -> None:
+        super().__init__(400, f"lora_path '{path}': {problem}", "lora_path")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What an adapter must fit: each projection's (in, out) features and the layer count."""
+
+    num_layers: int
+    features: Mapping[str, tuple[int, int]]
+
+    @classmethod
+    def from_hf_config(cls, hf_config: Any) -> ModelShape | None:
+        """Llama-style decoders (Llama, Qwen2/3, Mistral); None for a model of another shape."""
+        try:
+            hidden = int(hf_config.hidden_size)
+            heads = int(hf_config.num_attention_heads)
+            kv_heads = int(getattr(hf_config, "num_key_value_heads", None) or heads)
+            head_dim = int(getattr(hf_config, "head_dim", None) or hidden // heads)
+            inter = int(hf_config.intermediate_size)
+            layers = int(hf_config.num_hidden_layers)
+        except (AttributeError, TypeError, ValueError):
+            return None
+        q, kv = heads * head_dim, kv_heads * head_dim
+        return cls(layers, {"q_proj": (hidden, q), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (q, hidden),
+                            "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)})
+
+
+def read_adapter_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((path / "adapter_config.json").read_text())
+    except FileNotFoundError:
+        raise AdapterCheckError(path, "has no adapter_config.json") from None
+    except (OSError, ValueError) as exc:
+        raise AdapterCheckError(path, f"unreadable adapter_config.json ({exc})") from exc
+    if not isinstance(config, dict):
+        raise AdapterCheckError(path, "adapter_config.json is not an object")
+    return config
+
+
+def check_adapter(path: Path, shape: ModelShape | None, max_rank: int | None) -> None:
+    """Rank, target modules, every tensor's name, dtype, shape and values; raises AdapterCheckError."""
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    config = read_adapter_config(path)
+    rank = config.get("r")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise AdapterCheckError(path, f"adapter_config.json r={rank!r} is not a positive integer")
+    if max_rank is not None and rank > max_rank:
+        raise AdapterCheckError(path, f"rank {rank} exceeds the server's max_lora_rank {max_rank}")
+    targets = config.get("target_modules") or []
+    if isinstance(targets, str):
+        targets = [targets]
+    known = set(shape.features) if shape else set(ATTENTION_MODULES + MLP_MODULES)
+    unknown = sorted(set(targets) - known)
+    if unknown:
+        raise AdapterCheckError(path, f"target_modules {unknown} are not LoRA-served projections of this model "
+                                f"({sorted(known)})")
+    weights = path / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise AdapterCheckError(path, "has no adapter_model.safetensors")
+    seen = 0
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            for name in handle.keys():
+                seen += 1
+                _check_tensor(path, name, handle.get_slice(name), rank, set(targets), shape)
+                tensor = handle.get_tensor(name)
+                if not bool(torch.isfinite(tensor).all()):
+                    raise AdapterCheckError(path, f"tensor {name} holds NaN or Inf values")
+    except SafetensorError as exc:  # a truncated or garbled file
+        raise AdapterCheckError(path, f"adapter_model.safetensors is damaged ({exc})") from exc
+    except OSError as exc:
+        raise AdapterCheckError(path, f"adapter_model.safetensors cannot be read ({exc})") from exc
+    if seen == 0:
+        raise AdapterCheckError(path, "adapter_model.safetensors holds no tensors")
+
+
+def _check_tensor(path: Path, name: str, view: Any, rank: int, targets: set[str], shape: ModelShape | None) -> None:
+    dtype = str(view.get_dtype())
+    if dtype not in ALLOWED_DTYPES:
+        raise AdapterCheckError(path, f"tensor {name} has dtype {dtype}; expected one of {sorted(ALLOWED_DTYPES)}")
+    match = _TENSOR_NAME.search(name)
+    if match is None:
+        raise AdapterCheckError(path, f"tensor {name} is not a LoRA weight of a decoder layer's projection")
+    layer, module, side = int(match.group(1)), match.group(2), match.group(3)
+    if targets and module not in targets:
+        raise AdapterCheckError(path, f"tensor {name} is for {module}, which target_modules does not list")
+    dims = tuple(view.get_shape())
+    if shape is None:
+        return
+    if layer >= shape.num_layers:
+        raise AdapterCheckError(path, f"tensor {name} is for layer {layer}; the model has {shape.num_layers}")
+    if module not in shape.features:
+        raise AdapterCheckError(path, f"tensor {name}: {module} is not a LoRA-served projection of this model")
+    fan_in, fan_out = shape.features[module]
+    want = (rank, fan_in) if side == "A" else (fan_out, rank)
+    if dims != want:
+        raise AdapterCheckError(path, f"tensor {name} has shape {list(dims)}; this model and r={rank} need {list(want)}")
