@@ -138,6 +138,7 @@ def skyrl_system(config: Any, *, serve_api: bool = False) -> Iterator[SkyrlSyste
     token = config.inference_token or secrets.token_urlsafe(24)
     os.environ["SKYRL_INFERENCE_TOKEN"] = token  # this driver's own clients
     shutil.rmtree(data / "servers", ignore_errors=True)  # restart manifests of an earlier deployment
+    publish = shared_memory_root(token)
     system = SkyrlSystem(config=config, model=model, inference=InferenceCluster(token=token), trainer=None)
     gpu_bundles = [{"GPU": config.gpus_per_server, "CPU": 1}] * config.num_inference_servers if config.gpus_per_server else []
     try:
@@ -147,7 +148,8 @@ def skyrl_system(config: Any, *, serve_api: bool = False) -> Iterator[SkyrlSyste
             ray.get(system.placement_group.ready(), timeout=600)
         server_config = ServerConfig(model=model, max_loras=config.max_loras,
                                      max_cpu_loras=config.max_cpu_loras, max_lora_rank=config.max_lora_rank,
-                                     max_model_len=config.max_model_len, adapter_roots=config.roots(),
+                                     max_model_len=config.max_model_len,
+                                     adapter_roots=config.roots() + ((str(publish),) if publish else ()),
                                      gpu_memory_utilization=config.gpu_memory_utilization, control_token=token,
                                      state_dir=str(data / "servers"), host=config.server_host(),
                                      advertise_host=config.server_advertise_host)
@@ -161,6 +163,7 @@ def skyrl_system(config: Any, *, serve_api: bool = False) -> Iterator[SkyrlSyste
             system.inference.urls.append(url)
             logger.info("inference server %d at %s", i, url)
         trainer_config = TrainerConfig(base_model=model, state_dir=data / "trainer", sampler_root=data / "adapters",
+                                       publish_root=publish,
                                        inference_urls=tuple(system.inference.urls), inference_token=token,
                                        max_lora_rank=config.max_lora_rank,
                                        resident_budget_bytes=config.resident_budget_bytes,
@@ -180,6 +183,21 @@ def skyrl_system(config: Any, *, serve_api: bool = False) -> Iterator[SkyrlSyste
         yield system
     finally:
         _teardown(system)
+        if publish is not None:
+            shutil.rmtree(publish, ignore_errors=True)
+
+
+def shared_memory_root(deployment: str) -> Path | None:
+    """Where the trainer writes new adapter versions for the servers of its node to load: RAM
+    (tmpfs), so a sync never waits for a disk. None where the machine has no /dev/shm."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        return None
+    import hashlib
+
+    root = shm / "skyrl_lora" / hashlib.sha256(deployment.encode()).hexdigest()[:12]
+    root.mkdir(parents=True, exist_ok=True)
+    return root
 
 
 def _teardown(system: SkyrlSystem) -> None:

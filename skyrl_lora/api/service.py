@@ -32,11 +32,10 @@ from skyrl_lora.api.settings import ApiSettings
 from skyrl_lora.errors import SkyrlError, check_token_ids
 from skyrl_lora.inference.client import FanOutError, InferenceError, RemoteInferenceClient
 from skyrl_lora.inference.protocol import SamplingParamsIn
+from skyrl_lora.lora_targets import ATTENTION_MODULES, MLP_MODULES
 from skyrl_lora.training.protocol import LoraSpec
 
 logger = logging.getLogger(__name__)
-_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-_MLP = ("gate_proj", "up_proj", "down_proj")
 _PATH = re.compile(r"^tinker://([^/]+)/(weights|sampler_weights)/([A-Za-z0-9][A-Za-z0-9._-]{0,127})$")
 
 
@@ -195,7 +194,7 @@ class TinkerService:
         session = await self._session(user, req.session_id)
         self._check_base(req.base_model)
         cfg = req.lora_config
-        targets = (_ATTN if cfg.train_attn else ()) + (_MLP if cfg.train_mlp else ())
+        targets = (ATTENTION_MODULES if cfg.train_attn else ()) + (MLP_MODULES if cfg.train_mlp else ())
         if not targets:
             raise SkyrlError(400, "lora_config: train_attn or train_mlp must be true", "lora_config")
         spec = LoraSpec(rank=cfg.rank, alpha=float(cfg.rank), target_modules=targets, seed=cfg.seed or 0)

@@ -15,10 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from skyrl_lora.errors import SkyrlError
+from skyrl_lora.lora_targets import SERVED_MODULES
 
-# peft's names of the projections a Llama-style decoder layer serves with LoRA
-ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 ALLOWED_DTYPES = {"F16", "BF16", "F32"}
 _TENSOR_NAME = re.compile(r"\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
 
@@ -80,7 +78,7 @@ def check_adapter(path: Path, shape: ModelShape | None, max_rank: int | None) ->
     targets = config.get("target_modules") or []
     if isinstance(targets, str):
         targets = [targets]
-    known = set(shape.features) if shape else set(ATTENTION_MODULES + MLP_MODULES)
+    known = set(shape.features) if shape else set(SERVED_MODULES)
     unknown = sorted(set(targets) - known)
     if unknown:
         raise AdapterCheckError(path, f"target_modules {unknown} are not LoRA-served projections of this model "

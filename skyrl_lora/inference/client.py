@@ -230,14 +230,17 @@ class RemoteInferenceClient:
     async def unload_lora_adapter(self, name: str) -> None:
         await self._fan_out("/skyrl/v1/unload_lora_adapter", {"lora_name": name})
 
-    async def update_lora(self, name: str, path: str, mode: SyncMode = "abort", *, create: bool = False
-                          ) -> list[LoadLoraResponse]:
+    async def update_lora(self, name: str, path: str, mode: SyncMode = "abort", *, create: bool = False,
+                          load_from: str | None = None, off_loop: bool | None = None) -> list[LoadLoraResponse]:
         """Sync one tenant on every server, all or nothing: the version is first staged (checked and
         loaded beside the serving one, off each engine's step loop) everywhere; only when every server
         staged it does any server flip. If one refuses, the others drop what they staged and keep
         serving the old version (FanOutError names each server's reason). Only that tenant's requests
-        stop, and only for the flip. ``create``: a server without the LoRA loads it (a first sync)."""
-        body = {"lora_name": name, "lora_path": str(path), "mode": mode, "create": create}
+        stop, and only for the flip. ``create``: a server without the LoRA loads it (a first sync).
+        ``load_from``: read the weights from there now (shared memory on the servers' node) while
+        ``path`` is where they are kept for good (a restarted server reloads from it)."""
+        body = {"lora_name": name, "lora_path": str(path), "mode": mode, "create": create, "load_from": load_from,
+                "off_loop": off_loop}
         staged = await asyncio.gather(*(self._post(u, "/skyrl/v1/stage_lora", body) for u in self.urls),
                                       return_exceptions=True)
         errors = {u: r for u, r in zip(self.urls, staged) if isinstance(r, BaseException)}

@@ -131,3 +131,57 @@ async def measure_phase(client: RemoteInferenceClient, prompt: Sequence[int], *,
     results = await asyncio.gather(*jobs)
     return PhaseMeasurement(name=name, b=results[0], a=results[1] if tenant_a is not None else None,  # type: ignore[arg-type]
                             sync_latencies_s=results[2] if sync is not None else [])  # type: ignore[arg-type]
+
+
+@dataclass
+class GapStats:
+    """Gaps between consecutive streamed tokens of one watching stream: an engine stall shows here
+    first, as one long gap, while throughput over a window barely moves."""
+
+    gaps_s: list[float] = field(default_factory=list)
+    tokens: int = 0
+
+    def quantile(self, q: float) -> float:
+        if not self.gaps_s:
+            return float("nan")
+        ordered = sorted(self.gaps_s)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    @property
+    def max_s(self) -> float:
+        return max(self.gaps_s, default=float("nan"))
+
+
+async def watch_gaps(url: str, model: str, prompt: str, *, duration_s: float, max_tokens: int = 128,
+                     token: str | None = None, stop: asyncio.Event | None = None) -> GapStats:
+    """Stream completions of ``model`` through vLLM's ``/v1/completions`` (our gate included) one after
+    another for ``duration_s``, recording the time between consecutive token chunks. The first gap of
+    each request (its prefill) is not counted."""
+    import aiohttp
+    import orjson
+
+    stats = GapStats()
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
+            "ignore_eos": True, "return_token_ids": True}
+    deadline = time.perf_counter() + duration_s
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=duration_s + 120)) as http:
+        while time.perf_counter() < deadline and not (stop is not None and stop.is_set()):
+            last: float | None = None
+            async with http.post(url + "/v1/completions", json=body, headers=headers) as resp:
+                resp.raise_for_status()
+                async for raw in resp.content:
+                    line = raw.strip()
+                    if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                        continue
+                    chunk = orjson.loads(line[6:])
+                    choice = (chunk.get("choices") or [{}])[0]
+                    arrived = len(choice.get("token_ids") or []) or int(bool(choice.get("text")))
+                    if not arrived:
+                        continue
+                    now = time.perf_counter()
+                    if last is not None:
+                        stats.gaps_s.append(now - last)
+                    last = now
+                    stats.tokens += arrived
+    return stats

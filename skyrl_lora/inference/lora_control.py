@@ -70,6 +70,7 @@ class StagedAdapter:
     request: Any  # the LoRARequest the engine's add_lora gets at commit
     mode: str
     staging_s: float
+    on_workers: bool  # loaded on the workers already (False: the engine loads it at the flip)
     expiry: asyncio.TimerHandle | None = None
 
 
@@ -103,7 +104,7 @@ class LoraController:
 
     def __init__(self, engine: Any, *, adapter_roots: list[str] | None = None, drain_timeout_s: float = 30.0,
                  on_change: Callable[[str, str | None], Awaitable[None]] | None = None,
-                 stage_timeout_s: float = 120.0, staged_ttl_s: float = 120.0) -> None:
+                 stage_timeout_s: float = 120.0, staged_ttl_s: float = 120.0, stage_off_loop: bool = True) -> None:
         self.engine = engine
         # told (tenant, path or None) after every adapter change, e.g. to keep a restart manifest
         self.on_change = on_change
@@ -123,6 +124,8 @@ class LoraController:
         self._model_shape = ModelShape.from_hf_config(compat.hf_config(engine))
         self.stage_timeout_s = stage_timeout_s
         self.staged_ttl_s = staged_ttl_s  # a version staged but never committed or discarded is freed then
+        # False: the engine reads the adapter inside add_lora, on its step loop (the old way; benchmarks)
+        self.stage_off_loop = stage_off_loop
         self._staged: dict[str, StagedAdapter] = {}
         # Shadow the bound method on the instance: every route that holds this engine now gates.
         engine.generate = self.generate
@@ -282,10 +285,12 @@ class LoraController:
             self._background.spawn(compat.resume_engine(self.engine), name="resume-engine")
 
     # ------------------------------------------------------------------ adapters
-    def _check_path(self, path: str) -> str:
+    def _check_path(self, path: str, *, must_exist: bool = True) -> str:
         real = Path(path).resolve()
         if self.adapter_roots and not any(real.is_relative_to(root) for root in self.adapter_roots):
             raise LoraError(403, f"lora_path '{path}' is outside the configured adapter roots", "lora_path")
+        if not must_exist:
+            return str(real)
         try:
             read_adapter_config(real)  # a missing or unreadable config is refused before anything else
         except AdapterCheckError as exc:
@@ -293,14 +298,18 @@ class LoraController:
         return str(real)
 
     # ------------------------------------------------------------------ staging (off the engine loop)
-    async def stage(self, name: str, path: str, *, mode: str = "abort") -> StagedAdapter:
+    async def stage(self, name: str, path: str, *, mode: str = "abort", load_from: str | None = None,
+                    off_loop: bool | None = None) -> StagedAdapter:
         """Check the adapter and load it on every worker off the engine's step loop; nothing serves it
-        until :meth:`commit`. A bad adapter is refused here (400 naming ``lora_path``) and freed."""
-        real = self._check_path(path)
+        until :meth:`commit`. A bad adapter is refused here (400 naming ``lora_path``) and freed.
+        ``load_from``: the same adapter somewhere faster to read now (shared memory); ``path`` is
+        where it is kept for good, which the engine (after an eviction) and the manifest use."""
+        real = self._check_path(path, must_exist=load_from is None)
+        source = self._check_path(load_from) if load_from is not None else real
         t0 = time.perf_counter()
         max_rank = getattr(self._lora_cfg, "max_lora_rank", None)
         try:
-            await asyncio.to_thread(check_adapter, Path(real), self._model_shape, max_rank)
+            await asyncio.to_thread(check_adapter, Path(source), self._model_shape, max_rank)
         except AdapterCheckError as exc:
             raise LoraError(exc.status, exc.message, exc.field) from exc
         old = self.tenants.get(name)
@@ -311,26 +320,34 @@ class LoraController:
             lora_id = next(self._ids)
             engine_name = self._engine_name(name, lora_id)
             request = compat.make_lora_request(engine_name, lora_id, real)
-        await compat.stage_lora(self.engine, lora_id, engine_name, real)
+        on_workers = self.stage_off_loop if off_loop is None else off_loop
+        if on_workers:
+            await self._stage_on_workers(name, lora_id, engine_name, real, source)
+        else:
+            request = compat.make_lora_request(engine_name, lora_id, source, load_inplace=request.load_inplace)
+        staged = StagedAdapter(new_request_id("stage"), name, real, lora_id, request, mode, time.perf_counter() - t0,
+                               on_workers)
+        staged.expiry = asyncio.get_running_loop().call_later(
+            self.staged_ttl_s, lambda: self._background.spawn(self.discard(staged.stage_id), name="staged-expiry"))
+        self._staged[staged.stage_id] = staged
+        logger.info("LoRA %s staged from %s in %.3f s (%s)", name, source, staged.staging_s, staged.stage_id)
+        return staged
+
+    async def _stage_on_workers(self, name: str, lora_id: int, engine_name: str, real: str, source: str) -> None:
+        await compat.stage_lora(self.engine, lora_id, engine_name, real, source)
         deadline = time.monotonic() + self.stage_timeout_s
         while True:
             statuses = await compat.stage_status(self.engine, lora_id, real)
             failed = [st for st in statuses if st not in (None, "ok")]
             if failed:
                 await compat.discard_staged(self.engine, lora_id)
-                raise LoraError(400, f"lora_path: LoRA '{name}' failed to load from '{real}': {failed[0]}", "lora_path")
+                raise LoraError(400, f"lora_path: LoRA '{name}' failed to load from '{source}': {failed[0]}", "lora_path")
             if all(st == "ok" for st in statuses):
                 break
             if time.monotonic() > deadline:
                 await compat.discard_staged(self.engine, lora_id)
                 raise LoraError(504, f"lora_path: staging '{real}' took over {self.stage_timeout_s:.0f} s", "lora_path")
             await asyncio.sleep(STAGE_POLL_S)
-        staged = StagedAdapter(new_request_id("stage"), name, real, lora_id, request, mode, time.perf_counter() - t0)
-        staged.expiry = asyncio.get_running_loop().call_later(
-            self.staged_ttl_s, lambda: self._background.spawn(self.discard(staged.stage_id), name="staged-expiry"))
-        self._staged[staged.stage_id] = staged
-        logger.info("LoRA %s staged from %s in %.3f s (%s)", name, real, staged.staging_s, staged.stage_id)
-        return staged
 
     async def discard(self, stage_id: str) -> bool:
         """Free a staged version that will not be committed; False if there is none by that id."""
@@ -339,7 +356,8 @@ class LoraController:
             return False
         if staged.expiry is not None:
             staged.expiry.cancel()
-        await compat.discard_staged(self.engine, staged.lora_id)
+        if staged.on_workers:
+            await compat.discard_staged(self.engine, staged.lora_id)
         return True
 
     def staged_count(self) -> int:
@@ -406,7 +424,8 @@ class LoraController:
                 return new, 0, load_s
             request = staged.request
             if getattr(request, "load_inplace", False):  # staged in place, but the tenant changed since
-                await compat.discard_staged(self.engine, staged.lora_id)
+                if staged.on_workers:
+                    await compat.discard_staged(self.engine, staged.lora_id)
                 raise LoraError(409, f"LoRA '{name}' changed since this version was staged in place", "stage_id")
             engine_name = request.lora_name
             await self._engine_add(request, name)
@@ -470,7 +489,12 @@ class LoraController:
             loras=[self.info(n) for n in sorted(self.tenants)],
             engine_paused_by=self.gates.owners(None),
             in_flight=sum(len(rt.admissions) for rt in self._runtime.values()),
+            staged=len(self._staged),
         )
+
+    async def staged_on_workers(self) -> int:
+        """Versions the workers hold staged (nothing once every stage was committed or discarded)."""
+        return await compat.staged_count(self.engine)
 
 
 def new_request_id(prefix: str = "skyrl") -> str:

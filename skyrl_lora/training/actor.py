@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -137,20 +138,34 @@ class TrainerActor:
         The servers load the new version beside the old one, then flip the tenant's name to it and
         abort only that tenant's in-flight requests, which their clients continue on the new weights.
         """
-        path = await self._run(self.trainer.export_for_sampler, tenant, name)
-        step = self.trainer.steps.get(tenant, 0)
         client = self._inference()
+        publish = self.config.publish_root if client is not None and sync else None
+        export = await self._run(self.trainer.export_for_sampler, tenant, name, publish)
+        step = self.trainer.steps.get(tenant, 0)
         if client is None or not sync:
-            return SamplerWeights(tenant=tenant, path=str(path), step=step, synced=False)
+            return SamplerWeights(tenant=tenant, path=str(export), step=step, synced=False)
+        # From shared memory the servers load the new version at once; the durable copy (what a
+        # tinker:// path names, and what a restarted server reloads) is written beside the sync.
+        path = self.trainer.durable_path(export) if publish is not None else export
+        persisted = asyncio.ensure_future(asyncio.to_thread(self.trainer.persist_export, export)) if publish else None
         t0 = time.perf_counter()
         try:
-            replies = await asyncio.wait_for(client.update_lora(tenant, str(path), mode=self.config.sync_mode, create=True),
-                                             timeout=self.config.sync_timeout_s)
+            replies = await asyncio.wait_for(
+                client.update_lora(tenant, str(path), mode=self.config.sync_mode, create=True,
+                                   load_from=str(export) if publish is not None else None),
+                timeout=self.config.sync_timeout_s)
         except FanOutError as exc:
             raise SkyrlError(502, f"sync of '{tenant}' into inference failed: {exc}", "name") from exc
         except TimeoutError as exc:
             raise SkyrlError(504, f"sync of '{tenant}' into inference took over {self.config.sync_timeout_s} s", "name") from exc
-        return SamplerWeights(tenant=tenant, path=str(path), step=step, synced=True, sync_s=time.perf_counter() - t0,
+        finally:
+            sync_s = time.perf_counter() - t0
+            if persisted is not None:
+                try:
+                    await persisted
+                finally:  # every server has read it (or given up): shared memory is freed
+                    await asyncio.to_thread(shutil.rmtree, export, True)
+        return SamplerWeights(tenant=tenant, path=str(path), step=step, synced=True, sync_s=sync_s,
                               versions=[r.lora.version for r in replies])
 
     # ------------------------------------------------------------------ tests and benchmarks

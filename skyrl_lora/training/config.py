@@ -25,6 +25,10 @@ class TrainerConfig(BaseModel):
     disk_budget_bytes: int | None = Field(None, ge=0, description="None = unbounded")
     state_dir: Path = Field(description="disk tier, checkpoints (save_state) live under it")
     sampler_root: Path = Field(description="adapter directories for vLLM; must lie inside the servers' adapter roots")
+    publish_root: Path | None = Field(None, description="shared memory (e.g. /dev/shm/...) where a new version is "
+                                      "written for the servers of this node to load at once, while its durable copy "
+                                      "goes to sampler_root beside the sync; None = write to sampler_root only. Must "
+                                      "lie inside the servers' adapter roots")
     keep_sampler_versions: int = Field(4, ge=1, description="older exported adapter directories of a tenant are deleted")
     inference_urls: tuple[str, ...] = Field((), description="servers that save_weights_for_sampler syncs into")
     inference_token: str | None = Field(None, description="the servers' bearer token, when they require one")

@@ -13,6 +13,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from pydantic import BaseModel, ConfigDict, Field
 
 from skyrl_lora.errors import SkyrlError
+from skyrl_lora.lora_targets import ATTENTION_MODULES, MLP_MODULES
 from skyrl_lora.training.protocol import (
     AdamParams,
     Datum,
@@ -21,8 +22,6 @@ from skyrl_lora.training.protocol import (
     OptimStepOutput,
 )
 
-_MLP = {"gate_proj", "up_proj", "down_proj"}
-_ATTN = {"q_proj", "k_proj", "v_proj", "o_proj"}
 
 
 @runtime_checkable
@@ -102,8 +101,8 @@ class RemoteTrainingEngine:
     async def create_lora(self, tenant: str, spec: LoraSpec) -> None:
         targets = set(spec.target_modules)
         self.clients[tenant] = await self.service.create_lora_training_client_async(
-            base_model=self.config.base_model, rank=spec.rank, seed=spec.seed, train_mlp=bool(targets & _MLP),
-            train_attn=bool(targets & _ATTN), train_unembed=False, user_metadata={"tenant": tenant})
+            base_model=self.config.base_model, rank=spec.rank, seed=spec.seed, train_mlp=bool(targets & set(MLP_MODULES)),
+            train_attn=bool(targets & set(ATTENTION_MODULES)), train_unembed=False, user_metadata={"tenant": tenant})
 
     async def delete_lora(self, tenant: str) -> None:
         self.clients.pop(tenant, None)

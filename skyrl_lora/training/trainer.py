@@ -234,15 +234,18 @@ class MultiTenantTrainer:
         self.steps[tenant] = snap.step
         return self.info(tenant)
 
-    def export_for_sampler(self, tenant: str, name: str) -> Path:
-        """Write the tenant's adapter as a peft directory vLLM loads; each export is a new directory."""
+    def export_for_sampler(self, tenant: str, name: str, root: Path | None = None) -> Path:
+        """Write the tenant's adapter as a peft directory vLLM loads; each export is a new directory.
+
+        ``root``: where to write it instead of the durable ``sampler_root`` (shared memory, for the
+        servers of this node to load at once; :meth:`persist_export` then keeps a durable copy)."""
         _check_name(name, "name")
         from peft import LoraConfig
         from safetensors.torch import save_file
 
         slot = self._activate(tenant)
         spec = self.specs[tenant]
-        root = self.config.sampler_root / tenant
+        root = (root or self.config.sampler_root) / tenant
         out = root / f"{name}-s{self.steps[tenant]}-{uuid.uuid4().hex[:8]}"
         tmp = root / f".tmp-{uuid.uuid4().hex}"
         tmp.mkdir(parents=True)
@@ -255,11 +258,34 @@ class MultiTenantTrainer:
             tmp.rename(out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        if root == self.config.sampler_root / tenant:
+            self._prune_exports(root)
+        return out
+
+    def durable_path(self, export: Path) -> Path:
+        """Where :meth:`persist_export` keeps an export written elsewhere."""
+        return self.config.sampler_root / export.parent.name / export.name
+
+    def persist_export(self, export: Path) -> Path:
+        """Copy an export written to shared memory into ``sampler_root`` (atomically: a reader sees the
+        whole directory or none). Runs off the training lock; the caller drops the shared-memory copy
+        once the servers have loaded it."""
+        out = self.durable_path(export)
+        tmp = out.parent / f".tmp-{uuid.uuid4().hex}"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            shutil.copytree(export, tmp)
+            tmp.rename(out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self._prune_exports(out.parent)
+        return out
+
+    def _prune_exports(self, root: Path) -> None:
         exports = sorted((d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")),
                          key=lambda d: d.stat().st_mtime_ns)
         for old in exports[: -self.config.keep_sampler_versions]:
             shutil.rmtree(old, ignore_errors=True)
-        return out
 
     # ------------------------------------------------------------------ inspection (tests, benchmarks)
     def snapshot(self, tenant: str) -> TenantSnapshot:

@@ -1,0 +1,200 @@
+"""Does one tenant's sync stall everyone else? Side by side, at a size where adapter loads cost.
+
+A Llama of production shape (``--shape 8b``: hidden 4096, 32 layers; ``mid-cpu`` for a CPU) served
+with ``--load-format dummy``, random adapters of rank ``--rank`` on every projection, tenants
+``t0..`` each keeping ``--streams`` greedy ``sample_with_retry`` requests in flight, and one watching
+tenant streaming through ``/v1/completions`` whose gaps between tokens show any engine stall.
+
+Windows (interleaved, ``--rounds`` times): ``nosync``; ``one``: t0 syncs once a second; ``all``:
+every tenant syncs once every ``--all-period`` seconds (staggered); ``engine-wide``: t0 syncs once a
+second under an engine-wide pause (vLLM's stock way); ``legacy``: like ``one``, but the engine reads
+the adapter inside ``add_lora`` on its step loop (this project's path before staging).
+
+    python -m bench.sync_stall --shape 8b --num-gpus 1 --rank 32 --tenants 8   # GPU, production size
+    python -m bench.sync_stall --shape mid-cpu --rank 64 --tenants 2 --window-s 8    # CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import add_common_args, machine_name, today, write_result
+from skyrl_lora.inference.client import RemoteInferenceClient
+from skyrl_lora.inference.loadgen import GapStats, run_streams, watch_gaps
+from skyrl_lora.models.synthetic import LLAMA_8B, MID_CPU, write_dummy_model, write_random_adapter
+
+logger = logging.getLogger("bench.sync_stall")
+SHAPES = {"8b": LLAMA_8B, "mid-cpu": MID_CPU}
+WATCHER = "watch"
+
+
+def _tenant(i: int) -> str:
+    return f"t{i}"
+
+
+async def _syncs(client: RemoteInferenceClient, tenants: list[str], paths: dict[str, list[str]], period_s: float,
+                 duration_s: float, *, off_loop: bool = True, engine_wide: bool = False) -> list[float]:
+    """Each tenant syncs once per ``period_s`` (staggered over the period); returns sync latencies."""
+    latencies: list[float] = []
+
+    async def one(k: int, tenant: str) -> None:
+        await asyncio.sleep(period_s * k / len(tenants))
+        deadline = time.perf_counter() + duration_s
+        i = 0
+        while time.perf_counter() + period_s <= deadline:
+            t = time.perf_counter()
+            path = paths[tenant][i % 2]
+            if engine_wide:
+                await client.pause_generation(None, lease_s=30)
+                try:
+                    await client.load_lora_adapter(tenant, path, load_inplace=True, mode="inplace")
+                finally:
+                    await client.resume_generation(None)
+            else:
+                await client.update_lora(tenant, path, off_loop=off_loop)
+            latencies.append(time.perf_counter() - t)
+            i += 1
+            await asyncio.sleep(max(0.0, period_s - (time.perf_counter() - t)))
+
+    await asyncio.gather(*(one(k, t) for k, t in enumerate(tenants)))
+    return latencies
+
+
+async def _window(name: str, client: RemoteInferenceClient, url: str, prompt_ids: list[int], prompt_text: str,
+                  tenants: list[str], paths: dict[str, list[str]], args: argparse.Namespace) -> dict[str, Any]:
+    syncing = {"nosync": [], "one": tenants[:1], "legacy": tenants[:1], "engine-wide": tenants[:1],
+               "all": tenants}[name]
+    period = args.all_period if name == "all" else 1.0
+    jobs: list[Any] = [run_streams(client, t, prompt_ids, streams=args.streams, max_tokens=args.max_tokens,
+                                   duration_s=args.window_s) for t in tenants]
+    jobs.append(watch_gaps(url, WATCHER, prompt_text, duration_s=args.window_s, max_tokens=args.max_tokens))
+    if syncing:
+        jobs.append(_syncs(client, syncing, paths, period, args.window_s, off_loop=name != "legacy",
+                           engine_wide=name == "engine-wide"))
+    results = await asyncio.gather(*jobs)
+    streams = results[: len(tenants)]
+    gaps: GapStats = results[len(tenants)]
+    latencies = results[len(tenants) + 1] if syncing else []
+    others = [s for s in streams if s.tenant not in syncing] or streams
+    return {
+        "window": name, "tokens_per_s": sum(s.tokens for s in streams) / max(s.seconds for s in streams),
+        "others_tokens_per_s": sum(s.tokens for s in others) / max(s.seconds for s in others),
+        "requests": sum(s.requests for s in streams), "segments": sum(s.segments for s in streams),
+        "watch_p50_ms": 1e3 * gaps.quantile(0.5), "watch_p99_ms": 1e3 * gaps.quantile(0.99),
+        "watch_max_ms": 1e3 * gaps.max_s, "watch_tokens": gaps.tokens, "syncs": len(latencies),
+        "sync_p50_ms": 1e3 * statistics.median(latencies) if latencies else None,
+        "sync_max_ms": 1e3 * max(latencies) if latencies else None,
+    }
+
+
+def summarize(windows: list[dict[str, Any]]) -> dict[str, Any]:
+    by: dict[str, list[dict[str, Any]]] = {}
+    for w in windows:
+        by.setdefault(w["window"], []).append(w)
+    med = {k: {m: statistics.median([w[m] for w in ws if w[m] is not None] or [float("nan")])
+               for m in ws[0] if m != "window"} for k, ws in by.items()}
+    base = med["nosync"]
+    out: dict[str, Any] = {"median": med}
+    for k, m in med.items():
+        out[f"{k}_tokens_ratio"] = m["tokens_per_s"] / base["tokens_per_s"]
+        out[f"{k}_others_ratio"] = m["others_tokens_per_s"] / base["others_tokens_per_s"]
+        out[f"{k}_p99_gap_ratio"] = m["watch_p99_ms"] / base["watch_p99_ms"]
+        out[f"{k}_max_gap_over_nosync_p99"] = m["watch_max_ms"] / base["watch_p99_ms"]
+    return out
+
+
+def plot(result: dict[str, Any], png: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    med = result["summary"]["median"]
+    names = list(med)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0].bar(names, [med[n]["tokens_per_s"] for n in names], color="tab:blue")
+    axes[0].set_ylabel("delivered tokens/s (all tenants)")
+    x = range(len(names))
+    axes[1].bar([i - 0.2 for i in x], [med[n]["watch_p99_ms"] for n in names], width=0.4, label="p99 gap")
+    axes[1].bar([i + 0.2 for i in x], [med[n]["watch_max_ms"] for n in names], width=0.4, label="max gap")
+    axes[1].set_xticks(list(x), names)
+    axes[1].set_ylabel("watching tenant's gap between tokens (ms)")
+    axes[1].legend()
+    fig.suptitle(f"{result['machine']}: {result['config']['shape']} rank {result['config']['rank']}, "
+                 f"{result['config']['tenants']} tenants")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    from skyrl_lora.inference.actor import start_server_actor
+    from skyrl_lora.inference.server import ServerConfig
+    from skyrl_lora.models.tiny import build_fixtures
+
+    fixtures = build_fixtures()
+    work = Path(tempfile.mkdtemp(prefix="sync-stall-"))
+    model = write_dummy_model(work / "model", SHAPES[args.shape], fixtures.base)
+    tenants = [_tenant(i) for i in range(args.tenants)]
+    paths = {t: [str(write_random_adapter(work / f"{t}-v{v}", model, args.rank, seed=10 * i + v))
+                 for v in range(2)] for i, t in enumerate(tenants)}
+    watch_path = str(write_random_adapter(work / "watch", model, args.rank, seed=999))
+    config = ServerConfig(model=str(model), loras={WATCHER: watch_path, **{t: p[0] for t, p in paths.items()}},
+                          max_loras=args.tenants + 2, max_cpu_loras=2 * args.tenants + 4, max_lora_rank=args.rank,
+                          max_model_len=1024, enforce_eager=args.num_gpus == 0, gpu_memory_utilization=0.85,
+                          extra_args=("--load-format", "dummy"))
+    actor, url = start_server_actor(config, num_gpus=args.num_gpus, num_cpus=1)
+    client = RemoteInferenceClient(url)
+    tok = AutoTokenizer.from_pretrained(fixtures.base)
+    prompt_text = "def handle(request):\n    user = request.user\n    if not user.is_authenticated:\n"
+    prompt_ids = tok(prompt_text)["input_ids"]
+    try:
+        for t in tenants + [WATCHER]:  # warm every adapter and the graphs once
+            await client.sample(prompt_ids, {"max_tokens": 8, "temperature": 0.0}, t)
+        windows: list[dict[str, Any]] = []
+        for r in range(args.rounds):
+            for name in args.windows:
+                w = await _window(name, client, url, prompt_ids, prompt_text, tenants, paths, args)
+                w["round"] = r
+                logger.info("%s", w)
+                windows.append(w)
+    finally:
+        import ray
+
+        ray.get(actor.shutdown.remote(), timeout=120)
+        ray.kill(actor)
+    return {"machine": machine_name(args.machine), "date": today(), "config": {
+        "shape": args.shape, "rank": args.rank, "tenants": args.tenants, "streams": args.streams,
+        "max_tokens": args.max_tokens, "window_s": args.window_s, "rounds": args.rounds, "all_period_s": args.all_period,
+        "num_gpus": args.num_gpus, "cuda_graphs": args.num_gpus > 0}, "windows": windows, "summary": summarize(windows)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser, model=False)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="mid-cpu")
+    parser.add_argument("--rank", type=int, default=64)
+    parser.add_argument("--tenants", type=int, default=2)
+    parser.add_argument("--streams", type=int, default=2, help="requests in flight per tenant")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--window-s", type=float, default=8.0)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--all-period", type=float, default=1.0, help="each tenant's sync period in the 'all' window")
+    parser.add_argument("--windows", nargs="+", default=["nosync", "one", "legacy", "all", "engine-wide"])
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from skyrl_lora.cluster import start_local_ray
+
+    start_local_ray(num_cpus=4, namespace=None)
+    result = asyncio.run(run(args))
+    path = write_result(result, args.out, f"sync-stall-{args.shape}-r{args.rank}-t{args.tenants}", plot)
+    logger.info("wrote %s: %s", path, {k: v for k, v in result["summary"].items() if k != "median"})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""Issue 16: a new adapter version is staged (checked, then loaded off the engine's step loop) before
+any server flips to it, all or nothing across servers; a bad adapter is refused at staging, naming
+what is wrong, and leaves nothing behind: no flip, no staged copy, the old version still serving."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+from safetensors.torch import load_file, save_file
+
+from skyrl_lora.inference.actor import start_server_actor
+from skyrl_lora.inference.client import FanOutError, InferenceError, RemoteInferenceClient
+from skyrl_lora.inference.server import ServerConfig
+
+pytestmark = pytest.mark.vllm
+
+GREEDY = {"temperature": 0.0, "ignore_eos": True}
+
+
+def _variant(src: Path, out: Path, *, config: dict | None = None, tensors=None, truncate: bool = False) -> str:
+    """A copy of the adapter at ``src`` with its config or tensors changed."""
+    shutil.copytree(src, out)
+    if config is not None:
+        cfg = json.loads((out / "adapter_config.json").read_text())
+        cfg.update(config)
+        (out / "adapter_config.json").write_text(json.dumps(cfg))
+    weights = out / "adapter_model.safetensors"
+    if tensors is not None:
+        ts = load_file(str(weights))
+        tensors(ts)
+        save_file(ts, str(weights))
+    if truncate:
+        data = weights.read_bytes()
+        weights.write_bytes(data[: len(data) // 2])
+    return str(out)
+
+
+def _first(ts: dict, side: str) -> str:
+    return next(k for k in sorted(ts) if ".q_proj.lora_" + side in k)
+
+
+def _bad_adapters(meow: Path, root: Path) -> dict[str, tuple[str, str]]:
+    """kind -> (path, a word the refusal must contain)."""
+
+    def nan(ts: dict) -> None:
+        ts[_first(ts, "B")][0, 0] = math.nan
+
+    def inf(ts: dict) -> None:
+        ts[_first(ts, "A")][1, 2] = math.inf
+
+    def wide(ts: dict) -> None:
+        k = _first(ts, "B")
+        ts[k] = torch.zeros(ts[k].shape[0] + 1, ts[k].shape[1])
+
+    def ints(ts: dict) -> None:
+        k = _first(ts, "A")
+        ts[k] = ts[k].to(torch.int32)
+
+    return {
+        "rank above max": (_variant(meow, root / "rank", config={"r": 4096}), "max_lora_rank"),
+        "rank not its tensors'": (_variant(meow, root / "rank4", config={"r": 4}), "shape"),
+        "shape": (_variant(meow, root / "shape", tensors=wide), "shape"),
+        "dtype": (_variant(meow, root / "dtype", tensors=ints), "dtype"),
+        "target modules": (_variant(meow, root / "targets", config={"target_modules": ["q_proj", "lm_head"]}),
+                           "target_modules"),
+        "NaN": (_variant(meow, root / "nan", tensors=nan), "NaN"),
+        "Inf": (_variant(meow, root / "inf", tensors=inf), "Inf"),
+        "truncated": (_variant(meow, root / "truncated", truncate=True), "damaged"),
+    }
+
+
+async def _tenant(client: RemoteInferenceClient, name: str):
+    return [next(lo for lo in s.loras if lo.name == name) for s in await client.state()]
+
+
+async def test_bad_adapters_are_refused_at_staging_and_leave_nothing(vllm_server, tiny, tok, word_ids,
+                                                                     tmp_path) -> None:
+    client = RemoteInferenceClient(vllm_server.url)
+    name = "stage-bad"
+    prompt = tok("x = 1")["input_ids"]
+    await client.load_lora_adapter(name, str(tiny.loras["meow"]), load_inplace=False)
+    try:
+        (before,) = await _tenant(client, name)
+        # requests of the tenant are running while every bad sync is tried
+        running = [asyncio.create_task(client.sample_with_retry(prompt, {"max_tokens": 200, **GREEDY}, name))
+                   for _ in range(2)]
+        for kind, (path, word) in _bad_adapters(Path(tiny.loras["meow"]), tmp_path).items():
+            with pytest.raises(FanOutError) as info:
+                await client.update_lora(name, path)
+            (err,) = info.value.errors.values()
+            assert isinstance(err, InferenceError) and err.status == 400, (kind, err)
+            assert "lora_path" in str(err) and word in str(err), (kind, err)
+            (state,) = await client.state()
+            assert state.staged == 0 and state.staged_on_workers == 0, (kind, state)  # nothing staged is left
+            (now,) = await _tenant(client, name)
+            assert (now.version, now.path, now.paused_by) == (before.version, before.path, {}), (kind, now)
+        for (s,) in await asyncio.gather(*running):  # never cut: one version span each, all meow
+            assert s.token_ids == [word_ids["meow"]] * 200 and len({v.version for v in s.version_spans}) == 1
+        # and a good sync still works
+        await client.update_lora(name, str(tiny.loras["woof"]))
+        (s,) = await client.sample(prompt, {"max_tokens": 4, **GREEDY}, name)
+        assert s.token_ids == [word_ids["woof"]] * 4
+    finally:
+        await client.unload_lora_adapter(name)
+
+
+@pytest.fixture(scope="module")
+def guarded_server(tiny, vllm_server, tmp_path_factory):
+    """A second server that loads adapters only from its own root: a sync from elsewhere fails there."""
+    import torch as _torch
+
+    root = tmp_path_factory.mktemp("guarded-root")
+    meow = root / "meow"
+    shutil.copytree(tiny.loras["meow"], meow)
+    config = ServerConfig(model=str(tiny.base), max_loras=4, max_lora_rank=16, adapter_roots=(str(root),),
+                          gpu_memory_utilization=0.3)
+    actor, url = start_server_actor(config, num_cpus=1, num_gpus=1 if _torch.cuda.is_available() else 0)
+    yield url, meow
+    try:
+        ray.get(actor.shutdown.remote(), timeout=60)
+    finally:
+        ray.kill(actor)
+
+
+async def test_a_version_is_published_on_every_server_or_on_none(vllm_server, guarded_server, tiny, tok,
+                                                                 word_ids) -> None:
+    url, inside = guarded_server
+    client = RemoteInferenceClient([vllm_server.url, url])
+    name = "stage-aon"
+    prompt = tok("x = 1")["input_ids"]
+    await client.load_lora_adapter(name, str(inside), load_inplace=False)
+    try:
+        before = await _tenant(client, name)
+        with pytest.raises(FanOutError) as info:  # woof lies outside the second server's root
+            await client.update_lora(name, str(tiny.loras["woof"]))
+        assert set(info.value.errors) == {url} and info.value.errors[url].status == 403
+        after = await _tenant(client, name)
+        assert [(a.version, a.path) for a in after] == [(b.version, b.path) for b in before]  # nobody flipped
+        for state in await client.state():
+            assert state.staged == 0 and state.staged_on_workers == 0  # the first server dropped its stage
+        for server in (vllm_server.url, url):
+            (s,) = await client.sample(prompt, {"max_tokens": 4, **GREEDY}, name, url=server)
+            assert s.token_ids == [word_ids["meow"]] * 4
+        # a version both can read flips both
+        woof_inside = inside.parent / "woof"
+        shutil.copytree(tiny.loras["woof"], woof_inside, dirs_exist_ok=True)
+        replies = await client.update_lora(name, str(woof_inside))
+        assert [r.lora.version for r in replies] == [b.version + 1 for b in before]
+        for server in (vllm_server.url, url):
+            (s,) = await client.sample(prompt, {"max_tokens": 4, **GREEDY}, name, url=server)
+            assert s.token_ids == [word_ids["woof"]] * 4
+    finally:
+        await client.unload_lora_adapter(name)
+
+
+async def test_a_staged_version_serves_nobody_until_committed(vllm_server, tiny, tok, word_ids) -> None:
+    """Staging alone changes nothing; a stage that is never committed is discarded and freed."""
+    client = RemoteInferenceClient(vllm_server.url)
+    name = "stage-two-phase"
+    prompt = tok("x = 1")["input_ids"]
+    await client.load_lora_adapter(name, str(tiny.loras["meow"]), load_inplace=False)
+    try:
+        staged = await client._post(vllm_server.url, "/skyrl/v1/stage_lora",
+                                    {"lora_name": name, "lora_path": str(tiny.loras["woof"])})
+        (state,) = await client.state()
+        assert state.staged == 1 and state.staged_on_workers == 1
+        (s,) = await client.sample(prompt, {"max_tokens": 4, **GREEDY}, name)
+        assert s.token_ids == [word_ids["meow"]] * 4  # still the old version
+        ref = {"stage_id": staged["stage_id"]}
+        assert (await client._post(vllm_server.url, "/skyrl/v1/discard_lora", ref))["discarded"] is True
+        (state,) = await client.state()
+        assert state.staged == 0 and state.staged_on_workers == 0
+        with pytest.raises(InferenceError) as err:  # a discarded stage cannot be committed
+            await client._post(vllm_server.url, "/skyrl/v1/commit_lora", ref)
+        assert err.value.status == 404 and "stage_id" in str(err.value)
+    finally:
+        await client.unload_lora_adapter(name)
