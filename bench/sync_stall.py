@@ -145,7 +145,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                  for v in range(2)] for i, t in enumerate(tenants)}
     watch_path = str(write_random_adapter(work / "watch", model, args.rank, seed=999))
     config = ServerConfig(model=str(model), loras={WATCHER: watch_path, **{t: p[0] for t, p in paths.items()}},
-                          max_loras=args.tenants + 2, max_cpu_loras=2 * args.tenants + 4, max_lora_rank=args.rank,
+                          # a flip briefly has a tenant's old and new version in one batch
+                          max_loras=2 * args.tenants + 2, max_cpu_loras=2 * args.tenants + 4, max_lora_rank=args.rank,
                           max_model_len=1024, enforce_eager=args.num_gpus == 0, gpu_memory_utilization=0.85,
                           extra_args=("--load-format", "dummy"))
     actor, url = start_server_actor(config, num_gpus=args.num_gpus, num_cpus=1)

@@ -15,7 +15,7 @@ import pytest
 
 from skyrl_lora.inference.client import RemoteInferenceClient
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.gpu]
 
 
 async def test_concurrent_prompt_logprobs_across_tenants_and_base(vllm_server, tiny, tok) -> None:

@@ -80,6 +80,7 @@ async def _tenant(client: RemoteInferenceClient, name: str):
     return [next(lo for lo in s.loras if lo.name == name) for s in await client.state()]
 
 
+@pytest.mark.gpu
 async def test_bad_adapters_are_refused_at_staging_and_leave_nothing(vllm_server, tiny, tok, word_ids,
                                                                      tmp_path) -> None:
     client = RemoteInferenceClient(vllm_server.url)
@@ -160,6 +161,7 @@ async def test_a_version_is_published_on_every_server_or_on_none(vllm_server, gu
         await client.unload_lora_adapter(name)
 
 
+@pytest.mark.gpu
 async def test_a_staged_version_serves_nobody_until_committed(vllm_server, tiny, tok, word_ids) -> None:
     """Staging alone changes nothing; a stage that is never committed is discarded and freed."""
     client = RemoteInferenceClient(vllm_server.url)
