@@ -8,7 +8,8 @@ tenant streaming through ``/v1/completions`` whose gaps between tokens show any 
 Windows (interleaved, ``--rounds`` times): ``nosync``; ``one``: t0 syncs once a second; ``all``:
 every tenant syncs once every ``--all-period`` seconds (staggered); ``engine-wide``: t0 syncs once a
 second under an engine-wide pause (vLLM's stock way); ``legacy``: like ``one``, but the engine reads
-the adapter inside ``add_lora`` on its step loop (this project's path before staging).
+the adapter inside ``add_lora`` on its step loop (this project's path before staging);
+``all-inplace``: like ``all`` in ``inplace`` mode (running requests take the new weights, no abort).
 
     python -m bench.sync_stall --shape 8b --num-gpus 1 --rank 32 --tenants 8   # GPU, production size
     python -m bench.sync_stall --shape mid-cpu --rank 64 --tenants 2 --window-s 8    # CPU
@@ -40,8 +41,10 @@ def _tenant(i: int) -> str:
 
 
 async def _syncs(client: RemoteInferenceClient, tenants: list[str], paths: dict[str, list[str]], period_s: float,
-                 duration_s: float, *, off_loop: bool = True, engine_wide: bool = False) -> list[float]:
-    """Each tenant syncs once per ``period_s`` (staggered over the period); returns sync latencies."""
+                 duration_s: float, *, off_loop: bool = True, engine_wide: bool = False, mode: str = "abort",
+                 parts: list[tuple[float, float]] | None = None) -> list[float]:
+    """Each tenant syncs once per ``period_s`` (staggered over the period); returns sync latencies.
+    ``parts`` collects (staging_s, load_s at the flip) of each sync."""
     latencies: list[float] = []
 
     async def one(k: int, tenant: str) -> None:
@@ -58,7 +61,9 @@ async def _syncs(client: RemoteInferenceClient, tenants: list[str], paths: dict[
                 finally:
                     await client.resume_generation(None)
             else:
-                await client.update_lora(tenant, path, off_loop=off_loop)
+                replies = await client.update_lora(tenant, path, mode=mode, off_loop=off_loop)  # type: ignore[arg-type]
+                if parts is not None:
+                    parts.append((max(r.staging_s for r in replies), max(r.load_s for r in replies)))
             latencies.append(time.perf_counter() - t)
             i += 1
             await asyncio.sleep(max(0.0, period_s - (time.perf_counter() - t)))
@@ -70,14 +75,16 @@ async def _syncs(client: RemoteInferenceClient, tenants: list[str], paths: dict[
 async def _window(name: str, client: RemoteInferenceClient, url: str, prompt_ids: list[int], prompt_text: str,
                   tenants: list[str], paths: dict[str, list[str]], args: argparse.Namespace) -> dict[str, Any]:
     syncing = {"nosync": [], "one": tenants[:1], "legacy": tenants[:1], "engine-wide": tenants[:1],
-               "all": tenants}[name]
-    period = args.all_period if name == "all" else 1.0
+               "all": tenants, "all-inplace": tenants}[name]
+    period = args.all_period if name.startswith("all") else 1.0
+    parts: list[tuple[float, float]] = []
     jobs: list[Any] = [run_streams(client, t, prompt_ids, streams=args.streams, max_tokens=args.max_tokens,
                                    duration_s=args.window_s) for t in tenants]
     jobs.append(watch_gaps(url, WATCHER, prompt_text, duration_s=args.window_s, max_tokens=args.max_tokens))
     if syncing:
         jobs.append(_syncs(client, syncing, paths, period, args.window_s, off_loop=name != "legacy",
-                           engine_wide=name == "engine-wide"))
+                           engine_wide=name == "engine-wide", mode="inplace" if name == "all-inplace" else "abort",
+                           parts=parts))
     results = await asyncio.gather(*jobs)
     streams = results[: len(tenants)]
     gaps: GapStats = results[len(tenants)]
@@ -85,12 +92,16 @@ async def _window(name: str, client: RemoteInferenceClient, url: str, prompt_ids
     others = [s for s in streams if s.tenant not in syncing] or streams
     return {
         "window": name, "tokens_per_s": sum(s.tokens for s in streams) / max(s.seconds for s in streams),
-        "others_tokens_per_s": sum(s.tokens for s in others) / max(s.seconds for s in others),
+        # per tenant, so windows with different numbers of non-syncing tenants compare
+        "others_tokens_per_s_per_tenant": sum(s.tokens for s in others) / max(s.seconds for s in others) / len(others),
         "requests": sum(s.requests for s in streams), "segments": sum(s.segments for s in streams),
         "watch_p50_ms": 1e3 * gaps.quantile(0.5), "watch_p99_ms": 1e3 * gaps.quantile(0.99),
         "watch_max_ms": 1e3 * gaps.max_s, "watch_tokens": gaps.tokens, "syncs": len(latencies),
         "sync_p50_ms": 1e3 * statistics.median(latencies) if latencies else None,
         "sync_max_ms": 1e3 * max(latencies) if latencies else None,
+        "staging_p50_ms": 1e3 * statistics.median(p[0] for p in parts) if parts else None,
+        "flip_load_p50_ms": 1e3 * statistics.median(p[1] for p in parts) if parts else None,
+        "flip_load_max_ms": 1e3 * max(p[1] for p in parts) if parts else None,
     }
 
 
@@ -104,7 +115,7 @@ def summarize(windows: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"median": med}
     for k, m in med.items():
         out[f"{k}_tokens_ratio"] = m["tokens_per_s"] / base["tokens_per_s"]
-        out[f"{k}_others_ratio"] = m["others_tokens_per_s"] / base["others_tokens_per_s"]
+        out[f"{k}_others_ratio"] = m["others_tokens_per_s_per_tenant"] / base["others_tokens_per_s_per_tenant"]
         out[f"{k}_p99_gap_ratio"] = m["watch_p99_ms"] / base["watch_p99_ms"]
         out[f"{k}_max_gap_over_nosync_p99"] = m["watch_max_ms"] / base["watch_p99_ms"]
     return out
@@ -186,7 +197,7 @@ def main() -> None:
     parser.add_argument("--window-s", type=float, default=8.0)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--all-period", type=float, default=1.0, help="each tenant's sync period in the 'all' window")
-    parser.add_argument("--windows", nargs="+", default=["nosync", "one", "legacy", "all", "engine-wide"])
+    parser.add_argument("--windows", nargs="+", default=["nosync", "one", "legacy", "all", "all-inplace", "engine-wide"])
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from skyrl_lora.cluster import start_local_ray

@@ -288,6 +288,7 @@ def test_bad_lora_requests(tiny: TinyFixtures, tmp_path: Path) -> None:
     trainer = make_trainer(tiny, tmp_path)
     cases = [(("a", LoraSpec(rank=32)), 400, "rank"),
              (("a", LoraSpec(rank=4, target_modules=("qkv_proj",))), 400, "target_modules"),
+             (("a", LoraSpec(rank=4, target_modules=("q_proj", "lm_head"))), 400, "target_modules"),  # not served
              (("bad/name", LoraSpec(rank=4)), 400, "tenant")]
     for args, status, field in cases:
         with pytest.raises(SkyrlError) as err:

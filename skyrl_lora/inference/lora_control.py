@@ -53,6 +53,7 @@ class TenantAdapter:
     lora_id: int
     path: str
     engine_request: Any  # LoRARequest (plain, never load_inplace) that new requests carry
+    staging_s: float = 0.0  # checking and loading this version before its flip
 
     @property
     def engine_name(self) -> str:
@@ -417,7 +418,7 @@ class LoraController:
                 await self._engine_add(staged.request, name)
                 load_s = time.perf_counter() - t0
                 new = TenantAdapter(name, old.version + 1, old.lora_id, real,
-                                    compat.make_lora_request(old.engine_name, old.lora_id, real))
+                                    compat.make_lora_request(old.engine_name, old.lora_id, real), staged.staging_s)
                 self.tenants[name] = new
                 self._publish_to_openai(new)
                 await self._changed(name, real)
@@ -430,7 +431,7 @@ class LoraController:
             engine_name = request.lora_name
             await self._engine_add(request, name)
             load_s = time.perf_counter() - t0
-            new = TenantAdapter(name, (old.version + 1) if old else 1, staged.lora_id, real, request)
+            new = TenantAdapter(name, (old.version + 1) if old else 1, staged.lora_id, real, request, staged.staging_s)
             # --- one loop step: flip the name, sweep the old version's requests
             self._by_engine_name[engine_name] = name
             self.tenants[name] = new

@@ -175,7 +175,8 @@ class LoraInfo(_Frozen):
 class LoadLoraResponse(_Frozen):
     lora: LoraInfo
     aborted: int = 0
-    load_s: float = 0.0
+    load_s: float = Field(0.0, description="the engine's time on it at the flip (every tenant waits for this)")
+    staging_s: float = Field(0.0, description="checking and loading it before the flip (nobody waits)")
 
 
 class ServerState(_Frozen):

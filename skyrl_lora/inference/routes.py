@@ -229,7 +229,8 @@ def build_router() -> APIRouter:
         try:
             adapter, aborted, load_s = await ctl.load(body.lora_name, body.lora_path, load_inplace=body.load_inplace,
                                                       mode=body.mode)
-            return LoadLoraResponse(lora=ctl.info(adapter.name), aborted=aborted, load_s=load_s)
+            return LoadLoraResponse(lora=ctl.info(adapter.name), aborted=aborted, load_s=load_s,
+                                    staging_s=adapter.staging_s)
         except LoraError as exc:
             return lora_error_response(exc)
 
@@ -240,7 +241,8 @@ def build_router() -> APIRouter:
             if not body.create:
                 ctl.require(body.lora_name)
             adapter, aborted, load_s = await ctl.load(body.lora_name, body.lora_path, load_inplace=True, mode=body.mode)
-            return LoadLoraResponse(lora=ctl.info(adapter.name), aborted=aborted, load_s=load_s)
+            return LoadLoraResponse(lora=ctl.info(adapter.name), aborted=aborted, load_s=load_s,
+                                    staging_s=adapter.staging_s)
         except LoraError as exc:
             return lora_error_response(exc)
 
@@ -261,7 +263,8 @@ def build_router() -> APIRouter:
         ctl = _controller(raw)
         try:
             adapter, aborted, load_s = await ctl.commit(body.stage_id)
-            return LoadLoraResponse(lora=ctl.info(adapter.name), aborted=aborted, load_s=load_s)
+            return LoadLoraResponse(lora=ctl.info(adapter.name), aborted=aborted, load_s=load_s,
+                                    staging_s=adapter.staging_s)
         except LoraError as exc:
             return lora_error_response(exc)
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from skyrl_lora.errors import SkyrlError
+from skyrl_lora.lora_targets import SERVED_MODULES
 from skyrl_lora.training.pinned import PinnedPool
 from skyrl_lora.training.protocol import LoraSpec
 from skyrl_lora.training.snapshot import Layout, TenantSnapshot
@@ -63,6 +64,10 @@ class AdapterSlots:
         if missing:
             raise SkyrlError(400, f"target_modules: {missing} are not linear layers of the base model "
                                   f"(it has {sorted(self._shapes)})", "target_modules")
+        unserved = sorted(set(spec.target_modules) - set(SERVED_MODULES))
+        if unserved:  # the servers could not load such an adapter: refuse it before any training
+            raise SkyrlError(400, f"target_modules: {unserved} cannot be served with LoRA; choose from "
+                                  f"{list(SERVED_MODULES)}", "target_modules")
 
     def numel(self, spec: LoraSpec) -> int:
         return sum(spec.rank * (i + o) for m in spec.target_modules for i, o in self._shapes.get(m, []))

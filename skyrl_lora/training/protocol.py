@@ -11,11 +11,10 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from skyrl_lora.inference.protocol import LORA_NAME_PATTERN
-from skyrl_lora.lora_targets import SERVED_MODULES
 
 TenantId = Annotated[str, Field(pattern=LORA_NAME_PATTERN, description="tenant (LoRA) name")]
 # Every linear layer of a Llama/Qwen-style block; Tinker trains attention and MLP by default.
-ALL_LINEAR: tuple[str, ...] = SERVED_MODULES
+ALL_LINEAR: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 Number = float | int
 TensorIn = list[Number] | list[list[Number]]
@@ -38,9 +37,6 @@ class LoraSpec(_Frozen):
     def _sorted_unique(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         if any(not m or not m.replace("_", "").isalnum() for m in v):
             raise ValueError("target_modules must be module names such as 'q_proj'")
-        unserved = sorted(set(v) - set(SERVED_MODULES))
-        if unserved:
-            raise ValueError(f"target_modules {unserved} cannot be served; choose from {list(SERVED_MODULES)}")
         return tuple(sorted(set(v)))
 
     @property
