@@ -184,3 +184,38 @@ async def test_a_staged_version_serves_nobody_until_committed(vllm_server, tiny,
         assert err.value.status == 404 and "stage_id" in str(err.value)
     finally:
         await client.unload_lora_adapter(name)
+
+
+async def test_trainer_publishes_through_shared_memory_and_keeps_a_durable_copy(vllm_server, tiny, tmp_path,
+                                                                               word_ids, tok) -> None:
+    """save_weights_for_sampler writes the version to shared memory, the server stages it from there,
+    the durable copy (what a tinker:// path names and a restarted server reloads) is written beside
+    the sync, and the shared-memory copy is freed once the servers have it."""
+    import uuid
+
+    from skyrl_lora.training.actor import start_trainer_actor
+    from skyrl_lora.training.config import TrainerConfig
+    from skyrl_lora.training.protocol import LoraSpec
+
+    shm = Path("/dev/shm") / "skyrl_lora" / f"test-{uuid.uuid4().hex[:8]}"
+    trainer = start_trainer_actor(TrainerConfig(
+        base_model=str(tiny.base), state_dir=tmp_path / "state", sampler_root=tmp_path / "adapters", publish_root=shm,
+        inference_urls=(vllm_server.url,), max_lora_rank=16, num_threads=1), num_gpus=0)
+    client = RemoteInferenceClient(vllm_server.url)
+    try:
+        await trainer.create_lora.remote("shm-tenant", LoraSpec(rank=4))
+        saved = await trainer.save_weights_for_sampler.remote("shm-tenant", "v1")
+        assert saved.synced and Path(saved.path).is_relative_to(tmp_path / "adapters"), saved
+        assert (Path(saved.path) / "adapter_model.safetensors").is_file()
+        assert not any(p.is_file() for p in shm.rglob("*")), list(shm.rglob("*"))  # shared memory freed
+        (lora,) = await _tenant(client, "shm-tenant")
+        assert lora.path == str(Path(saved.path).resolve()) and lora.version == 1
+        (s,) = await client.sample(tok("x = 1")["input_ids"], {"max_tokens": 4, **GREEDY}, "shm-tenant")
+        assert len(s.token_ids) == 4
+        saved2 = await trainer.save_weights_for_sampler.remote("shm-tenant", "v2")
+        (lora,) = await _tenant(client, "shm-tenant")
+        assert lora.version == 2 and lora.path == str(Path(saved2.path).resolve())
+    finally:
+        ray.kill(trainer)
+        await client.unload_lora_adapter("shm-tenant")
+        shutil.rmtree(shm, ignore_errors=True)

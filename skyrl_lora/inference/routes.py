@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+from collections.abc import Awaitable
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
@@ -223,28 +224,29 @@ def build_router() -> APIRouter:
     async def resume(body: ResumeRequest, raw: Request) -> Any:
         return ResumeResponse(paused=_controller(raw).resume(body.lora_name, body.owner))
 
+    async def swapped(ctl: LoraController, swap: Awaitable[tuple[Any, int, float]]) -> Any:
+        """The reply of every route that flips a tenant to a new version (or the refusal)."""
+        try:
+            adapter, aborted, load_s = await swap
+        except LoraError as exc:
+            return lora_error_response(exc)
+        return LoadLoraResponse(lora=ctl.info(adapter.name), aborted=aborted, load_s=load_s, staging_s=adapter.staging_s)
+
     @router.post("/load_lora_adapter", response_model=LoadLoraResponse)
     async def load_lora_adapter(body: LoadLoraRequest, raw: Request) -> Any:
         ctl = _controller(raw)
-        try:
-            adapter, aborted, load_s = await ctl.load(body.lora_name, body.lora_path, load_inplace=body.load_inplace,
-                                                      mode=body.mode)
-            return LoadLoraResponse(lora=ctl.info(adapter.name), aborted=aborted, load_s=load_s,
-                                    staging_s=adapter.staging_s)
-        except LoraError as exc:
-            return lora_error_response(exc)
+        return await swapped(ctl, ctl.load(body.lora_name, body.lora_path, load_inplace=body.load_inplace,
+                                           mode=body.mode))
 
     @router.post("/update_lora", response_model=LoadLoraResponse)
     async def update_lora(body: UpdateLoraRequest, raw: Request) -> Any:
         ctl = _controller(raw)
-        try:
+
+        async def swap() -> tuple[Any, int, float]:
             if not body.create:
                 ctl.require(body.lora_name)
-            adapter, aborted, load_s = await ctl.load(body.lora_name, body.lora_path, load_inplace=True, mode=body.mode)
-            return LoadLoraResponse(lora=ctl.info(adapter.name), aborted=aborted, load_s=load_s,
-                                    staging_s=adapter.staging_s)
-        except LoraError as exc:
-            return lora_error_response(exc)
+            return await ctl.load(body.lora_name, body.lora_path, load_inplace=True, mode=body.mode)
+        return await swapped(ctl, swap())
 
     @router.post("/stage_lora", response_model=StageLoraResponse)
     async def stage_lora(body: StageLoraRequest, raw: Request) -> Any:
@@ -261,12 +263,7 @@ def build_router() -> APIRouter:
     @router.post("/commit_lora", response_model=LoadLoraResponse)
     async def commit_lora(body: StagedRef, raw: Request) -> Any:
         ctl = _controller(raw)
-        try:
-            adapter, aborted, load_s = await ctl.commit(body.stage_id)
-            return LoadLoraResponse(lora=ctl.info(adapter.name), aborted=aborted, load_s=load_s,
-                                    staging_s=adapter.staging_s)
-        except LoraError as exc:
-            return lora_error_response(exc)
+        return await swapped(ctl, ctl.commit(body.stage_id))
 
     @router.post("/discard_lora", response_model=DiscardLoraResponse)
     async def discard_lora(body: StagedRef, raw: Request) -> Any:
