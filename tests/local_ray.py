@@ -97,6 +97,12 @@ def local_ray_cluster(nodes: list[dict], *, dashboard: bool = False, timeout_s: 
         for i, node in enumerate(nodes):
             cmd = [str(BIN / "ray"), "start", "--block", "--disable-usage-stats", "--node-ip-address", node["ip"],
                    "--num-cpus", str(node["num_cpus"]), "--temp-dir", temp_dir]
+            # Ray's fixed default ports (the dashboard agent's 52365, metrics, runtime env agent) are
+            # taken by the test session's own cluster: each node gets free ones, or its job agent
+            # never comes up ("No available agent to submit job").
+            for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
+                         "--runtime-env-agent-port", "--ray-client-server-port"):
+                cmd += [flag, str(free_port())]
             if node.get("resources"):
                 import json
 

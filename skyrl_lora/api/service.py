@@ -459,6 +459,7 @@ class TinkerService:
             raise SkyrlError(400, "prompt: no tokens", "prompt")
         check_vocab(prompt, self.vocab_size, "prompt")
         params = self.sampling_params(req, len(prompt))
+        check_vocab(params.stop_token_ids, self.vocab_size, "sampling_params.stop")
         seq = self.futures.new_id("seq")
         ids = [f"{seq}-{i}" for i in range(req.num_samples)]
         want_prompt = bool(req.prompt_logprobs)

@@ -314,12 +314,14 @@ class BearerTokenGuard:
 
     def __init__(self, app: Any, token: str) -> None:
         self.app = app
-        self._expected = f"Bearer {token}".encode()
+        self._expected = token.encode()
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope.get("path") not in self.OPEN_PATHS:
             given = dict(scope.get("headers") or []).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self._expected):
+            scheme, _, credentials = given.strip().partition(b" ")
+            # the scheme is case-insensitive (RFC 9110 §11.1); the token is compared in constant time
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(credentials.strip(), self._expected):
                 response = JSONResponse(status_code=401, content={"error": {
                     "message": "Authorization: missing or wrong bearer token for this inference server",
                     "field": "Authorization"}})

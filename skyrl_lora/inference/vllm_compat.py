@@ -182,6 +182,7 @@ def hf_config(engine: Any) -> Any:
 # Can go when vLLM loads adapters asynchronously itself (no such upstream change yet).
 
 STAGE_WORKER_EXTENSION = "skyrl_lora.inference.vllm_compat.LoraStagingWorkerExtension"
+STAGE_THREADS = 4
 
 
 class LoraStagingWorkerExtension:
@@ -195,7 +196,8 @@ class LoraStagingWorkerExtension:
 
         manager = self.model_runner.lora_manager  # type: ignore[attr-defined]
         original = manager._load_adapter
-        state = {"jobs": {}, "pool": concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="skyrl-stage"),
+        # several tenants stage at once (8 syncing each second staged one after another in ~1 s on one thread)
+        state = {"jobs": {}, "pool": concurrent.futures.ThreadPoolExecutor(STAGE_THREADS, thread_name_prefix="skyrl-stage"),
                  "original": original}
         jobs: dict[int, Any] = state["jobs"]
 
