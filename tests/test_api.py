@@ -395,3 +395,16 @@ def test_out_of_vocabulary_and_oversized_requests(api_env) -> None:
         ]:
             r = http.post("/api/v1/asample", json={"sampling_session_id": sampler, **body})
             assert r.status_code == 400 and r.json()["field"] == field, (body, r.text)
+
+
+def test_health_says_degraded_while_no_inference_server_can_serve(api_env, tmp_path) -> None:
+    r = httpx.get(api_env["server"].url + "/api/v1/healthz", timeout=30)
+    assert r.status_code == 200 and r.json() == {"status": "ok", "inference_servers_up": 1, "inference_servers": 1}
+    # a service whose only inference server is gone (port 9 discards: nothing listens there)
+    settings = api_env["settings"].model_copy(update={"data_dir": tmp_path / "api-alone"})
+    lonely = ApiServer(settings, api_env["trainer"], ["http://127.0.0.1:9"]).start()
+    try:
+        r = httpx.get(lonely.url + "/api/v1/healthz", timeout=30)
+        assert r.status_code == 200 and r.json()["status"] == "degraded" and r.json()["inference_servers_up"] == 0
+    finally:
+        lonely.stop()

@@ -138,3 +138,59 @@ async def test_without_the_deployment_token_nothing_is_allowed(phoenix, tiny) ->
             assert resp.status == 200  # the scheme's case does not matter (RFC 9110)
     (state,) = await RemoteInferenceClient(url, token=TOKEN).state()
     assert not next(lo for lo in state.loras if lo.name == "phoenix").paused_by
+
+
+@pytest.fixture(scope="module")
+def ember(tiny, vllm_server, tmp_path_factory):
+    """A server Ray may restart once, for the engine-death test (phoenix's restart is used up)."""
+    state = tmp_path_factory.mktemp("ember-state")
+    config = ServerConfig(model=str(tiny.base), loras={"ember": str(tiny.loras["woof"])}, max_loras=4,
+                          max_lora_rank=16, state_dir=str(state))
+    actor, url = start_server_actor(config, num_cpus=1, max_restarts=1)
+    yield actor, url
+    try:
+        ray.get(actor.shutdown.remote(), timeout=60)
+    except Exception:
+        pass
+    ray.kill(actor)
+
+
+async def test_a_dead_engine_is_noticed_and_its_server_comes_back(ember, vllm_server, tiny, tok) -> None:
+    """SIGKILL the engine core process (not the actor) while samples run on two servers: every sample
+    completes, equal to its uninterrupted twin; the dead server's health goes down, the server ends
+    its process, Ray restarts it, and it serves its tenant again."""
+    import os
+    import signal
+
+    actor, url = ember
+    other = vllm_server.url
+    woof = tok(" woof", add_special_tokens=False)["input_ids"][0]
+    client = RemoteInferenceClient([other, url])
+    await RemoteInferenceClient(other).load_lora_adapter("ember", str(tiny.loras["woof"]), load_inplace=False)
+    try:
+        params = {"max_tokens": 96, **GREEDY}
+        prompt, twin = await _varied_twin(RemoteInferenceClient(other), tok, params)
+        runs = [asyncio.create_task(client.sample_with_retry(prompt, params)) for _ in range(6)]
+        ember_client = RemoteInferenceClient(url)
+
+        async def generating_there() -> bool:
+            (st,) = await ember_client.state()
+            return st.in_flight >= 2
+        await wait_for(generating_there, 120, "samples in flight on the server whose engine dies")
+        pids = await actor.engine_pids.remote()
+        core = [pid for pid, cmd in pids.items() if "EngineCore" in cmd]
+        assert core, pids
+        for pid in core:
+            os.kill(pid, signal.SIGKILL)
+
+        done = await asyncio.wait_for(asyncio.gather(*runs), 300)
+        for (s,) in done:
+            assert s.token_ids == twin.token_ids and s.finish_reason == "length"
+
+        async def back() -> bool:
+            return await _healthy(url) and (await actor.engine_pids.remote()).keys().isdisjoint(core)
+        await wait_for(back, 400, "the server to restart with a new engine")
+        (s,) = await ember_client.sample(prompt, {"max_tokens": 4, **GREEDY}, "ember")
+        assert s.token_ids == [woof] * 4  # its tenant is back
+    finally:
+        await RemoteInferenceClient(other).unload_lora_adapter("ember")

@@ -68,7 +68,10 @@ def create_app(service: TinkerService, metrics: Callable[[], Awaitable[str]] | N
     # ---------------------------------------------------------------- unauthenticated
     @app.get(f"{v1}/healthz")
     async def healthz() -> dict:
-        return {"status": "ok"}
+        """ "degraded" while no inference server can serve (say, its engine died and it is restarting)."""
+        up = await service.inference.healthy()
+        return {"status": "ok" if any(up) else "degraded", "inference_servers_up": sum(up),
+                "inference_servers": len(up)}
 
     @app.post(f"{v1}/client/config")
     async def client_config() -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Any
 
 import ray
@@ -21,6 +22,8 @@ class VLLMServerActor:
         logging.basicConfig(level=logging.INFO)
         context = ray.get_runtime_context()
         self.server = EmbeddedVLLMServer(config, key=context.get_actor_id() or "server")
+        # a dead engine ends the process: Ray restarts the actor (when it may), which serves again
+        self.server.on_engine_death = lambda: os._exit(1)
         self._starting: asyncio.Task | None = None
         if context.was_current_actor_reconstructed:
             # Ray restarted us after a crash: nobody else will call start(), so ask ourselves. With a
@@ -58,6 +61,18 @@ class VLLMServerActor:
             try:
                 key = f"child-{child.name()}"
                 out[key] = out.get(key, 0.0) + float(child.memory_info().rss)
+            except psutil.Error:
+                continue
+        return out
+
+    def engine_pids(self) -> dict[int, str]:
+        """pid -> command line of this server's engine processes (tests kill them)."""
+        import psutil
+
+        out: dict[int, str] = {}
+        for child in psutil.Process().children(recursive=True):
+            try:
+                out[child.pid] = " ".join(child.cmdline()) or child.name()
             except psutil.Error:
                 continue
         return out

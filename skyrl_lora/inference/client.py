@@ -181,6 +181,12 @@ class RemoteInferenceClient:
                 last_exc = exc
                 self._down_until[target] = time.monotonic() + self.down_cooloff_s
                 logger.warning("server %s unreachable (%s); trying another", target, exc)
+            except InferenceError as exc:
+                if exc.status != 503:
+                    raise
+                last_exc = exc  # its engine died; it restarts: the same as unreachable until then
+                self._down_until[target] = time.monotonic() + self.down_cooloff_s
+                logger.warning("server %s cannot serve (%s); trying another", target, exc.message)
             finally:
                 self._outstanding[target] -= num_samples
         raise InferenceError(tried[-1], 503, f"no server reachable: {last_exc!r}")
@@ -255,6 +261,17 @@ class RemoteInferenceClient:
         if errors:
             raise FanOutError(errors)
         return [LoadLoraResponse.model_validate(r) for r in results]
+
+    async def healthy(self, timeout_s: float = 2.0) -> list[bool]:
+        """Whether each server's engine answers (vLLM's /health is 503 once its engine has died)."""
+        async def one(url: str) -> bool:
+            try:
+                session = await self._http()
+                async with session.get(url + "/health", timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+                    return resp.status == 200
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                return False
+        return list(await asyncio.gather(*(one(u) for u in self.urls)))
 
     async def state(self) -> list[ServerState]:
         return [ServerState.model_validate(await self._get(u, "/skyrl/v1/state")) for u in self.urls]

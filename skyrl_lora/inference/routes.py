@@ -204,6 +204,11 @@ def build_router() -> APIRouter:
             return await raw.app.state.skyrl_generator.generate(body)
         except LoraError as exc:
             return lora_error_response(exc)
+        except Exception as exc:
+            if not compat.is_engine_dead_error(exc):
+                raise
+            # the client continues its samples on another server (or here, once restarted)
+            return lora_error_response(SkyrlError(503, "the inference engine died; this server restarts", None))
 
     @router.post("/abort_lora_requests", response_model=AbortLoraResponse)
     async def abort_lora_requests(body: AbortLoraRequest, raw: Request) -> Any:

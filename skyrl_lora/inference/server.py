@@ -61,6 +61,7 @@ class ServerConfig(BaseModel):
                                   "restarted server comes back at the same address serving every tenant's current "
                                   "adapter; the servers of one deployment may share it")
     drain_timeout_s: float = 30.0
+    engine_check_s: float = Field(1.0, gt=0, description="how often the server checks that its engine is alive")
     stage_off_loop: bool = Field(True, description="load a new adapter version on a worker thread before the flip; "
                                  "False = inside the engine's add_lora, on its step loop (the old way, for benchmarks)")
     startup_timeout_s: float = 600.0
@@ -166,6 +167,9 @@ class EmbeddedVLLMServer:
         self._ready: asyncio.Future | None = None
         self._log_tail = _LogTail()
         self.startup_s: float | None = None
+        self._watchdog: asyncio.Task | None = None
+        # what to do when the engine dies (the actor ends its process); None = only stop serving
+        self.on_engine_death: Any = None
 
     async def start(self) -> str:
         """Start and wait until the server answers; raise with vLLM's log tail on failure or timeout."""
@@ -224,7 +228,9 @@ class EmbeddedVLLMServer:
                 config = uvicorn.Config(served, log_level="warning", timeout_keep_alive=SERVER_KEEP_ALIVE_S,
                                         lifespan="on")
                 self._uvicorn = uvicorn.Server(config)
+                compat.attach_http_server(app, self._uvicorn)
                 serve_task = asyncio.create_task(self._uvicorn.serve(sockets=[sock]))
+                self._watchdog = asyncio.create_task(self._watch_engine(engine), name="engine-watchdog")
                 while not self._uvicorn.started:
                     if serve_task.done():
                         serve_task.result()
@@ -240,6 +246,20 @@ class EmbeddedVLLMServer:
             if not isinstance(exc, asyncio.CancelledError):
                 logger.exception("vLLM server stopped with an error")
             raise
+
+    async def _watch_engine(self, engine: Any) -> None:
+        """An engine core that dies (killed, out of memory, a crash in a kernel) leaves the HTTP server
+        up but unable to serve anyone. Notice within ``engine_check_s`` and end this process, so Ray
+        restarts the actor, which comes back at its address with every tenant's current adapter."""
+        from skyrl_lora.inference import vllm_compat as compat
+
+        while True:
+            await asyncio.sleep(self.config.engine_check_s)
+            if compat.engine_dead(engine):
+                logger.error("the vLLM engine died; ending this server process so that it restarts")
+                if self.on_engine_death is not None:
+                    self.on_engine_death()
+                return
 
     def _bind(self, saved_port: int | None) -> socket.socket:
         """The configured port, else the port this server had before a restart (so clients' URLs stay
@@ -273,6 +293,8 @@ class EmbeddedVLLMServer:
                 logger.error("could not restore LoRA %s from %s: %s", name, path, exc)
 
     async def stop(self, timeout_s: float = 30.0) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         if self._uvicorn is not None:
             self._uvicorn.should_exit = True
         if self._task is not None:

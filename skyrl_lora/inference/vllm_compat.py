@@ -160,6 +160,24 @@ def lora_config(engine: Any) -> Any:
     return engine.vllm_config.lora_config
 
 
+def engine_dead(engine: Any) -> bool:
+    """The engine core process is gone (or its output loop ended): nothing will be served again.
+    Mirrors AsyncLLM.errored of vllm 0.26 / 0.32."""
+    return bool(getattr(engine, "errored", False))
+
+
+def is_engine_dead_error(exc: BaseException) -> bool:
+    return type(exc).__name__ == "EngineDeadError" or "EngineDeadError" in {c.__name__ for c in type(exc).__mro__}
+
+
+def attach_http_server(app: Any, server: Any) -> None:
+    """vLLM's exception handlers shut the HTTP server down when the engine has died through
+    ``app.state.server`` (its own launcher sets it; our embedded app must too, or a dead engine
+    surfaces as "'State' object has no attribute 'server'"). Mirrors
+    vllm.entrypoints.serve.exception_handling.handlers.vllm_error.terminate_if_errored (0.26, 0.32)."""
+    app.state.server = server
+
+
 def hf_config(engine: Any) -> Any:
     """The served model's transformers config (layer count and projection sizes)."""
     return engine.model_config.hf_config
