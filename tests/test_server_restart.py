@@ -8,6 +8,7 @@ back at its old address with every tenant's *current* adapter (from its manifest
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import aiohttp
 import pytest
@@ -26,19 +27,25 @@ GREEDY = {"temperature": 0.0, "ignore_eos": True}
 TOKEN = "phoenix-deployment-token"
 
 
+@contextlib.contextmanager
+def _restartable_server(tiny, state, loras: dict[str, str], **config):
+    """A server Ray may restart once, keeping its port and manifest in ``state``."""
+    actor, url = start_server_actor(ServerConfig(model=str(tiny.base), loras=loras, max_loras=4, max_lora_rank=16,
+                                                 state_dir=str(state), **config), num_cpus=1, max_restarts=1)
+    try:
+        yield actor, url
+    finally:
+        with contextlib.suppress(Exception):
+            ray.get(actor.shutdown.remote(), timeout=60)
+        ray.kill(actor)
+
+
 @pytest.fixture(scope="module")
 def phoenix(tiny, vllm_server, tmp_path_factory):
-    """A server Ray may restart once, keeping its port and manifest in a state dir."""
-    state = tmp_path_factory.mktemp("server-state")
-    config = ServerConfig(model=str(tiny.base), loras={"phoenix": str(tiny.loras["meow"])}, max_loras=4,
-                          max_lora_rank=16, state_dir=str(state), control_token=TOKEN)
-    actor, url = start_server_actor(config, num_cpus=1, max_restarts=1)
-    yield actor, url
-    try:
-        ray.get(actor.shutdown.remote(), timeout=60)
-    except Exception:
-        pass
-    ray.kill(actor)
+    """The crash test's server, which needs the deployment token."""
+    with _restartable_server(tiny, tmp_path_factory.mktemp("server-state"), {"phoenix": str(tiny.loras["meow"])},
+                             control_token=TOKEN) as server:
+        yield server
 
 
 async def _healthy(url: str) -> bool:
@@ -142,17 +149,9 @@ async def test_without_the_deployment_token_nothing_is_allowed(phoenix, tiny) ->
 
 @pytest.fixture(scope="module")
 def ember(tiny, vllm_server, tmp_path_factory):
-    """A server Ray may restart once, for the engine-death test (phoenix's restart is used up)."""
-    state = tmp_path_factory.mktemp("ember-state")
-    config = ServerConfig(model=str(tiny.base), loras={"ember": str(tiny.loras["woof"])}, max_loras=4,
-                          max_lora_rank=16, state_dir=str(state))
-    actor, url = start_server_actor(config, num_cpus=1, max_restarts=1)
-    yield actor, url
-    try:
-        ray.get(actor.shutdown.remote(), timeout=60)
-    except Exception:
-        pass
-    ray.kill(actor)
+    """The engine-death test's server (phoenix's one restart is used up by the crash test)."""
+    with _restartable_server(tiny, tmp_path_factory.mktemp("ember-state"), {"ember": str(tiny.loras["woof"])}) as server:
+        yield server
 
 
 async def test_a_dead_engine_is_noticed_and_its_server_comes_back(ember, vllm_server, tiny, tok) -> None:
