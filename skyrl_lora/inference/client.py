@@ -16,7 +16,7 @@ import socket
 import time
 import uuid
 import zlib
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any
 
 import aiohttp
@@ -137,12 +137,16 @@ class RemoteInferenceClient:
             await asyncio.sleep(CONTROL_RETRY_DELAY_S)
             return await self._post(url, path, body)
 
+    async def _each(self, call: Callable[[str], Awaitable[Any]]) -> tuple[list[Any], dict[str, BaseException]]:
+        """``call(url)`` on every server at once: (every result, in server order; the failures by URL)."""
+        results = await asyncio.gather(*(call(u) for u in self.urls), return_exceptions=True)
+        return results, {u: r for u, r in zip(self.urls, results) if isinstance(r, BaseException)}
+
     async def _fan_out(self, path: str, body: BaseModel | dict[str, Any] | None) -> list[Any]:
-        results = await asyncio.gather(*(self._post_retrying(u, path, body) for u in self.urls), return_exceptions=True)
-        errors = {u: r for u, r in zip(self.urls, results) if isinstance(r, BaseException)}
+        results, errors = await self._each(lambda u: self._post_retrying(u, path, body))
         if errors:
             raise FanOutError(errors)
-        return list(results)
+        return results
 
     def pick_server(self, session_id: str | None = None) -> str:
         """Least outstanding work; a session sticks to one server (its prefix cache) unless that
@@ -247,17 +251,13 @@ class RemoteInferenceClient:
         ``path`` is where they are kept for good (a restarted server reloads from it)."""
         body = {"lora_name": name, "lora_path": str(path), "mode": mode, "create": create, "load_from": load_from,
                 "off_loop": off_loop}
-        staged = await asyncio.gather(*(self._post(u, "/skyrl/v1/stage_lora", body) for u in self.urls),
-                                      return_exceptions=True)
-        errors = {u: r for u, r in zip(self.urls, staged) if isinstance(r, BaseException)}
+        staged, errors = await self._each(lambda u: self._post(u, "/skyrl/v1/stage_lora", body))
+        stage_ids = {u: r["stage_id"] for u, r in zip(self.urls, staged) if u not in errors}
         if errors:
-            await asyncio.gather(*(self._post_retrying(u, "/skyrl/v1/discard_lora", {"stage_id": r["stage_id"]})
-                                   for u, r in zip(self.urls, staged) if not isinstance(r, BaseException)),
-                                 return_exceptions=True)
+            await asyncio.gather(*(self._post_retrying(u, "/skyrl/v1/discard_lora", {"stage_id": sid})
+                                   for u, sid in stage_ids.items()), return_exceptions=True)
             raise FanOutError(errors)
-        results = await asyncio.gather(*(self._post(u, "/skyrl/v1/commit_lora", {"stage_id": r["stage_id"]})
-                                         for u, r in zip(self.urls, staged)), return_exceptions=True)
-        errors = {u: r for u, r in zip(self.urls, results) if isinstance(r, BaseException)}
+        results, errors = await self._each(lambda u: self._post(u, "/skyrl/v1/commit_lora", {"stage_id": stage_ids[u]}))
         if errors:
             raise FanOutError(errors)
         return [LoadLoraResponse.model_validate(r) for r in results]

@@ -360,9 +360,6 @@ class LoraController:
             await compat.discard_staged(self.engine, staged.lora_id)
         return True
 
-    def staged_count(self) -> int:
-        return len(self._staged)
-
     async def _engine_add(self, request: Any, name: str) -> None:
         try:
             ok = await self.engine.add_lora(request)

@@ -167,7 +167,7 @@ def engine_dead(engine: Any) -> bool:
 
 
 def is_engine_dead_error(exc: BaseException) -> bool:
-    return type(exc).__name__ == "EngineDeadError" or "EngineDeadError" in {c.__name__ for c in type(exc).__mro__}
+    return any(c.__name__ == "EngineDeadError" for c in type(exc).__mro__)
 
 
 def attach_http_server(app: Any, server: Any) -> None:
