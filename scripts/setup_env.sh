@@ -36,6 +36,12 @@ if [[ "$extras" == *cpu* ]]; then
   # `import transformers` fail (operator torchvision::nms does not exist). vLLM runs without them.
   pip_q uninstall -q -y torchvision torchaudio torchcodec || true
 fi
+if [[ "$extras" == *test* ]]; then
+  # The tests drive the service with tinker-cookbook's own library code (weights.download). Its
+  # transformers<=5.5.4 pin conflicts with vLLM's newer transformers, and the parts the tests use
+  # need only tinker and pyrage (both dependencies of ours), so it goes in without its dependencies.
+  pip_q install -q --no-deps "tinker-cookbook==0.5.8"
+fi
 "$venv/bin/python" - <<'PY' >&2
 import importlib
 for name in ("torch", "transformers", "peft", "ray", "vllm"):

@@ -139,8 +139,14 @@ async def test_without_the_deployment_token_nothing_is_allowed(phoenix, tiny) ->
                 async with http.post(url + path, json=body, headers=headers) as resp:
                     assert resp.status == 401, (path, headers, resp.status)
                     assert "Authorization" in await resp.text()
-        async with http.get(url + "/metrics") as resp:  # probes stay open
-            assert resp.status == 200
+        # probes stay open, but the series that name adapters (tenants) need the token
+        for path in ("/metrics", "/metrics/"):
+            async with http.get(url + path) as resp:
+                assert resp.status == 200
+                open_text = await resp.text()
+            assert "vllm:num_requests_running" in open_text and "lora_adapters=" not in open_text, path
+        async with http.get(url + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"}) as resp:
+            assert 'running_lora_adapters=' in await resp.text()
         async with http.get(url + "/skyrl/v1/state", headers={"Authorization": f"bearer  {TOKEN}"}) as resp:
             assert resp.status == 200  # the scheme's case does not matter (RFC 9110)
     (state,) = await RemoteInferenceClient(url, token=TOKEN).state()
@@ -182,6 +188,12 @@ async def test_a_dead_engine_is_noticed_and_its_server_comes_back(ember, vllm_se
         for pid in core:
             os.kill(pid, signal.SIGKILL)
 
+        # what the API's /api/v1/healthz reports from: this server stops counting as up within
+        # seconds (degraded, were it the only one), and counts again once it is back
+        async def down() -> bool:
+            return (await ember_client.healthy()) == [False]
+        await wait_for(down, 30, "the dead engine's server to report unhealthy")
+
         done = await asyncio.wait_for(asyncio.gather(*runs), 300)
         for (s,) in done:
             assert s.token_ids == twin.token_ids and s.finish_reason == "length"
@@ -189,6 +201,7 @@ async def test_a_dead_engine_is_noticed_and_its_server_comes_back(ember, vllm_se
         async def back() -> bool:
             return await _healthy(url) and (await actor.engine_pids.remote()).keys().isdisjoint(core)
         await wait_for(back, 400, "the server to restart with a new engine")
+        assert await ember_client.healthy() == [True]
         (s,) = await ember_client.sample(prompt, {"max_tokens": 4, **GREEDY}, "ember")
         assert s.token_ids == [woof] * 4  # its tenant is back
     finally:

@@ -3,19 +3,22 @@
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, FastAPI, Header, Query, Request
+from pydantic import BaseModel
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.responses import FileResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from skyrl_lora.api import schemas as S
 from skyrl_lora.api.hot_path import SamplingHotPath, error_body, first_error
+from skyrl_lora.api.idempotency import HEADER as IDEMPOTENCY_HEADER
 from skyrl_lora.api.proto_conv import PROTO
 from skyrl_lora.api.service import TinkerService
 from skyrl_lora.errors import SkyrlError
 
+Reply = TypeVar("Reply", bound=BaseModel)
 logger = logging.getLogger(__name__)
 MAX_BODY = 256 << 20
 
@@ -36,6 +39,7 @@ def create_app(service: TinkerService, metrics: Callable[[], Awaitable[str]] | N
                on_shutdown: Callable[[], Awaitable[None]] | None = None) -> SamplingHotPath:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await service.start()
         yield
         if on_shutdown is not None:
             await on_shutdown()
@@ -64,6 +68,11 @@ def create_app(service: TinkerService, metrics: Callable[[], Awaitable[str]] | N
         return _error(500, f"internal error: {type(exc).__name__}: {exc}")
 
     v1 = "/api/v1"
+
+    async def once(request: Request, user: str, submit: Callable[[], Awaitable[Reply]], reply: type[Reply]) -> Reply:
+        """Apply a POST the SDK may resend (same ``X-Idempotency-Key``) at most once."""
+        return await service.idempotency.once(user, request.headers.get(IDEMPOTENCY_HEADER), request.url.path,
+                                              await request.body(), submit, reply)
 
     # ---------------------------------------------------------------- unauthenticated
     @app.get(f"{v1}/healthz")
@@ -95,8 +104,8 @@ def create_app(service: TinkerService, metrics: Callable[[], Awaitable[str]] | N
         return service.capabilities()
 
     @app.post(f"{v1}/create_session")
-    async def create_session(req: S.CreateSessionIn, u: User) -> dict:
-        return await service.create_session(u, req)
+    async def create_session(req: S.CreateSessionIn, u: User, request: Request) -> S.CreateSessionOut:
+        return await once(request, u, lambda: service.create_session(u, req), S.CreateSessionOut)
 
     @app.post(f"{v1}/session_heartbeat")
     async def heartbeat(req: S.SessionIdIn, u: User) -> dict:
@@ -120,8 +129,8 @@ def create_app(service: TinkerService, metrics: Callable[[], Awaitable[str]] | N
 
     # ---------------------------------------------------------------- training
     @app.post(f"{v1}/create_model")
-    async def create_model(req: S.CreateModelIn, u: User) -> S.UntypedFuture:
-        return await service.create_model(u, req)
+    async def create_model(req: S.CreateModelIn, u: User, request: Request) -> S.UntypedFuture:
+        return await once(request, u, lambda: service.create_model(u, req), S.UntypedFuture)
 
     @app.post(f"{v1}/get_info")
     async def get_info(req: S.ModelIdIn, u: User) -> dict:
@@ -137,28 +146,34 @@ def create_app(service: TinkerService, metrics: Callable[[], Awaitable[str]] | N
         body = await request.body()
         if len(body) > MAX_BODY:
             raise SkyrlError(413, f"body: {len(body)} bytes is over {MAX_BODY}", "body")
-        return await service.forward_backward(u, body)
+        return await once(request, u, lambda: service.forward_backward(u, body), S.UntypedFuture)
 
     @app.post(f"{v1}/optim_step")
-    async def optim_step(req: S.OptimStepIn, u: User) -> S.UntypedFuture:
-        return await service.optim_step(u, req)
+    async def optim_step(req: S.OptimStepIn, u: User, request: Request) -> S.UntypedFuture:
+        return await once(request, u, lambda: service.optim_step(u, req), S.UntypedFuture)
 
     @app.post(f"{v1}/save_weights")
-    async def save_weights(req: S.SaveWeightsIn, u: User) -> S.UntypedFuture:
-        return await service.save_weights(u, req)
+    async def save_weights(req: S.SaveWeightsIn, u: User, request: Request) -> S.UntypedFuture:
+        return await once(request, u, lambda: service.save_weights(u, req), S.UntypedFuture)
 
     @app.post(f"{v1}/save_weights_for_sampler")
-    async def save_for_sampler(req: S.SaveWeightsForSamplerIn, u: User) -> S.UntypedFuture:
-        return await service.save_weights_for_sampler(u, req)
+    async def save_for_sampler(req: S.SaveWeightsForSamplerIn, u: User, request: Request) -> S.UntypedFuture:
+        return await once(request, u, lambda: service.save_weights_for_sampler(u, req), S.UntypedFuture)
+
+    @app.post(f"{v1}/save_weights_external")
+    async def save_weights_external(req: S.SaveWeightsExternalIn, u: User, request: Request) -> S.UntypedFuture:
+        return await once(request, u, lambda: service.save_weights_external(u, req), S.UntypedFuture)
 
     @app.post(f"{v1}/load_weights")
-    async def load_weights(req: S.LoadWeightsIn, u: User) -> S.UntypedFuture:
-        return await service.load_weights(u, req)
+    async def load_weights(req: S.LoadWeightsIn, u: User, request: Request) -> S.UntypedFuture:
+        return await once(request, u, lambda: service.load_weights(u, req), S.UntypedFuture)
 
     # ---------------------------------------------------------------- sampling
+    # (asample is not made idempotent: the SDK sends it without retries, a resend gets a new key)
     @app.post(f"{v1}/create_sampling_session")
-    async def create_sampling_session(req: S.CreateSamplingSessionIn, u: User) -> dict:
-        return await service.create_sampling_session(u, req)
+    async def create_sampling_session(req: S.CreateSamplingSessionIn, u: User,
+                                      request: Request) -> S.CreateSamplingSessionOut:
+        return await once(request, u, lambda: service.create_sampling_session(u, req), S.CreateSamplingSessionOut)
 
     @app.get(f"{v1}/samplers/{{sampler_id}}")
     async def get_sampler(sampler_id: str, u: User) -> dict:
@@ -181,6 +196,20 @@ def create_app(service: TinkerService, metrics: Callable[[], Awaitable[str]] | N
     @app.get(f"{v1}/training_runs/{{run_id}}/checkpoints")
     async def run_checkpoints(run_id: str, u: User) -> dict:
         return await service.checkpoints(u, run_id)
+
+    @app.get(f"{v1}/training_runs/{{run_id}}/checkpoints/{{checkpoint_id:path}}/external_weights_urls")
+    async def external_weights_urls(run_id: str, checkpoint_id: str, u: User, request: Request) -> S.ExternalWeightsUrlsOut:
+        return await service.external_weights_urls(u, run_id, checkpoint_id, str(request.base_url))
+
+    @app.put(f"{v1}/training_runs/{{run_id}}/checkpoints/{{checkpoint_id:path}}/ttl")
+    async def checkpoint_ttl(run_id: str, checkpoint_id: str, req: S.CheckpointTtlIn, u: User) -> dict:
+        return await service.set_checkpoint_ttl(u, run_id, checkpoint_id, req.ttl_seconds)
+
+    @app.get(f"{v1}/external_weights/{{run_id}}/{{name}}/{{filename}}")
+    async def external_weights_file(run_id: str, name: str, filename: str, expires: int, signature: str) -> FileResponse:
+        """A signed URL from external_weights_urls: fetched without an API key (the SDK uses plain urllib)."""
+        path = await service.external_file(run_id, name, filename, expires, signature)
+        return FileResponse(path, media_type="application/octet-stream", filename=filename)
 
     @app.delete(f"{v1}/training_runs/{{run_id}}/checkpoints/{{checkpoint_id:path}}")
     async def delete_checkpoint(run_id: str, checkpoint_id: str, u: User) -> dict:

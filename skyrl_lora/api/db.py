@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import secrets
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import JSON, Boolean, DateTime, Integer, LargeBinary, String, Text, create_engine, event, select, update
+from sqlalchemy import (JSON, Boolean, DateTime, Integer, LargeBinary, PrimaryKeyConstraint, String, Text, create_engine,
+                        event, inspect, select, text, update)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.sql.base import Executable
 
@@ -74,13 +76,15 @@ class CheckpointRow(Base):
     tinker_path: Mapped[str] = mapped_column(String(1024), primary_key=True)
     model_id: Mapped[str] = mapped_column(String(256), index=True)
     user_id: Mapped[str] = mapped_column(String(128), index=True)
-    kind: Mapped[str] = mapped_column(String(16))  # training | sampler
+    kind: Mapped[str] = mapped_column(String(16))  # a CheckpointKind value
     name: Mapped[str] = mapped_column(String(256))
     internal_path: Mapped[str] = mapped_column(Text)
     size_bytes: Mapped[int] = mapped_column(Integer, default=0)
     ephemeral: Mapped[bool] = mapped_column(Boolean, default=False)
     user_metadata: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+    # ttl_seconds: after this the checkpoint is gone from listings at once and from disk soon after
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True, index=True)
 
 
 class SamplerRow(Base):
@@ -110,6 +114,39 @@ class FutureRow(Base):
     finished: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
+class IdempotencyRow(Base):
+    """What a POST with an ``X-Idempotency-Key`` answered, so the SDK's retry of it gets the same future."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (PrimaryKeyConstraint("user_id", "key"),)
+    user_id: Mapped[str] = mapped_column(String(128))
+    key: Mapped[str] = mapped_column(String(256))
+    fingerprint: Mapped[str] = mapped_column(String(64))  # sha256 of route and body
+    response: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now, index=True)
+
+
+class SecretRow(Base):
+    """Service secrets that must outlive a restart (the key that signs download URLs)."""
+
+    __tablename__ = "secrets"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(256))
+
+
+# Columns added after the first release, as (table, column, SQL type): an existing database gets them
+# on start. Additive and nullable only; anything more wants a real migration tool.
+_ADDED_COLUMNS = [("checkpoints", "expires_at", "TIMESTAMP")]
+
+
+def _add_missing_columns(engine: Any) -> None:
+    inspector = inspect(engine)
+    with engine.begin() as conn:
+        for table, column, sql_type in _ADDED_COLUMNS:
+            if column not in {c["name"] for c in inspector.get_columns(table)}:
+                conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}"))
+
+
 class Database:
     def __init__(self, url: str) -> None:
         sqlite = url.startswith("sqlite")
@@ -122,6 +159,7 @@ class Database:
                 cur.execute("PRAGMA synchronous=NORMAL")
                 cur.close()
         Base.metadata.create_all(self.engine)
+        _add_missing_columns(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="skyrl-db")
         self._pending: list[tuple[Executable, dict[str, Any], asyncio.Future]] = []
@@ -212,6 +250,16 @@ class Database:
                 error=json.dumps({"error": "the service restarted before this request finished; submit it again",
                                   "category": "server"})))
             return int(result.rowcount or 0)
+        return self.run_sync(fn)
+
+    def secret(self, name: str) -> str:
+        """A random secret made on first use and kept in the database (the same after a restart)."""
+        def fn(s: Session) -> str:
+            row = s.get(SecretRow, name)
+            if row is None:
+                row = SecretRow(name=name, value=secrets.token_hex(32))
+                s.add(row)
+            return row.value
         return self.run_sync(fn)
 
     @staticmethod

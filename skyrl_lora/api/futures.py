@@ -14,7 +14,7 @@ import itertools
 import json
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -46,8 +46,10 @@ def json_result(payload: dict) -> Result:
 
 
 class Futures:
-    def __init__(self, db: Database, *, long_poll_s: float = 10.0, retention_s: float = 3600.0) -> None:
+    def __init__(self, db: Database, *, long_poll_s: float = 10.0, retention_s: float = 3600.0,
+                 also_prune: Sequence[Callable[[datetime], Awaitable[int]]] = ()) -> None:
         self.db = db
+        self._also_prune = list(also_prune)  # records kept exactly as long as futures (idempotency keys)
         self.long_poll_s = long_poll_s
         self.retention_s = retention_s
         self._done: dict[str, asyncio.Event] = {}
@@ -175,7 +177,10 @@ class Futures:
         while True:
             await asyncio.sleep(min(self.retention_s / 4, 300.0))
             try:
-                removed = await self.prune(now() - timedelta(seconds=self.retention_s))
+                cutoff = now() - timedelta(seconds=self.retention_s)
+                removed = await self.prune(cutoff)
+                for prune in self._also_prune:
+                    await prune(cutoff)
                 if removed:
                     logger.info("forgot %d futures finished over %.0f s ago", removed, self.retention_s)
             except Exception:  # the next round tries again; serving must not stop for this

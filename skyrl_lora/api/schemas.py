@@ -8,10 +8,11 @@ require; it ignores extras.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from skyrl_lora.api.paths import CHECKPOINT_NAME_PATTERN, CheckpointKind
 from skyrl_lora.training.protocol import AdamParams
 
 MAX_TOKENS_PER_REQUEST = 1 << 20
@@ -66,17 +67,30 @@ class OptimStepIn(_In):
     optimizer_params: dict[str, Any] | None = None
 
 
-# a checkpoint's name becomes a directory name: no separators, no "..", nothing hidden
-CHECKPOINT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+MAX_TTL_S = 10 * 365 * 86400  # the SDK's documented upper bound (ten years)
+TtlSeconds = Annotated[int, Field(ge=1, le=MAX_TTL_S, description="the checkpoint expires this long after the save")]
+CheckpointName = Annotated[str, Field(min_length=1, max_length=128, pattern=CHECKPOINT_NAME_PATTERN,
+                                      description="the checkpoint's name: letters, digits, '.', '_', '-'")]
 
 
 class SaveWeightsIn(_In):
     model_id: str = Field(min_length=1, max_length=512)
-    path: str | None = Field(None, min_length=1, max_length=128, pattern=CHECKPOINT_NAME_PATTERN,
-                             description="the checkpoint's name: letters, digits, '.', '_', '-'")
+    path: CheckpointName | None = None
     seq_id: int | None = Field(None, ge=0)
-    ttl_seconds: int | None = Field(None, ge=0)
+    ttl_seconds: TtlSeconds | None = None
     user_metadata: dict[str, str] | None = None
+
+
+class SaveWeightsExternalIn(_In):
+    model_id: str = Field(min_length=1, max_length=512)
+    path: CheckpointName
+    seq_id: int | None = Field(None, ge=0)
+    ttl_seconds: TtlSeconds | None = None
+    age_encryption_recipients: list[Annotated[str, Field(min_length=1, max_length=16384)]] | None = None
+
+
+class CheckpointTtlIn(_In):
+    ttl_seconds: TtlSeconds | None = None
 
 
 class SaveWeightsForSamplerIn(SaveWeightsIn):
@@ -149,7 +163,7 @@ class WeightsInfoIn(_In):
 # ---------------------------------------------------------------- responses
 class CheckpointOut(_Out):
     checkpoint_id: str
-    checkpoint_type: Literal["training", "sampler"]
+    checkpoint_type: CheckpointKind
     time: datetime
     tinker_path: str
     size_bytes: int | None = None
@@ -175,3 +189,24 @@ class UntypedFuture(_Out):
     request_id: str
     model_id: str | None = None
     sample_sequence_ids: list[str] | None = None
+
+
+class ExternalWeightsUrlsOut(_Out):
+    urls: dict[str, str]
+    expires: datetime
+
+
+class SaveWeightsExternalOut(_Out):
+    path: str
+    size_bytes: int
+    type: Literal["save_weights_external"] = "save_weights_external"
+
+
+class CreateSessionOut(_Out):
+    session_id: str
+    type: Literal["create_session"] = "create_session"
+
+
+class CreateSamplingSessionOut(_Out):
+    sampling_session_id: str
+    type: Literal["create_sampling_session"] = "create_sampling_session"

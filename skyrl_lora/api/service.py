@@ -10,10 +10,11 @@ from (their own adapter in vLLM).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-import re
 import uuid
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,12 @@ from sqlalchemy.orm import Session
 
 from skyrl_lora.api import schemas as S
 from skyrl_lora.api.db import CheckpointRow, Database, ModelRow, SamplerRow, SessionRow, hash_key, now
+from skyrl_lora.api.expiry import CheckpointExpiry, aware, live
+from skyrl_lora.api.external import ExternalWeightsStore, parse_recipients
 from skyrl_lora.api.futures import Futures, Result, json_result
+from skyrl_lora.api.idempotency import IdempotencyKeys
 from skyrl_lora.api.ordering import ModelSequencer
+from skyrl_lora.api.paths import CheckpointKind, TinkerPath
 from skyrl_lora.api.proto_conv import PROTO, decode_forward_backward, encode_forward_backward, encode_sample_response
 from skyrl_lora.api.settings import ApiSettings
 from skyrl_lora.errors import SkyrlError, check_token_ids
@@ -36,7 +41,6 @@ from skyrl_lora.lora_targets import ATTENTION_MODULES, MLP_MODULES
 from skyrl_lora.training.protocol import LoraSpec
 
 logger = logging.getLogger(__name__)
-_PATH = re.compile(r"^tinker://([^/]+)/(weights|sampler_weights)/([A-Za-z0-9][A-Za-z0-9._-]{0,127})$")
 
 
 def _cause(exc: BaseException) -> BaseException:
@@ -58,6 +62,10 @@ def check_vocab(tokens: list[int], vocab: int | None, field: str) -> None:
         check_token_ids(tokens, vocab, field)
 
 
+def _expiry(ttl_seconds: int | None) -> datetime | None:
+    return None if ttl_seconds is None else now() + timedelta(seconds=ttl_seconds)
+
+
 def _inference_error(exc: BaseException) -> SkyrlError:
     if isinstance(exc, FanOutError):
         exc = next(iter(exc.errors.values()))
@@ -72,7 +80,11 @@ class TinkerService:
         self.trainer = trainer
         self.inference = inference
         self.db = db
-        self.futures = Futures(db, long_poll_s=settings.long_poll_s, retention_s=settings.future_retention_s)
+        self.idempotency = IdempotencyKeys(db)
+        self.futures = Futures(db, long_poll_s=settings.long_poll_s, retention_s=settings.future_retention_s,
+                               also_prune=[self.idempotency.prune])
+        self.external = ExternalWeightsStore(Path(settings.data_dir) / "external_weights", db.secret("download-urls"))
+        self.expiry = CheckpointExpiry(db, self._remove_checkpoint_files)
         self.seq = ModelSequencer(turn_timeout_s=settings.turn_timeout_s, persist=self._persist_seq)
         self._users: LRUCache = LRUCache(maxsize=10_000)  # api key -> user, valid keys only
         # Sampler rows change only here (created, or expired by _prune_pinned), so the hot sample path
@@ -87,7 +99,12 @@ class TinkerService:
         if failed:
             logger.warning("%d futures were running at the last shutdown; reported failed", failed)
 
+    async def start(self) -> None:
+        """Work that runs on the serving loop for the service's lifetime."""
+        self.expiry.start()
+
     async def shutdown(self) -> None:
+        await self.expiry.stop()
         await self.futures.close()
         await self.inference.aclose()
 
@@ -120,16 +137,15 @@ class TinkerService:
             self.seq.start(model_id, row.next_seq)
         return row
 
-    async def _checkpoint(self, user: str, tinker_path: str, kind: str, field: str = "path") -> CheckpointRow:
-        m = _PATH.match(tinker_path)
-        if m is None:
-            raise SkyrlError(400, f"{field}: '{tinker_path}' is not tinker://<run>/<weights|sampler_weights>/<name>", field)
-        want = "training" if m.group(2) == "weights" else "sampler"
-        if want != kind:
-            raise SkyrlError(400, f"{field}: '{tinker_path}' is a {want} checkpoint; a {kind} checkpoint is needed", field)
-        row = await self.db.run(lambda s: s.get(CheckpointRow, tinker_path))
-        if row is None or row.user_id != user:
-            raise SkyrlError(404, f"{field}: no checkpoint '{tinker_path}'", field)
+    async def _checkpoint(self, user: str, tinker_path: str | TinkerPath, kind: CheckpointKind | None,
+                          field: str = "path") -> CheckpointRow:
+        """The caller's checkpoint at ``tinker_path`` (of ``kind``, when given); 404 if it expired."""
+        path = tinker_path if isinstance(tinker_path, TinkerPath) else TinkerPath.parse(tinker_path, field)
+        if kind is not None and path.kind != kind:
+            raise SkyrlError(400, f"{field}: '{path}' is a {path.kind} checkpoint; a {kind} checkpoint is needed", field)
+        row = await self.db.run(lambda s: s.get(CheckpointRow, str(path)))
+        if row is None or row.user_id != user or (row.expires_at is not None and aware(row.expires_at) <= now()):
+            raise SkyrlError(404, f"{field}: no checkpoint '{path}'", field)
         return row
 
     async def _persist_seq(self, model_id: str, next_seq: int) -> None:
@@ -154,11 +170,11 @@ class TinkerService:
             raise
 
     # ------------------------------------------------------------------ sessions
-    async def create_session(self, user: str, req: S.CreateSessionIn) -> dict:
+    async def create_session(self, user: str, req: S.CreateSessionIn) -> S.CreateSessionOut:
         session_id = f"sess-{uuid.uuid4().hex[:12]}"
         meta = dict(req.user_metadata or {})
         await self.db.run(lambda s: s.add(SessionRow(session_id=session_id, user_id=user, user_metadata=meta)))
-        return {"session_id": session_id, "type": "create_session"}
+        return S.CreateSessionOut(session_id=session_id)
 
     async def heartbeat(self, user: str, session_id: str) -> dict:
         await self._session(user, session_id)
@@ -274,18 +290,34 @@ class TinkerService:
             async with self.seq.turn(req.model_id, req.seq_id):
                 saved = await self._call(self.trainer.save_state, row.tenant, name)
             await self._put_checkpoint(CheckpointRow(tinker_path=tinker_path, model_id=req.model_id, user_id=user,
-                                                     kind="training", name=name, internal_path=saved.path,
-                                                     size_bytes=saved.nbytes, user_metadata=req.user_metadata or {}))
+                                                     kind=CheckpointKind.TRAINING, name=name, internal_path=saved.path,
+                                                     size_bytes=saved.nbytes, user_metadata=req.user_metadata or {},
+                                                     expires_at=_expiry(req.ttl_seconds)))
             return json_result({"path": tinker_path, "type": "save_weights"})
 
         return S.UntypedFuture(request_id=await self.futures.submit(user, "SaveWeights", req.model_id, work),
                                model_id=req.model_id)
 
     async def _put_checkpoint(self, row: CheckpointRow) -> None:
-        def fn(s: Session) -> None:
-            s.execute(delete(CheckpointRow).where(CheckpointRow.tinker_path == row.tinker_path))
+        """Add (or replace) a checkpoint row; a replaced export's files go with it."""
+        def fn(s: Session) -> CheckpointRow | None:
+            old = s.get(CheckpointRow, row.tinker_path)
+            if old is not None:
+                s.delete(old)
+                s.flush()
             s.add(row)
-        await self.db.run(fn)
+            return old
+        old = await self.db.run(fn)
+        if old is not None and old.kind == CheckpointKind.EXTERNAL and old.internal_path != row.internal_path:
+            await asyncio.to_thread(self.external.remove, old.internal_path)
+        if row.expires_at is not None:
+            self.expiry.wake()
+
+    async def _remove_checkpoint_files(self, row: CheckpointRow) -> None:
+        if row.kind == CheckpointKind.EXTERNAL:
+            await asyncio.to_thread(self.external.remove, row.internal_path)
+        else:
+            await self._call(self.trainer.delete_checkpoint, row.internal_path)
 
     async def save_weights_for_sampler(self, user: str, req: S.SaveWeightsForSamplerIn) -> S.UntypedFuture:
         row = await self._model(user, req.model_id)
@@ -300,8 +332,9 @@ class TinkerService:
                 # Exports the adapter and syncs the tenant's live LoRA on every server (only it pauses).
                 sw = await self._call(self.trainer.save_weights_for_sampler, row.tenant, name)
             await self._put_checkpoint(CheckpointRow(tinker_path=tinker_path, model_id=req.model_id, user_id=user,
-                                                     kind="sampler", name=name, internal_path=sw.path, ephemeral=ephemeral,
-                                                     user_metadata=req.user_metadata or {}))
+                                                     kind=CheckpointKind.SAMPLER, name=name, internal_path=sw.path,
+                                                     ephemeral=ephemeral, user_metadata=req.user_metadata or {},
+                                                     expires_at=_expiry(req.ttl_seconds)))
             if not ephemeral:
                 return json_result({"path": tinker_path, "type": "save_weights_for_sampler"})
             sampler_id = f"{row.session_id}:sample:{req.sampling_session_seq_id}"
@@ -311,8 +344,64 @@ class TinkerService:
         return S.UntypedFuture(request_id=await self.futures.submit(user, "SaveWeightsForSampler", req.model_id, work),
                                model_id=req.model_id)
 
+    async def save_weights_external(self, user: str, req: S.SaveWeightsExternalIn) -> S.UntypedFuture:
+        """The tenant's adapter as a peft directory for download (``weights.download``), age-encrypted
+        to the given recipients. Ordered with the model's other requests, like every save."""
+        row = await self._model(user, req.model_id)
+        recipients = parse_recipients(req.age_encryption_recipients or [])
+        path = TinkerPath(req.model_id, CheckpointKind.EXTERNAL, req.path)
+
+        async def work() -> Result:
+            async with self.seq.turn(req.model_id, req.seq_id):
+                files = await self._call(self.trainer.adapter_files, row.tenant)
+            stored = await asyncio.to_thread(self.external.write, files, recipients)
+            try:
+                await self._put_checkpoint(CheckpointRow(
+                    tinker_path=str(path), model_id=req.model_id, user_id=user, kind=CheckpointKind.EXTERNAL,
+                    name=req.path, internal_path=str(stored.directory), size_bytes=stored.size_bytes,
+                    expires_at=_expiry(req.ttl_seconds)))
+            except BaseException:
+                await asyncio.to_thread(self.external.remove, str(stored.directory))
+                raise
+            out = S.SaveWeightsExternalOut(path=str(path), size_bytes=stored.size_bytes)
+            return json_result(out.model_dump(mode="json"))
+
+        return S.UntypedFuture(request_id=await self.futures.submit(user, "SaveWeightsExternal", req.model_id, work),
+                               model_id=req.model_id)
+
+    async def external_weights_urls(self, user: str, run_id: str, checkpoint_id: str,
+                                    base_url: str) -> S.ExternalWeightsUrlsOut:
+        path = TinkerPath.of(run_id, checkpoint_id)
+        if path.kind != CheckpointKind.EXTERNAL:
+            raise SkyrlError(400, f"checkpoint_id: '{checkpoint_id}' is a {path.kind} checkpoint; only external "
+                                  "weights (save_weights_external) are downloadable", "checkpoint_id")
+        row = await self._checkpoint(user, path, CheckpointKind.EXTERNAL, "checkpoint_id")
+        files = await asyncio.to_thread(self.external.files, row.internal_path)
+        urls, expires = self.external.signed_urls(base_url, path, files)
+        return S.ExternalWeightsUrlsOut(urls=urls, expires=datetime.fromtimestamp(expires, tz=now().tzinfo))
+
+    async def external_file(self, run_id: str, name: str, filename: str, expires: int, signature: str) -> Path:
+        """The file a signed URL names (the signature is the authority: no API key comes with it)."""
+        path = TinkerPath(run_id, CheckpointKind.EXTERNAL, name)
+        self.external.check(path, filename, expires, signature)
+        row = await self.db.run(lambda s: s.get(CheckpointRow, str(path)))
+        if row is None or (row.expires_at is not None and aware(row.expires_at) <= now()):
+            raise SkyrlError(404, f"path: no checkpoint '{path}'", "path")
+        if filename not in await asyncio.to_thread(self.external.files, row.internal_path):
+            raise SkyrlError(404, f"file: '{filename}' is not in '{path}'", "file")
+        return Path(row.internal_path) / filename
+
+    async def set_checkpoint_ttl(self, user: str, run_id: str, checkpoint_id: str, ttl_seconds: int | None) -> dict:
+        await self._model(user, run_id)
+        path = TinkerPath.of(run_id, checkpoint_id)
+        await self._checkpoint(user, path, None, "checkpoint_id")
+        await self.db.run(lambda s: s.execute(update(CheckpointRow).where(CheckpointRow.tinker_path == str(path))
+                                              .values(expires_at=_expiry(ttl_seconds))))
+        self.expiry.wake()
+        return {}
+
     async def load_weights(self, user: str, req: S.LoadWeightsIn) -> S.UntypedFuture:
-        ckpt = await self._checkpoint(user, req.path, "training")
+        ckpt = await self._checkpoint(user, req.path, CheckpointKind.TRAINING)
         source = await self.db.run(lambda s: s.get(ModelRow, ckpt.model_id))
         if req.model_id is not None:
             row = await self._model(user, req.model_id)
@@ -384,17 +473,17 @@ class TinkerService:
             await self.db.run(lambda s, sid=old.sampler_id: s.execute(
                 update(SamplerRow).where(SamplerRow.sampler_id == sid).values(lora_name="expired")))
 
-    async def create_sampling_session(self, user: str, req: S.CreateSamplingSessionIn) -> dict:
+    async def create_sampling_session(self, user: str, req: S.CreateSamplingSessionIn) -> S.CreateSamplingSessionOut:
         await self._session(user, req.session_id)
         sampler_id = f"{req.session_id}:sample:{req.sampling_session_seq_id}"
         if req.model_path:
-            ckpt = await self._checkpoint(user, req.model_path, "sampler", field="model_path")
+            ckpt = await self._checkpoint(user, req.model_path, CheckpointKind.SAMPLER, field="model_path")
             model = await self.db.run(lambda s: s.get(ModelRow, ckpt.model_id))
             await self._new_sampler(user, req.session_id, sampler_id, model, req.model_path, ckpt.internal_path, "snapshot")
         else:
             self._check_base(req.base_model or "")
             await self._new_sampler(user, req.session_id, sampler_id, None, None, None, "snapshot")
-        return {"sampling_session_id": sampler_id, "type": "create_sampling_session"}
+        return S.CreateSamplingSessionOut(sampling_session_id=sampler_id)
 
     async def get_sampler(self, user: str, sampler_id: str) -> dict:
         row = await self._sampler(user, sampler_id)
@@ -448,7 +537,7 @@ class TinkerService:
             sampler = await self._sampler(user, req.sampling_session_id)
             lora = sampler.lora_name
         elif req.model_path:
-            ckpt = await self._checkpoint(user, req.model_path, "sampler", field="model_path")
+            ckpt = await self._checkpoint(user, req.model_path, CheckpointKind.SAMPLER, field="model_path")
             model = await self.db.run(lambda s: s.get(ModelRow, ckpt.model_id))
             lora = model.tenant if model is not None else None
         else:
@@ -478,19 +567,20 @@ class TinkerService:
 
     # ------------------------------------------------------------------ runs and checkpoints
     def _checkpoint_out(self, row: CheckpointRow) -> S.CheckpointOut:
-        segment = "weights" if row.kind == "training" else "sampler_weights"
-        return S.CheckpointOut(checkpoint_id=f"{segment}/{row.name}", checkpoint_type=row.kind, time=row.created,
+        kind = CheckpointKind(row.kind)
+        return S.CheckpointOut(checkpoint_id=f"{kind.segment}/{row.name}", checkpoint_type=kind, time=row.created,
                                tinker_path=row.tinker_path, size_bytes=row.size_bytes or None,
-                               user_metadata=row.user_metadata or None)
+                               user_metadata=row.user_metadata or None,
+                               expires_at=None if row.expires_at is None else aware(row.expires_at))
 
     async def training_run(self, user: str, model_id: str) -> S.TrainingRunOut:
         row = await self._model(user, model_id)
 
         def fn(s: Session) -> tuple[CheckpointRow | None, CheckpointRow | None]:
             def last(kind: str) -> CheckpointRow | None:
-                return s.scalars(select(CheckpointRow).where(CheckpointRow.model_id == model_id, CheckpointRow.kind == kind)
-                                 .order_by(CheckpointRow.created.desc()).limit(1)).first()
-            return last("training"), last("sampler")
+                return s.scalars(select(CheckpointRow).where(CheckpointRow.model_id == model_id, CheckpointRow.kind == kind,
+                                                             live()).order_by(CheckpointRow.created.desc()).limit(1)).first()
+            return last(CheckpointKind.TRAINING), last(CheckpointKind.SAMPLER)
         train, sampler = await self.db.run(fn)
         return S.TrainingRunOut(training_run_id=model_id, base_model=row.base_model, model_owner=user, lora_rank=row.rank,
                                 last_request_time=row.last_request,
@@ -512,7 +602,7 @@ class TinkerService:
             await self._model(user, model_id)
 
         def fn(s: Session) -> list[CheckpointRow]:
-            q = select(CheckpointRow).where(CheckpointRow.user_id == user, CheckpointRow.ephemeral.is_(False))
+            q = select(CheckpointRow).where(CheckpointRow.user_id == user, CheckpointRow.ephemeral.is_(False), live())
             if model_id is not None:
                 q = q.where(CheckpointRow.model_id == model_id)
             return list(s.scalars(q.order_by(CheckpointRow.created)).all())
@@ -520,16 +610,15 @@ class TinkerService:
         return {"checkpoints": [self._checkpoint_out(r).model_dump(mode="json") for r in rows]}
 
     async def delete_checkpoint(self, user: str, model_id: str, checkpoint_id: str) -> dict:
+        """The checkpoint's row and its files (a sampler export still being served stays until pruned)."""
         await self._model(user, model_id)
-        tinker_path = f"tinker://{model_id}/{checkpoint_id}"
-        await self._checkpoint(user, tinker_path, "training" if checkpoint_id.startswith("weights/") else "sampler",
-                               field="checkpoint_id")
-        await self.db.run(lambda s: s.execute(delete(CheckpointRow).where(CheckpointRow.tinker_path == tinker_path)))
+        row = await self._checkpoint(user, TinkerPath.of(model_id, checkpoint_id), None, "checkpoint_id")
+        await self._remove_checkpoint_files(row)
+        await self.db.run(lambda s: s.execute(delete(CheckpointRow).where(CheckpointRow.tinker_path == row.tinker_path)))
         return {}
 
     async def weights_info(self, user: str, tinker_path: str) -> dict:
-        kind = "training" if "/weights/" in tinker_path else "sampler"
-        ckpt = await self._checkpoint(user, tinker_path, kind, field="tinker_path")
+        ckpt = await self._checkpoint(user, tinker_path, None, field="tinker_path")
         model = await self.db.run(lambda s: s.get(ModelRow, ckpt.model_id))
         spec = LoraSpec.model_validate(model.spec) if model else None
         return {"base_model": self.settings.served_name, "is_lora": True, "lora_rank": spec.rank if spec else None,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 from collections.abc import Awaitable
 from typing import Any
@@ -306,33 +305,6 @@ class _BodyErrorsNamed(APIRoute):
                 return JSONResponse(status_code=400, content={"error": {"message": f"body: {exc.detail}",
                                                                         "field": "body"}})
         return handle
-
-
-class BearerTokenGuard:
-    """ASGI wrapper: every route but the health and metrics probes needs the deployment's bearer token.
-
-    A wrapper rather than app middleware: vLLM has built the app's middleware stack by the time our
-    routes are installed, and Starlette refuses middleware added after that.
-    """
-
-    OPEN_PATHS = frozenset({"/health", "/metrics", "/ping"})
-
-    def __init__(self, app: Any, token: str) -> None:
-        self.app = app
-        self._expected = token.encode()
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope.get("path") not in self.OPEN_PATHS:
-            given = dict(scope.get("headers") or []).get(b"authorization", b"")
-            scheme, _, credentials = given.strip().partition(b" ")
-            # the scheme is case-insensitive (RFC 9110 §11.1); the token is compared in constant time
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(credentials.strip(), self._expected):
-                response = JSONResponse(status_code=401, content={"error": {
-                    "message": "Authorization: missing or wrong bearer token for this inference server",
-                    "field": "Authorization"}})
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
 
 
 def install_routes(app: FastAPI, controller: LoraController) -> None:

@@ -197,7 +197,8 @@ class EmbeddedVLLMServer:
         from skyrl_lora.inference import vllm_compat as compat
         from skyrl_lora.inference.lora_control import LoraController
         from skyrl_lora.inference.manifest import AdapterManifest
-        from skyrl_lora.inference.routes import BearerTokenGuard, install_routes
+        from skyrl_lora.inference.access import AccessGuard
+        from skyrl_lora.inference.routes import install_routes
 
         assert self._ready is not None
         try:
@@ -224,7 +225,7 @@ class EmbeddedVLLMServer:
                 self.controller = controller
                 await self._load_initial_adapters(controller, manifest)
                 sock.listen(1024)
-                served = BearerTokenGuard(app, self.config.control_token) if self.config.control_token else app
+                served = AccessGuard(app, self.config.control_token)
                 config = uvicorn.Config(served, log_level="warning", timeout_keep_alive=SERVER_KEEP_ALIVE_S,
                                         lifespan="on")
                 self._uvicorn = uvicorn.Server(config)

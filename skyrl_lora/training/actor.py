@@ -132,6 +132,12 @@ class TrainerActor:
     async def load_state(self, tenant: str, path: str, with_optimizer: bool = True) -> TenantInfo:
         return await self._run(self.trainer.load_state, tenant, path, with_optimizer=with_optimizer)
 
+    async def adapter_files(self, tenant: str) -> dict[str, bytes]:
+        return await self._run(self.trainer.adapter_files, tenant)
+
+    async def delete_checkpoint(self, path: str) -> bool:
+        return await asyncio.to_thread(self.trainer.delete_checkpoint, path)
+
     async def save_weights_for_sampler(self, tenant: str, name: str, *, sync: bool = True) -> SamplerWeights:
         """Export the tenant's adapter and swap it into every inference server, pausing only that tenant.
 

@@ -11,6 +11,7 @@ import logging
 import math
 import re
 import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -261,6 +262,36 @@ class MultiTenantTrainer:
         if root == self.config.sampler_root / tenant:
             self._prune_exports(root)
         return out
+
+    def adapter_files(self, tenant: str) -> dict[str, bytes]:
+        """The tenant's adapter as the files of a peft directory (name -> bytes), for a download.
+
+        Written to a temporary directory and read back, so the export is exactly what vLLM and
+        peft load; nothing of it stays on the trainer's disk."""
+        with tempfile.TemporaryDirectory(prefix="skyrl-adapter-") as tmp:
+            out = self.export_for_sampler(tenant, "external", Path(tmp))
+            return {f.name: f.read_bytes() for f in sorted(out.iterdir()) if f.is_file()}
+
+    def delete_checkpoint(self, path: str) -> bool:
+        """Remove a saved state file or a sampler export (a deleted or expired checkpoint).
+
+        Only paths under this trainer's own roots; a tenant's newest export stays, because it is
+        the version the servers serve and reload after a restart (it goes with the next prune).
+        Returns whether anything was removed."""
+        real = Path(path).resolve()
+        roots = (self.config.checkpoint_dir.resolve(), self.config.sampler_root.resolve())
+        if not any(real.is_relative_to(r) and real != r for r in roots):
+            raise SkyrlError(403, f"path: '{path}' is outside this trainer's checkpoints", "path")
+        if real.is_file():
+            real.unlink()
+            return True
+        if real.is_dir():
+            exports = [d for d in real.parent.iterdir() if d.is_dir() and not d.name.startswith(".")]
+            if real == max(exports, key=lambda d: d.stat().st_mtime_ns):
+                return False
+            shutil.rmtree(real, ignore_errors=True)
+            return True
+        return False
 
     def durable_path(self, export: Path) -> Path:
         """Where :meth:`persist_export` keeps an export written elsewhere."""
