@@ -72,4 +72,6 @@ class AccessGuard:
                 await send({**start, "headers": headers + [(b"content-length", str(len(text)).encode())]})
                 await send({"type": "http.response.body", "body": text})
 
-        await self.app(scope, receive, collect)
+        # ask for plain text: prometheus' app gzips for clients that accept it, and gzip can't be filtered
+        plain = {**scope, "headers": [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"accept-encoding"]}
+        await self.app(plain, receive, collect)
