@@ -141,6 +141,9 @@ def skyrl_system(config: Any, *, serve_api: bool = False) -> Iterator[SkyrlSyste
     publish = shared_memory_root(token)
     system = SkyrlSystem(config=config, model=model, inference=InferenceCluster(token=token), trainer=None)
     gpu_bundles = [{"GPU": config.gpus_per_server, "CPU": 1}] * config.num_inference_servers if config.gpus_per_server else []
+    sharing = config.trainer_base_weights != "own" and bool(gpu_bundles) and config.trainer_gpus > 0
+    if sharing and config.gpus_per_server + config.trainer_gpus <= 1:  # the trainer joins server 0's GPU
+        gpu_bundles[0] = {"GPU": config.gpus_per_server + config.trainer_gpus, "CPU": 2}
     try:
         strategy = None
         if gpu_bundles:
@@ -168,9 +171,14 @@ def skyrl_system(config: Any, *, serve_api: bool = False) -> Iterator[SkyrlSyste
                                        max_lora_rank=config.max_lora_rank,
                                        resident_budget_bytes=config.resident_budget_bytes,
                                        cpu_budget_bytes=config.cpu_budget_bytes, disk_budget_bytes=config.disk_budget_bytes,
-                                       keep_sampler_versions=1_000_000 if serve_api else 4)
+                                       keep_sampler_versions=1_000_000 if serve_api else 4,
+                                       base_weights=config.trainer_base_weights, share_from=server_name(0))
+        trainer_strategy = None
+        if sharing and gpu_bundles[0]["GPU"] <= 1 and system.placement_group is not None:
+            trainer_strategy = PlacementGroupSchedulingStrategy(system.placement_group, placement_group_bundle_index=0)
         system.trainer = start_trainer_actor(trainer_config, num_gpus=config.trainer_gpus, name=TRAINER_NAME,
-                                             max_restarts=config.trainer_max_restarts)
+                                             max_restarts=config.trainer_max_restarts,
+                                             scheduling_strategy=trainer_strategy)
         if serve_api:
             from skyrl_lora.api.server import start_api_actor
             from skyrl_lora.api.settings import ApiSettings

@@ -7,7 +7,7 @@ tenants' ranks against the servers' max LoRA rank, GPUs asked for against GPUs t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -59,6 +59,10 @@ class SkyrlConfig(BaseSettings):
                                         "one per deployment, handed to the trainer and the API)")
     # training
     trainer_gpus: float = Field(0, ge=0)
+    trainer_base_weights: Literal["own", "shared", "shared_or_own"] = Field(
+        "own", description="'shared': the trainer builds its base model on views of inference server 0's GPU weights "
+        "(one copy of the base per GPU; the two share server 0's GPU); 'shared_or_own': share where possible, else "
+        "a copy; 'own': always a copy")
     trainer_max_restarts: int = Field(3, ge=0, description="Ray restarts a crashed trainer this often; each tenant "
                                       "comes back from its last save_state")
     resident_budget_bytes: int = Field(512 * MiB, ge=0)
@@ -133,6 +137,8 @@ class SkyrlConfig(BaseSettings):
         """Refuse a configuration that cannot work, before anything is started."""
         if self.base_model is not None and not (Path(self.base_model) / "config.json").is_file():
             raise ConfigError(f"base_model: no HF model at '{self.base_model}' (config.json missing)", "base_model")
+        if self.trainer_base_weights == "shared":
+            self._check_sharing()
         if cluster_resources is not None:
             need = self.num_inference_servers * self.gpus_per_server + self.trainer_gpus
             have = float(cluster_resources.get("GPU", 0))
@@ -140,6 +146,24 @@ class SkyrlConfig(BaseSettings):
                 raise ConfigError(f"gpus_per_server: {self.num_inference_servers} server(s) × {self.gpus_per_server} GPU + "
                                   f"trainer {self.trainer_gpus} GPU = {need} GPUs, but the cluster has {have}",
                                   "gpus_per_server")
+
+    def _check_sharing(self) -> None:
+        """Refuse 'shared' base weights where they cannot be shared, before anything starts."""
+        field = "trainer_base_weights"
+        if self.gpus_per_server <= 0 or self.trainer_gpus <= 0:
+            raise ConfigError(f"{field}: 'shared' needs GPU memory to share: the servers and the trainer run on the "
+                              f"CPU (gpus_per_server={self.gpus_per_server}, trainer_gpus={self.trainer_gpus})", field)
+        if self.gpus_per_server + self.trainer_gpus > 1:
+            raise ConfigError(f"{field}: 'shared' puts the trainer on server 0's GPU: gpus_per_server + trainer_gpus "
+                              f"must be at most 1 (got {self.gpus_per_server} + {self.trainer_gpus})", field)
+        from transformers import AutoConfig
+
+        from skyrl_lora.training.shared_base import SharingImpossible, check_shareable
+
+        try:
+            check_shareable(AutoConfig.from_pretrained(self.model_path()))
+        except SharingImpossible as exc:
+            raise ConfigError(f"{field}: 'shared' is impossible for this model: {exc}", field) from exc
 
     def roots(self) -> tuple[str, ...]:
         return self.adapter_roots or (str(Path(self.data_dir).resolve()),)

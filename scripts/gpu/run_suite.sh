@@ -7,3 +7,5 @@ export PYTHONPATH=/tmp/site:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 
 out=${OUT:-/tmp/out}; mkdir -p "$out"
 nvidia-smi -L
 python3 -m pytest -m gpu -p no:cacheprovider -x -q -rA --durations=10 --junitxml="$out/gpu-junit.xml" "$@" 2>&1 | tee "$out/gpu-suite.log"
+# CUDA-only tests (not collected on CPU machines): the colocated trainer on a server's GPU weights
+python3 -m pytest tests_cuda -p no:cacheprovider -x -q -rA -s --junitxml="$out/cuda-junit.xml" 2>&1 | tee "$out/cuda-suite.log"

@@ -91,6 +91,7 @@ class TinkerService:
         # reads them from memory; the database stays the durable copy for a restart.
         self._samplers: LRUCache = LRUCache(maxsize=100_000)
         self.vocab_size = _vocab_size(settings.base_model)
+        self._said_unembed = False
 
     # ------------------------------------------------------------------ lifecycle
     def startup(self) -> None:
@@ -213,6 +214,10 @@ class TinkerService:
         targets = (ATTENTION_MODULES if cfg.train_attn else ()) + (MLP_MODULES if cfg.train_mlp else ())
         if not targets:
             raise SkyrlError(400, "lora_config: train_attn or train_mlp must be true", "lora_config")
+        if cfg.train_unembed and not self._said_unembed:  # the SDK's default: say once that it is not done
+            self._said_unembed = True
+            logger.info("lora_config.train_unembed: LoRA on lm_head is not trained or served here (vLLM's lm_head "
+                        "LoRA broke prompt logprobs); attention/MLP projections only (weights_info says so)")
         spec = LoraSpec(rank=cfg.rank, alpha=float(cfg.rank), target_modules=targets, seed=cfg.seed or 0)
         model_id = f"{session.session_id}:train:{req.model_seq_id}"
         meta = {str(k): str(v) for k, v in (req.user_metadata or {}).items()}

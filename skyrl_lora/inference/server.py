@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from skyrl_lora.errors import SkyrlError
 from skyrl_lora.inference.vllm_compat import STAGE_WORKER_EXTENSION
 from skyrl_lora.lora_targets import SERVED_MODULES
 
@@ -292,6 +293,22 @@ class EmbeddedVLLMServer:
                 if name in self.config.loras and path == self.config.loras[name]:
                     raise
                 logger.error("could not restore LoRA %s from %s: %s", name, path, exc)
+
+    async def share_weights(self, path: str) -> dict[str, Any]:
+        """Hand out this server's base weights for a colocated trainer (CUDA IPC handles written to
+        ``path``); a 409 where they cannot be shared (no CUDA, or several workers)."""
+        from skyrl_lora.inference import vllm_compat as compat
+
+        if self.engine is None:
+            raise SkyrlError(503, "the server is not started", None)
+        try:
+            answers = await compat.share_weights(self.engine, path)
+        except Exception as exc:  # vLLM wraps the worker's error; its text says why
+            raise SkyrlError(409, f"base weights cannot be shared: {exc}", None) from exc
+        if len(answers) != 1:
+            raise SkyrlError(409, f"base weights cannot be shared: {len(answers)} workers (tensor parallel); "
+                                  "a colocated trainer needs one", None)
+        return answers[0]
 
     async def stop(self, timeout_s: float = 30.0) -> None:
         if self._watchdog is not None:

