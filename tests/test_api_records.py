@@ -7,7 +7,6 @@ import asyncio
 from datetime import timedelta
 from pathlib import Path
 
-import pyrage
 import pytest
 
 from skyrl_lora.api.db import CheckpointRow, Database, now
@@ -129,6 +128,8 @@ def test_download_urls_sign_one_file_of_one_checkpoint_until_they_expire(tmp_pat
 
 
 def test_exports_are_encrypted_to_the_recipients(tmp_path: Path) -> None:
+    import pyrage
+
     identity = pyrage.x25519.Identity.generate()
     store = ExternalWeightsStore(tmp_path / "exports", "k" * 64)
     stored = store.write({"adapter_config.json": b"{}", "w.safetensors": b"\x00" * 100},

@@ -22,8 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-import pyrage
-
 from skyrl_lora.api.paths import TinkerPath
 from skyrl_lora.errors import SkyrlError
 
@@ -37,6 +35,8 @@ def parse_recipients(values: list[str]) -> list[object]:
     if len(values) > MAX_RECIPIENTS:
         raise SkyrlError(400, f"age_encryption_recipients: at most {MAX_RECIPIENTS}, got {len(values)}",
                          "age_encryption_recipients")
+    import pyrage  # only encryption needs it (the GPU bundle, which never serves the API, has none)
+
     out: list[object] = []
     for i, value in enumerate(values):
         field = f"age_encryption_recipients.{i}"
@@ -70,6 +70,8 @@ class ExternalWeightsStore:
         tmp = self.root / f".tmp-{final.name}"
         tmp.mkdir(parents=True)
         size = 0
+        if recipients:
+            import pyrage
         try:
             for name, data in files.items():
                 if recipients:
