@@ -232,10 +232,11 @@ def main() -> None:
     os.environ["TINKER_TELEMETRY"] = "0"
 
     import ray
+
     from skyrl_lora.api.server import start_api_actor
     from skyrl_lora.api.settings import ApiSettings
-    from skyrl_lora.inference.actor import start_server_actor
     from skyrl_lora.cluster import start_local_ray
+    from skyrl_lora.inference.actor import start_server_actor
     from skyrl_lora.inference.server import ServerConfig
     from skyrl_lora.training.actor import start_trainer_actor
     from skyrl_lora.training.config import TrainerConfig

@@ -93,8 +93,8 @@ def plot(result: dict[str, Any], png: Path) -> None:
     own = result["standalone_trainer_bytes_estimate"] / GiB
     ax.bar(["colocated (views)", "own base copy"], [shared, own], color=["tab:green", "tab:gray"])
     ax.set_ylabel("trainer GPU memory, GiB (peak)")
-    ax.set_title(f"8B-shape, {result['tenants']} tenants rank {result['rank']}: base {result['base_bytes_shared_not_copied'] / GiB:.1f} GiB not copied",
-                 fontsize=9)
+    base = result["base_bytes_shared_not_copied"] / GiB
+    ax.set_title(f"8B-shape, {result['tenants']} tenants rank {result['rank']}: base {base:.1f} GiB not copied", fontsize=9)
     for i, v in enumerate((shared, own)):
         ax.text(i, v, f"{v:.2f}", ha="center", va="bottom")
     fig.tight_layout()

@@ -107,7 +107,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     tok = AutoTokenizer.from_pretrained(fixtures.base)
     prompt_text = "def handle(request):\n    user = request.user\n    if not user.is_authenticated:\n"
     prompt_ids = tok(prompt_text)["input_ids"]
-    datum = Datum(model_input=list(range(3, 3 + args.seq_len)), loss_fn_inputs={"target_tokens": list(range(4, 4 + args.seq_len))})
+    datum = Datum(model_input=list(range(3, 3 + args.seq_len)),
+                  loss_fn_inputs={"target_tokens": list(range(4, 4 + args.seq_len))})
     try:
         await trainer.create_lora.remote("trainee", LoraSpec(rank=args.rank, alpha=float(args.rank)))
         await trainer.forward_backward.remote("trainee", [datum])  # warm the trainer

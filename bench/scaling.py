@@ -79,7 +79,7 @@ async def bench(url: str, prompt: list[int], paths: list[str], args: argparse.Na
             "syncs": {c: len(v) for c, v in sync_s.items()},
             "sync_s_median": {c: round(statistics.median(v), 4) for c, v in sync_s.items() if v},
         }
-        for i, t in enumerate(tenants):
+        for t in tenants:
             await clients[0].unload_lora_adapter(t)
         for c in clients:
             await c.aclose()
@@ -117,7 +117,8 @@ def main() -> None:
     parser.add_argument("--tenants", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--conditions", nargs="+", choices=CONDITIONS[1:], default=["per-lora", "engine-wide"])
     parser.add_argument("--window-s", type=float, default=8.0)
-    parser.add_argument("--max-loras", type=int, default=None, help="adapter slots (default: 2 × most tenants + 4: a flip loads the new version beside the old)")
+    parser.add_argument("--max-loras", type=int, default=None,
+                        help="adapter slots (default: 2 × most tenants + 4: a flip loads the new version beside the old)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--streams", type=int, default=1, help="streams per tenant")
     parser.add_argument("--max-tokens", type=int, default=32)

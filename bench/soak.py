@@ -110,7 +110,7 @@ async def soak(urls: list[str], tenants: list[str], paths: tuple[str, str], prom
     try:
         await asyncio.wait_for(asyncio.gather(*workers), 180)
         stuck = 0
-    except asyncio.TimeoutError:
+    except TimeoutError:
         stuck = sum(not w.done() for w in workers)
     wall = time.perf_counter() - t0
     growth = {}
@@ -158,8 +158,9 @@ def main() -> None:
 
     setup = tiny_setup()
     paths = twin_adapter(Path(setup.base), Path(tempfile.mkdtemp(prefix="soak-")))
-    prompts = [setup.tokenizer(text)["input_ids"] for text in ("def main():\n    for item in", "class Node:\n    def __init__(self",
-                                                   "import os\n\ndef walk(path", "    return sorted(")]
+    texts = ("def main():\n    for item in", "class Node:\n    def __init__(self", "import os\n\ndef walk(path",
+             "    return sorted(")
+    prompts = [setup.tokenizer(text)["input_ids"] for text in texts]
     tenants = [f"soak-{i}" for i in range(args.tenants)]
     with inference_servers(setup.base, dict.fromkeys(tenants, paths[0]), num_gpus_per_server=args.num_gpus,
                            max_loras=2 * args.tenants + 2, max_lora_rank=16, dtype="float32") as cluster:

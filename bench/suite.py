@@ -36,7 +36,8 @@ class Target:
 
 TARGETS: dict[str, list[Target]] = {
     "isolation": [
-        Target("1", "B tok/s while A syncs 1/s ÷ A generating, no sync (per-LoRA)", ("b_ratio_vs_a_no_sync", "per-lora"), ">= 0.97"),
+        Target("1", "B tok/s while A syncs 1/s ÷ A generating, no sync (per-LoRA)",
+               ("b_ratio_vs_a_no_sync", "per-lora"), ">= 0.97"),
         Target("1", "same, engine-wide pause", ("b_ratio_vs_a_no_sync", "engine-wide"), ""),
         Target("1", "same, in-place load without pause", ("b_ratio_vs_a_no_sync", "inplace-no-pause"), ""),
         Target("2", "sync latency ÷ raw adapter load", ("sync_over_raw_load",), "<= 1.5"),
@@ -56,10 +57,12 @@ TARGETS: dict[str, list[Target]] = {
     "trainer": [
         Target("5", "tenant switch via CPU tier ÷ forward_backward", ("switch_over_step", "cpu"), "<= 0.10"),
         Target("5", "tenant switch via disk tier ÷ forward_backward", ("switch_over_step", "disk"), ""),
-        Target("5", "training tok/s, 4 tenants resident ÷ 1", ("train_tokens_per_s_ratio_vs_1_tenant", "4 tenants, 4 resident"), ""),
+        Target("5", "training tok/s, 4 tenants resident ÷ 1",
+               ("train_tokens_per_s_ratio_vs_1_tenant", "4 tenants, 4 resident"), ""),
     ],
     "scaling": [
-        Target("6", "1 tenant syncing 1/s: tok/s ÷ no sync (per-LoRA)", ("by_tenants", "1", "ratio_median", "per-lora"), ">= 0.97"),
+        Target("6", "1 tenant syncing 1/s: tok/s ÷ no sync (per-LoRA)",
+               ("by_tenants", "1", "ratio_median", "per-lora"), ">= 0.97"),
         Target("6", "8 tenants (per-LoRA, median tenant)", ("by_tenants", "8", "ratio_median", "per-lora"), ""),
         Target("6", "32 tenants (per-LoRA, median tenant)", ("by_tenants", "32", "ratio_median", "per-lora"), ">= 0.9"),
         Target("6", "32 tenants (per-LoRA, worst tenant)", ("by_tenants", "32", "ratio_min", "per-lora"), ""),

@@ -12,6 +12,7 @@ current tenant of the slot to its tier, and restore the incoming one from the ti
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import statistics
@@ -100,13 +101,13 @@ def run(args: argparse.Namespace) -> dict:
         occupant = "a" if r % 2 == 0 else "b"
         other = "b" if occupant == "a" else "a"
         via_cpu.make_resident(occupant)
-        steps.append(timed(lambda: via_cpu.forward_backward(occupant, data)))
+        steps.append(timed(functools.partial(via_cpu.forward_backward, occupant, data)))
         via_cpu.optim_step(occupant, adam)
         assert via_cpu.info(other).tier == "cpu"
-        cpu_sw.append(timed(lambda: via_cpu.make_resident(other)))
+        cpu_sw.append(timed(functools.partial(via_cpu.make_resident, other)))
         via_disk.make_resident(occupant)
         assert via_disk.info(other).tier == "disk"
-        disk_sw.append(timed(lambda: via_disk.make_resident(other)))
+        disk_sw.append(timed(functools.partial(via_disk.make_resident, other)))
     del via_cpu, via_disk
 
     configs = {"1 tenant": (1, 1), "4 tenants, 4 resident": (4, 4), "4 tenants, 1 slot (switch every step)": (4, 1)}

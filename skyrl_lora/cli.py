@@ -8,7 +8,6 @@ import logging
 import signal
 import threading
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -21,7 +20,7 @@ def _quiet_http_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _config(path: Optional[Path], **overrides):
+def _config(path: Path | None, **overrides):
     from skyrl_lora.config import ConfigError, SkyrlConfig
 
     try:
@@ -33,7 +32,7 @@ def _config(path: Optional[Path], **overrides):
 
 @app.command()
 def demo(
-    config: Optional[Path] = ConfigOpt,
+    config: Path | None = ConfigOpt,
     steps: int = typer.Option(10, help="RL steps per tenant"),
     group_size: int = typer.Option(64, help="samples per step and tenant"),
     out_dir: Path = typer.Option(Path("artifacts/demo"), help="where the JSON summary and PNG go"),
@@ -73,7 +72,7 @@ def isolation_demo(
 
 
 @app.command()
-def serve(config: Optional[Path] = ConfigOpt, port: Optional[int] = typer.Option(None, help="API port")) -> None:
+def serve(config: Path | None = ConfigOpt, port: int | None = typer.Option(None, help="API port")) -> None:
     """Bring the system up and serve the Tinker-compatible API until SIGINT/SIGTERM, then tear it down."""
     from skyrl_lora.cluster import init_ray, skyrl_system
     from skyrl_lora.config import ConfigError

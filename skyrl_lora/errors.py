@@ -14,7 +14,7 @@ class SkyrlError(Exception):
         self.message = message
         self.field = field_name
 
-    def __reduce__(self):  # keep status and field when Ray pickles the error across processes
+    def __reduce__(self) -> tuple[type[SkyrlError], tuple[int, str, str | None]]:  # Ray pickles it across processes
         return (type(self), (self.status, self.message, self.field))
 
     def to_dict(self) -> dict[str, object]:

@@ -61,11 +61,10 @@ class ServerHandle:
 @pytest.fixture(scope="session")
 def vllm_server(tiny: TinyFixtures, ray_local: None) -> Iterator[ServerHandle]:
     import ray
+    import torch
 
     from skyrl_lora.inference.actor import start_server_actor
     from skyrl_lora.inference.server import ServerConfig
-
-    import torch
 
     # The same suite is the GPU suite on the device: there the server takes one GPU and CUDA vLLM.
     num_gpus = 1 if torch.cuda.is_available() else 0

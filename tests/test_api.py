@@ -12,8 +12,9 @@ import pytest
 
 from skyrl_lora.api.server import ApiServer
 
-pytestmark = [pytest.mark.vllm]
 from .conftest import ALICE, BOB
+
+pytestmark = [pytest.mark.vllm]
 
 SFT_STEPS, SFT_LR = 8, 5e-3
 RL_STEPS, RL_GROUP, RL_LR = 8, 64, 2e-2

@@ -314,3 +314,27 @@ def test_many_prompt_logprob_requests_through_the_sdk(api_env, tok, record_prope
     again = samplers["base"].sample(types.ModelInput.from_ints(prompts[1]), 1,
                                     types.SamplingParams(max_tokens=4, temperature=0.0)).result()
     assert len(again.sequences[0].tokens) == 4  # the engine still serves
+
+
+def test_only_the_newest_ephemeral_samplers_stay_loaded(api_env, tok) -> None:
+    """With keep_ephemeral_samplers=1, a model's older pinned sampler is unloaded and answers 404 saying
+    it expired, while the newest samples."""
+    import tinker
+    from tinker import types
+
+    settings = api_env["settings"].model_copy(update={"data_dir": api_env["settings"].data_dir.parent / "api-keep1",
+                                                      "keep_ephemeral_samplers": 1})
+    app, _ = build_app(settings, api_env["trainer"], [api_env["vllm"].url])
+    url, stop = _serve(app)
+    try:
+        tc = tinker.ServiceClient(base_url=url, api_key=ALICE).create_lora_training_client(
+            base_model=settings.served_name, rank=4).result()
+        first = tc.save_weights_and_get_sampling_client().result()
+        second = tc.save_weights_and_get_sampling_client().result()
+        prompt = types.ModelInput.from_ints(tok("x = ")["input_ids"])
+        params = types.SamplingParams(max_tokens=2, temperature=0.0)
+        assert len(second.sample(prompt, 1, params).result().sequences[0].tokens) == 2
+        with pytest.raises(tinker.NotFoundError, match="expired"):
+            first.sample(prompt, 1, params).result()
+    finally:
+        stop()

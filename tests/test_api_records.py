@@ -163,3 +163,26 @@ def test_open_metrics_hide_the_series_that_name_adapters() -> None:
             b'vllm:num_requests_running{engine="0",model_name="base"} 2.0\n')
     out = redact_adapter_names(text)
     assert b"run-abc" not in out and b"vllm:num_requests_running" in out and b"# HELP" in out
+
+
+def test_an_older_database_gets_the_new_columns_and_keeps_its_meaning(tmp_path: Path) -> None:
+    """A database made before expires_at / ephemeral / expired existed opens, and a sampler marked expired
+    the old way (its name "expired") is expired the new way."""
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE samplers (sampler_id VARCHAR(256) PRIMARY KEY, user_id VARCHAR(128), "
+                     "session_id VARCHAR(64), base_model TEXT, model_path TEXT, lora_name VARCHAR(256), "
+                     "adapter_path TEXT, created DATETIME)")
+        conn.execute("CREATE TABLE checkpoints (tinker_path VARCHAR(1024) PRIMARY KEY, model_id VARCHAR(256), "
+                     "user_id VARCHAR(128), kind VARCHAR(16), name VARCHAR(256), internal_path TEXT, size_bytes INTEGER, "
+                     "ephemeral BOOLEAN, user_metadata JSON, created DATETIME)")
+        conn.execute("INSERT INTO samplers VALUES ('s:sample:0', 'u', 's', 'b', NULL, 'expired', NULL, '2026-01-01')")
+        conn.execute("INSERT INTO samplers VALUES ('s:sample:1', 'u', 's', 'b', NULL, 'run-1.ab', NULL, '2026-01-01')")
+    from skyrl_lora.api.db import SamplerRow
+
+    db = Database(f"sqlite:///{path}")
+    rows = db.run_sync(lambda s: {r.sampler_id: (r.expired, r.ephemeral) for r in s.query(SamplerRow).all()})
+    assert rows == {"s:sample:0": (True, False), "s:sample:1": (False, False)}
+    assert db.run_sync(lambda s: s.query(CheckpointRow).count()) == 0  # expires_at exists: the query works

@@ -35,7 +35,7 @@ def test_ray_cluster_yaml_validates_against_rays_schema() -> None:
     assert any("[gpu]" in c for c in cfg["setup_commands"])
     broken = copy.deepcopy(cfg)
     broken["available_node_types"]["gpu_worker"]["max_workers"] = "many"
-    with pytest.raises(Exception):
+    with pytest.raises(Exception, match="many"):
         validate_config(prepare_config(broken))
 
 

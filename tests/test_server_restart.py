@@ -53,7 +53,7 @@ async def _healthy(url: str) -> bool:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
             async with http.get(f"{url}/health") as resp:  # the open probe: no token needed
                 return resp.status == 200
-    except (aiohttp.ClientError, asyncio.TimeoutError):
+    except (TimeoutError, aiohttp.ClientError):
         return False
 
 

@@ -2,8 +2,8 @@
 
 A mid-size Llama (hidden 1024, 8 layers, vLLM's dummy weights) with rank-256 adapters on every
 projection, in fp32 as the trainer writes them: 160 MB each, the size of an 8B model's rank-32
-adapter, so that reading and packing one takes clearly longer than a decode step. A watcher streams the base model (the tenants' KL
-reference) through ``/v1/completions`` and records the gap between tokens; tenant A syncs every half
+adapter, so that reading and packing one takes clearly longer than a decode step. A watcher streams the
+base model (the tenants' KL reference) through ``/v1/completions`` and records the gap between tokens; tenant A syncs every half
 second. (On a CPU a LoRA stream's own decode step, vLLM's torch LoRA ops at the maximum rank, is as
 slow as an adapter load, which would hide the stall either way; the GPU benchmark watches a LoRA
 tenant.) Staged (the default), the engine only registers the

@@ -11,12 +11,12 @@ import urllib.parse
 import aiohttp
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from transformers import AutoTokenizer
 
 from skyrl_lora.inference.actor import start_server_actor
 from skyrl_lora.inference.client import RemoteInferenceClient
 from skyrl_lora.inference.server import ServerConfig
 from skyrl_lora.models.tiny import build_fixtures
-from transformers import AutoTokenizer
 
 SECOND_NODE_IP = "127.0.0.2"
 
@@ -26,7 +26,7 @@ async def reachable(url: str) -> bool:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
             async with http.get(url + "/health") as resp:
                 return resp.status == 200
-    except (aiohttp.ClientError, asyncio.TimeoutError):
+    except (TimeoutError, aiohttp.ClientError):
         return False
 
 

@@ -16,8 +16,22 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import (JSON, Boolean, DateTime, Integer, LargeBinary, PrimaryKeyConstraint, String, Text, create_engine,
-                        event, inspect, select, text, update)
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Integer,
+    LargeBinary,
+    PrimaryKeyConstraint,
+    String,
+    Text,
+    create_engine,
+    event,
+    inspect,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.sql.base import Executable
 
@@ -97,6 +111,10 @@ class SamplerRow(Base):
     lora_name: Mapped[str | None] = mapped_column(String(256), nullable=True)
     adapter_path: Mapped[str | None] = mapped_column(Text, nullable=True)
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+    # made by save_weights_and_get_sampling_client: only a few of a model's are kept loaded
+    ephemeral: Mapped[bool] = mapped_column(Boolean, default=False)
+    # its pinned adapter was unloaded to make room (ephemeral ones only): asking for it is a 404
+    expired: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class FutureRow(Base):
@@ -136,15 +154,23 @@ class SecretRow(Base):
 
 # Columns added after the first release, as (table, column, SQL type): an existing database gets them
 # on start. Additive and nullable only; anything more wants a real migration tool.
-_ADDED_COLUMNS = [("checkpoints", "expires_at", "TIMESTAMP")]
+# Each may come with the statement that fills it for existing rows.
+_ADDED_COLUMNS = [
+    ("checkpoints", "expires_at", "TIMESTAMP", None),
+    ("samplers", "ephemeral", "BOOLEAN DEFAULT FALSE", None),
+    # before the column, an expired sampler was marked by the name "expired"
+    ("samplers", "expired", "BOOLEAN DEFAULT FALSE", "UPDATE samplers SET expired = TRUE WHERE lora_name = 'expired'"),
+]
 
 
 def _add_missing_columns(engine: Any) -> None:
     inspector = inspect(engine)
     with engine.begin() as conn:
-        for table, column, sql_type in _ADDED_COLUMNS:
+        for table, column, sql_type, fill in _ADDED_COLUMNS:
             if column not in {c["name"] for c in inspector.get_columns(table)}:
                 conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}"))
+                if fill is not None:
+                    conn.execute(text(fill))
 
 
 class Database:
@@ -199,7 +225,7 @@ class Database:
                 for stmt, params, _ in batch:
                     groups.setdefault(id(stmt), (stmt, []))[1].append(params)
 
-                def commit_all() -> None:
+                def commit_all(groups: dict[int, tuple[Executable, list[dict[str, Any]]]] = groups) -> None:
                     with self._sessions.begin() as session:
                         for stmt, rows in groups.values():
                             session.execute(stmt, rows)

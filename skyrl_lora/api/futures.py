@@ -17,15 +17,16 @@ import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any, cast
 
 from cachetools import TTLCache
-from sqlalchemy import bindparam, delete, insert, update
+from sqlalchemy import CursorResult, Table, bindparam, delete, insert, update
 
 from skyrl_lora.api.db import Database, FutureRow, now
 from skyrl_lora.errors import SkyrlError
 
 logger = logging.getLogger(__name__)
-_FUTURES = FutureRow.__table__
+_FUTURES = cast(Table, FutureRow.__table__)
 # Prepared once: the database batches rows of the same statement into one executemany.
 _INSERT = insert(_FUTURES)
 _FINISH = update(_FUTURES).where(_FUTURES.c.request_id == bindparam("rid"))  # SET: the parameters' column names
@@ -37,11 +38,14 @@ class Result:
     body: bytes
 
 
-def _try_again(request_id: str) -> dict:
+Outcome = Result | dict[str, Any]  # a result, or a failure {"error", "category"}
+
+
+def _try_again(request_id: str) -> dict[str, Any]:
     return {"type": "try_again", "request_id": request_id, "queue_state": "active"}
 
 
-def json_result(payload: dict) -> Result:
+def json_result(payload: dict[str, Any]) -> Result:
     return Result("application/json", json.dumps(payload).encode())
 
 
@@ -53,13 +57,14 @@ class Futures:
         self.long_poll_s = long_poll_s
         self.retention_s = retention_s
         self._done: dict[str, asyncio.Event] = {}
-        self._tasks: set[asyncio.Task] = set()
-        self._working: set[asyncio.Task] = set()  # still running their work (not yet writing the outcome)
-        self._pruner: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._working: set[asyncio.Task[Any]] = set()  # still running their work (not yet writing the outcome)
+        self._pruner: asyncio.Task[None] | None = None
         # Recent futures of this process, so polls need no database read (a result is nearly always
         # fetched right after it finishes). The database is the durable copy: it answers for anything
         # evicted here and for futures of an earlier process, after a restart.
-        self._live: TTLCache = TTLCache(maxsize=10_000, ttl=min(retention_s, 600.0))  # id -> (user, outcome|None)
+        # id -> (user, outcome or None while running)
+        self._live: TTLCache[str, tuple[str, Outcome | None]] = TTLCache(maxsize=10_000, ttl=min(retention_s, 600.0))
         # Ids need to be unique, not secret (a future is only served to its owner): a random process
         # prefix and a counter cost nothing per request, unlike a uuid4's system call.
         self._prefix = secrets.token_hex(6)
@@ -94,9 +99,11 @@ class Futures:
         return request_id
 
     async def _run(self, request_id: str, user: str, kind: str, work: Callable[[], Awaitable[Result]],
-                   inserted: asyncio.Future) -> None:
-        state, result, error, category = "complete", None, None, None
+                   inserted: asyncio.Future[None]) -> None:
+        state, error, category = "complete", None, None
+        result: Result | None = None
         me = asyncio.current_task()
+        assert me is not None  # this runs as a task
         self._working.add(me)
         try:
             result = await work()
@@ -121,7 +128,7 @@ class Futures:
             "rid": request_id, "state": state, "finished": now(), "error": error, "category": category,
             "content_type": None if result is None else result.content_type, "result": None if result is None else result.body})
 
-    async def retrieve(self, user: str, request_id: str) -> Result | dict:
+    async def retrieve(self, user: str, request_id: str) -> Outcome:
         """The result, a failure ``{"error", "category"}``, or ``{"type": "try_again"}`` after a long poll."""
         live = self._live.get(request_id)
         if live is not None:
@@ -171,7 +178,7 @@ class Futures:
     async def prune(self, finished_before: datetime) -> int:
         """Forget futures that finished before ``finished_before``; running ones are kept. Returns how many."""
         stmt = delete(_FUTURES).where(_FUTURES.c.state != "pending", _FUTURES.c.finished < finished_before)
-        return await self.db.run(lambda s: int(s.execute(stmt).rowcount or 0))
+        return await self.db.run(lambda s: int(cast(CursorResult[Any], s.execute(stmt)).rowcount or 0))
 
     async def _prune_forever(self) -> None:
         while True:

@@ -15,10 +15,10 @@ import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from pydantic import BaseModel
-from sqlalchemy import delete, insert
+from sqlalchemy import CursorResult, Table, delete, insert
 
 from skyrl_lora.api.db import Database, IdempotencyRow, now
 from skyrl_lora.errors import SkyrlError
@@ -26,7 +26,7 @@ from skyrl_lora.errors import SkyrlError
 logger = logging.getLogger(__name__)
 HEADER = "x-idempotency-key"
 MAX_KEY_LENGTH = 256
-_INSERT = insert(IdempotencyRow.__table__)
+_INSERT = insert(cast(Table, IdempotencyRow.__table__))
 Reply = TypeVar("Reply", bound=BaseModel)
 
 
@@ -84,4 +84,4 @@ class IdempotencyKeys:
 
     async def prune(self, before: datetime) -> int:
         stmt = delete(IdempotencyRow).where(IdempotencyRow.created < before)
-        return await self.db.run(lambda s: int(s.execute(stmt).rowcount or 0))
+        return await self.db.run(lambda s: int(cast(CursorResult[Any], s.execute(stmt)).rowcount or 0))

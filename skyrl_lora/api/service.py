@@ -343,7 +343,8 @@ class TinkerService:
             if not ephemeral:
                 return json_result({"path": tinker_path, "type": "save_weights_for_sampler"})
             sampler_id = f"{row.session_id}:sample:{req.sampling_session_seq_id}"
-            await self._new_sampler(user, row.session_id, sampler_id, row, tinker_path, sw.path, req.kind)
+            await self._new_sampler(user, row.session_id, sampler_id, row, tinker_path, sw.path, req.kind,
+                                    ephemeral=True)
             return json_result({"sampling_session_id": sampler_id, "path": tinker_path, "type": "save_weights_for_sampler"})
 
         return S.UntypedFuture(request_id=await self.futures.submit(user, "SaveWeightsForSampler", req.model_id, work),
@@ -437,7 +438,8 @@ class TinkerService:
 
     # ------------------------------------------------------------------ sampling
     async def _new_sampler(self, user: str, session_id: str, sampler_id: str, model: ModelRow | None,
-                           model_path: str | None, adapter_path: str | None, kind: str) -> SamplerRow:
+                           model_path: str | None, adapter_path: str | None, kind: str, *,
+                           ephemeral: bool = False) -> SamplerRow:
         lora_name: str | None = None
         if model is not None and adapter_path is not None:
             if kind == "inflight":
@@ -449,7 +451,8 @@ class TinkerService:
                 except (FanOutError, InferenceError) as exc:
                     raise _inference_error(exc) from exc
         row = SamplerRow(sampler_id=sampler_id, user_id=user, session_id=session_id, base_model=self.settings.served_name,
-                         model_path=model_path, lora_name=lora_name, adapter_path=adapter_path)
+                         model_path=model_path, lora_name=lora_name, adapter_path=adapter_path, ephemeral=ephemeral,
+                         expired=False)
 
         def fn(s: Session) -> None:
             s.execute(delete(SamplerRow).where(SamplerRow.sampler_id == sampler_id))
@@ -465,8 +468,8 @@ class TinkerService:
         prefix = model.tenant + "."
 
         def fn(s: Session) -> list[SamplerRow]:
-            rows = s.scalars(select(SamplerRow).where(SamplerRow.user_id == user, SamplerRow.lora_name.like(prefix + "%"),
-                                                      SamplerRow.model_path.like("%/sampler_weights/ephemeral-%"))
+            rows = s.scalars(select(SamplerRow).where(SamplerRow.user_id == user, SamplerRow.lora_name.startswith(prefix),
+                                                      SamplerRow.ephemeral.is_(True), SamplerRow.expired.is_(False))
                              .order_by(SamplerRow.created.desc())).all()
             return list(rows[self.settings.keep_ephemeral_samplers:])
         for old in await self.db.run(fn):
@@ -476,7 +479,7 @@ class TinkerService:
                 logger.info("unloading %s: %s", old.lora_name, exc)
             self._samplers.pop(old.sampler_id, None)
             await self.db.run(lambda s, sid=old.sampler_id: s.execute(
-                update(SamplerRow).where(SamplerRow.sampler_id == sid).values(lora_name="expired")))
+                update(SamplerRow).where(SamplerRow.sampler_id == sid).values(expired=True)))
 
     async def create_sampling_session(self, user: str, req: S.CreateSamplingSessionIn) -> S.CreateSamplingSessionOut:
         await self._session(user, req.session_id)
@@ -502,7 +505,7 @@ class TinkerService:
                 self._samplers[sampler_id] = row
         if row is None or row.user_id != user:
             raise SkyrlError(404, f"sampling_session_id: no sampler '{sampler_id}'", "sampling_session_id")
-        if row.lora_name == "expired":
+        if row.expired:
             raise SkyrlError(404, f"sampling_session_id: sampler '{sampler_id}' expired; create a new one",
                              "sampling_session_id")
         return row

@@ -32,7 +32,7 @@ class AccessGuard:
         self.app = app
         self._expected = None if token is None else token.encode()
 
-    def _authorised(self, scope: dict) -> bool:
+    def _authorised(self, scope: dict[str, Any]) -> bool:
         if self._expected is None:
             return False
         given = dict(scope.get("headers") or []).get(b"authorization", b"")
@@ -40,7 +40,7 @@ class AccessGuard:
         # the scheme is case-insensitive (RFC 9110 §11.1); the token is compared in constant time
         return scheme.lower() == b"bearer" and hmac.compare_digest(credentials.strip(), self._expected)
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -57,7 +57,7 @@ class AccessGuard:
             return
         await self.app(scope, receive, send)
 
-    async def _redacted_metrics(self, scope: dict, receive: Any, send: Any) -> None:
+    async def _redacted_metrics(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         start: dict[str, Any] = {}
         body: list[bytes] = []
 

@@ -269,7 +269,7 @@ class RemoteInferenceClient:
                 session = await self._http()
                 async with session.get(url + "/health", timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
                     return resp.status == 200
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 return False
         return list(await asyncio.gather(*(one(u) for u in self.urls)))
 

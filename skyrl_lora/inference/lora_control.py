@@ -258,7 +258,7 @@ class LoraController:
         try:
             await asyncio.wait_for(self._rt(tenant).drained.wait(), self.drain_timeout_s)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             logger.error("requests of %r did not drain within %.0f s", tenant, self.drain_timeout_s)
             return False
 
@@ -364,7 +364,8 @@ class LoraController:
         try:
             ok = await self.engine.add_lora(request)
         except Exception as exc:  # vLLM raises plain exceptions for bad adapters
-            raise LoraError(400, f"lora_path: LoRA '{name}' failed to load from '{request.lora_path}': {exc}", "lora_path") from exc
+            raise LoraError(400, f"lora_path: LoRA '{name}' failed to load from '{request.lora_path}': {exc}",
+                            "lora_path") from exc
         if ok is False:
             raise LoraError(400, f"lora_path: LoRA '{name}' failed to load from '{request.lora_path}'", "lora_path")
 
@@ -381,7 +382,8 @@ class LoraController:
     def _engine_name(self, name: str, lora_id: int) -> str:
         return f"{name}{VERSION_SEP}{lora_id}"
 
-    async def load(self, name: str, path: str, *, load_inplace: bool = True, mode: str = "abort") -> tuple[TenantAdapter, int, float]:
+    async def load(self, name: str, path: str, *, load_inplace: bool = True,
+                   mode: str = "abort") -> tuple[TenantAdapter, int, float]:
         """Load or replace a tenant's adapter: :meth:`stage`, then :meth:`commit`.
         Returns (adapter, aborted, seconds the engine spent on it at the flip)."""
         real = self._check_path(path)

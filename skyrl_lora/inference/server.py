@@ -182,7 +182,7 @@ class EmbeddedVLLMServer:
         self._task = asyncio.create_task(self._serve())
         try:
             await asyncio.wait_for(asyncio.shield(self._ready), self.config.startup_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             await self.stop()
             raise ServerStartupError(f"vLLM server did not start within {self.config.startup_timeout_s:.0f} s; "
                                      f"log tail:\n{self._log_tail.text()}") from None
@@ -196,9 +196,9 @@ class EmbeddedVLLMServer:
         import uvicorn
 
         from skyrl_lora.inference import vllm_compat as compat
+        from skyrl_lora.inference.access import AccessGuard
         from skyrl_lora.inference.lora_control import LoraController
         from skyrl_lora.inference.manifest import AdapterManifest
-        from skyrl_lora.inference.access import AccessGuard
         from skyrl_lora.inference.routes import install_routes
 
         assert self._ready is not None
@@ -318,7 +318,7 @@ class EmbeddedVLLMServer:
         if self._task is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
-            except (asyncio.TimeoutError, Exception):
+            except (TimeoutError, Exception):
                 self._task.cancel()
                 with contextlib.suppress(BaseException):
                     await self._task

@@ -90,7 +90,8 @@ def make_lora_request(name: str, lora_id: int, path: str, *, load_inplace: bool 
     cls = lora_request_cls()
     kwargs: dict[str, Any] = {"lora_name": name, "lora_int_id": lora_id, "lora_path": path}
     if load_inplace:
-        if "load_inplace" not in getattr(cls, "__struct_fields__", ()) and "load_inplace" not in inspect.signature(cls).parameters:
+        fields = set(getattr(cls, "__struct_fields__", ())) | set(inspect.signature(cls).parameters)
+        if "load_inplace" not in fields:
             raise RuntimeError(f"vLLM {vllm_version()} cannot reload a LoRA in place (no load_inplace)")
         kwargs["load_inplace"] = True
     return cls(**kwargs)

@@ -18,7 +18,6 @@ from typing import Any, TypeVar
 import ray
 
 from skyrl_lora.actor_restart import call_self_after_restart
-from skyrl_lora.training.shared_base import checksum, map_server_weights
 from skyrl_lora.errors import SkyrlError
 from skyrl_lora.inference.client import FanOutError, InferenceError, RemoteInferenceClient
 from skyrl_lora.training.config import TrainerConfig
@@ -35,6 +34,7 @@ from skyrl_lora.training.protocol import (
     TenantInfo,
     TrainerState,
 )
+from skyrl_lora.training.shared_base import checksum, map_server_weights
 from skyrl_lora.training.trainer import MultiTenantTrainer
 
 logger = logging.getLogger(__name__)

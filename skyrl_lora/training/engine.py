@@ -23,7 +23,6 @@ from skyrl_lora.training.protocol import (
 )
 
 
-
 @runtime_checkable
 class TrainingEngine(Protocol):
     """What an RL or SFT loop needs from a trainer; paths returned are whatever the backend names."""

@@ -115,7 +115,7 @@ def model_on_views(base_model: str | Path, views: Mapping[str, torch.Tensor]) ->
         raise SharingImpossible(f"the server's weights mix dtypes {sorted(map(str, dtypes))}")
     (dtype,) = dtypes
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model: nn.Module = AutoModelForCausalLM.from_config(config, dtype=dtype)  # type: ignore[no-untyped-call]
     state = dict(views)
     if getattr(config, "tie_word_embeddings", False):
         state.setdefault("lm_head.weight", state.get("model.embed_tokens.weight"))  # type: ignore[arg-type]

@@ -26,6 +26,7 @@ from skyrl_lora.inference.protocol import LORA_NAME_PATTERN
 from skyrl_lora.training.adapters import AdapterSlots, Slot
 from skyrl_lora.training.batching import collate
 from skyrl_lora.training.config import TrainerConfig
+from skyrl_lora.training.distill import distill_datums
 from skyrl_lora.training.losses import LossInputs, resolve, token_logprobs
 from skyrl_lora.training.metrics import CacheMetrics
 from skyrl_lora.training.protocol import (
@@ -41,7 +42,6 @@ from skyrl_lora.training.protocol import (
     TierStats,
     TrainerState,
 )
-from skyrl_lora.training.distill import distill_datums
 from skyrl_lora.training.shared_base import SharedBase, SharingImpossible, hf_views, model_on_views
 from skyrl_lora.training.snapshot import TenantSnapshot, read_snapshot, write_snapshot
 from skyrl_lora.training.state_cache import HostAndDiskTiers
@@ -67,7 +67,8 @@ class MultiTenantTrainer:
     def __init__(self, config: TrainerConfig) -> None:
         self.config = config
         want = config.device
-        self.device = torch.device("cuda" if want == "auto" and torch.cuda.is_available() else ("cpu" if want == "auto" else want))
+        auto = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(auto if want == "auto" else want)
         self.dtype = _DTYPES.get(config.dtype) or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.metrics = CacheMetrics()
         self.model = None
