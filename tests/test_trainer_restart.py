@@ -10,7 +10,7 @@ import ray
 import torch
 from ray.exceptions import RayActorError
 
-from skyrl_lora.api.service import TinkerService
+from skyrl_lora.api.trainer_backend import call_actor
 from skyrl_lora.errors import SkyrlError
 from skyrl_lora.training.actor import start_trainer_actor
 from skyrl_lora.training.config import TrainerConfig
@@ -70,7 +70,6 @@ async def test_the_api_reports_a_dead_trainer_as_a_clear_retryable_error() -> No
                 raise RayActorError()
             return fail()
 
-    service = TinkerService.__new__(TinkerService)
     with pytest.raises(SkyrlError) as e:
-        await service._call(DeadMethod())
+        await call_actor(DeadMethod())
     assert e.value.status == 503 and "submit the request again" in e.value.message

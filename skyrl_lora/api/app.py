@@ -101,27 +101,27 @@ def create_app(service: TinkerService, metrics: Callable[[], Awaitable[str]] | N
     # ---------------------------------------------------------------- sessions
     @app.get(f"{v1}/get_server_capabilities")
     async def capabilities(u: User) -> dict:
-        return service.capabilities()
+        return service.models.capabilities()
 
     @app.post(f"{v1}/create_session")
     async def create_session(req: S.CreateSessionIn, u: User, request: Request) -> S.CreateSessionOut:
-        return await once(request, u, lambda: service.create_session(u, req), S.CreateSessionOut)
+        return await once(request, u, lambda: service.models.create_session(u, req), S.CreateSessionOut)
 
     @app.post(f"{v1}/session_heartbeat")
     async def heartbeat(req: S.SessionIdIn, u: User) -> dict:
-        return await service.heartbeat(u, req.session_id)
+        return await service.models.heartbeat(u, req.session_id)
 
     @app.post(f"{v1}/sessions/{{session_id}}/finish")
     async def finish(session_id: str, u: User) -> dict:
-        return await service.finish_session(u, session_id)
+        return await service.models.finish_session(u, session_id)
 
     @app.get(f"{v1}/sessions/{{session_id}}")
     async def get_session(session_id: str, u: User) -> dict:
-        return await service.get_session(u, session_id)
+        return await service.models.get_session(u, session_id)
 
     @app.get(f"{v1}/sessions")
     async def list_sessions(u: User) -> dict:
-        return await service.list_sessions(u)
+        return await service.models.list_sessions(u)
 
     @app.post(f"{v1}/telemetry")
     async def telemetry(u: User) -> dict:
@@ -130,11 +130,11 @@ def create_app(service: TinkerService, metrics: Callable[[], Awaitable[str]] | N
     # ---------------------------------------------------------------- training
     @app.post(f"{v1}/create_model")
     async def create_model(req: S.CreateModelIn, u: User, request: Request) -> S.UntypedFuture:
-        return await once(request, u, lambda: service.create_model(u, req), S.UntypedFuture)
+        return await once(request, u, lambda: service.models.create_model(u, req), S.UntypedFuture)
 
     @app.post(f"{v1}/get_info")
     async def get_info(req: S.ModelIdIn, u: User) -> dict:
-        return await service.get_info(u, req.model_id)
+        return await service.models.get_info(u, req.model_id)
 
     @app.post(f"{v1}/forward_backward")
     async def forward_backward(request: Request, u: User) -> S.UntypedFuture:
@@ -146,38 +146,38 @@ def create_app(service: TinkerService, metrics: Callable[[], Awaitable[str]] | N
         body = await request.body()
         if len(body) > MAX_BODY:
             raise SkyrlError(413, f"body: {len(body)} bytes is over {MAX_BODY}", "body")
-        return await once(request, u, lambda: service.forward_backward(u, body), S.UntypedFuture)
+        return await once(request, u, lambda: service.training.forward_backward(u, body), S.UntypedFuture)
 
     @app.post(f"{v1}/optim_step")
     async def optim_step(req: S.OptimStepIn, u: User, request: Request) -> S.UntypedFuture:
-        return await once(request, u, lambda: service.optim_step(u, req), S.UntypedFuture)
+        return await once(request, u, lambda: service.training.optim_step(u, req), S.UntypedFuture)
 
     @app.post(f"{v1}/save_weights")
     async def save_weights(req: S.SaveWeightsIn, u: User, request: Request) -> S.UntypedFuture:
-        return await once(request, u, lambda: service.save_weights(u, req), S.UntypedFuture)
+        return await once(request, u, lambda: service.training.save_weights(u, req), S.UntypedFuture)
 
     @app.post(f"{v1}/save_weights_for_sampler")
     async def save_for_sampler(req: S.SaveWeightsForSamplerIn, u: User, request: Request) -> S.UntypedFuture:
-        return await once(request, u, lambda: service.save_weights_for_sampler(u, req), S.UntypedFuture)
+        return await once(request, u, lambda: service.training.save_weights_for_sampler(u, req), S.UntypedFuture)
 
     @app.post(f"{v1}/save_weights_external")
     async def save_weights_external(req: S.SaveWeightsExternalIn, u: User, request: Request) -> S.UntypedFuture:
-        return await once(request, u, lambda: service.save_weights_external(u, req), S.UntypedFuture)
+        return await once(request, u, lambda: service.training.save_weights_external(u, req), S.UntypedFuture)
 
     @app.post(f"{v1}/load_weights")
     async def load_weights(req: S.LoadWeightsIn, u: User, request: Request) -> S.UntypedFuture:
-        return await once(request, u, lambda: service.load_weights(u, req), S.UntypedFuture)
+        return await once(request, u, lambda: service.training.load_weights(u, req), S.UntypedFuture)
 
     # ---------------------------------------------------------------- sampling
     # (asample is not made idempotent: the SDK sends it without retries, a resend gets a new key)
     @app.post(f"{v1}/create_sampling_session")
     async def create_sampling_session(req: S.CreateSamplingSessionIn, u: User,
                                       request: Request) -> S.CreateSamplingSessionOut:
-        return await once(request, u, lambda: service.create_sampling_session(u, req), S.CreateSamplingSessionOut)
+        return await once(request, u, lambda: service.sampling.create_sampling_session(u, req), S.CreateSamplingSessionOut)
 
     @app.get(f"{v1}/samplers/{{sampler_id}}")
     async def get_sampler(sampler_id: str, u: User) -> dict:
-        return await service.get_sampler(u, sampler_id)
+        return await service.sampling.get_sampler(u, sampler_id)
 
     @app.post(f"{v1}/cancel_future")
     async def cancel_future(u: User) -> dict:
@@ -187,41 +187,41 @@ def create_app(service: TinkerService, metrics: Callable[[], Awaitable[str]] | N
     @app.get(f"{v1}/training_runs")
     async def training_runs(u: User, limit: Annotated[int, Query(ge=1, le=1000)] = 20,
                             offset: Annotated[int, Query(ge=0)] = 0) -> dict:
-        return await service.training_runs(u, limit, offset)
+        return await service.checkpoints.training_runs(u, limit, offset)
 
     @app.get(f"{v1}/training_runs/{{run_id}}")
     async def training_run(run_id: str, u: User) -> S.TrainingRunOut:
-        return await service.training_run(u, run_id)
+        return await service.checkpoints.training_run(u, run_id)
 
     @app.get(f"{v1}/training_runs/{{run_id}}/checkpoints")
     async def run_checkpoints(run_id: str, u: User) -> dict:
-        return await service.checkpoints(u, run_id)
+        return await service.checkpoints.checkpoints(u, run_id)
 
     @app.get(f"{v1}/training_runs/{{run_id}}/checkpoints/{{checkpoint_id:path}}/external_weights_urls")
     async def external_weights_urls(run_id: str, checkpoint_id: str, u: User, request: Request) -> S.ExternalWeightsUrlsOut:
-        return await service.external_weights_urls(u, run_id, checkpoint_id, str(request.base_url))
+        return await service.checkpoints.external_weights_urls(u, run_id, checkpoint_id, str(request.base_url))
 
     @app.put(f"{v1}/training_runs/{{run_id}}/checkpoints/{{checkpoint_id:path}}/ttl")
     async def checkpoint_ttl(run_id: str, checkpoint_id: str, req: S.CheckpointTtlIn, u: User) -> dict:
-        return await service.set_checkpoint_ttl(u, run_id, checkpoint_id, req.ttl_seconds)
+        return await service.checkpoints.set_checkpoint_ttl(u, run_id, checkpoint_id, req.ttl_seconds)
 
     @app.get(f"{v1}/external_weights/{{run_id}}/{{name}}/{{filename}}")
     async def external_weights_file(run_id: str, name: str, filename: str, expires: int, signature: str) -> FileResponse:
         """A signed URL from external_weights_urls: fetched without an API key (the SDK uses plain urllib)."""
-        path = await service.external_file(run_id, name, filename, expires, signature)
+        path = await service.checkpoints.external_file(run_id, name, filename, expires, signature)
         return FileResponse(path, media_type="application/octet-stream", filename=filename)
 
     @app.delete(f"{v1}/training_runs/{{run_id}}/checkpoints/{{checkpoint_id:path}}")
     async def delete_checkpoint(run_id: str, checkpoint_id: str, u: User) -> dict:
-        return await service.delete_checkpoint(u, run_id, checkpoint_id)
+        return await service.checkpoints.delete_checkpoint(u, run_id, checkpoint_id)
 
     @app.get(f"{v1}/checkpoints")
     async def user_checkpoints(u: User) -> dict:
-        return await service.checkpoints(u, None)
+        return await service.checkpoints.checkpoints(u, None)
 
     @app.post(f"{v1}/weights_info")
     async def weights_info(req: S.WeightsInfoIn, u: User) -> dict:
-        return await service.weights_info(u, req.tinker_path)
+        return await service.checkpoints.weights_info(u, req.tinker_path)
 
     return SamplingHotPath(app, service, v1)  # asample and retrieve_future skip FastAPI's per-request work
 

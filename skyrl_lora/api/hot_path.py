@@ -112,7 +112,7 @@ class SamplingHotPath:
         return await self.service.authenticate(None if key is None else key.decode("latin-1"))
 
     async def _asample(self, user: str, body: bytes) -> tuple[int, bytes, bytes]:
-        future = await self.service.sample(user, S.SampleIn.model_validate_json(body))
+        future = await self.service.sampling.sample(user, S.SampleIn.model_validate_json(body))
         return 200, future.model_dump_json().encode(), b"application/json"
 
     async def _retrieve(self, user: str, body: bytes) -> tuple[int, bytes, bytes]:

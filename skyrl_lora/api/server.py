@@ -19,6 +19,7 @@ from skyrl_lora.api.app import create_app
 from skyrl_lora.api.db import Database
 from skyrl_lora.api.service import TinkerService
 from skyrl_lora.api.settings import ApiSettings
+from skyrl_lora.api.trainer_backend import RayTrainer
 from skyrl_lora.inference.client import RemoteInferenceClient
 
 logger = logging.getLogger(__name__)
@@ -27,7 +28,8 @@ logger = logging.getLogger(__name__)
 def build_app(settings: ApiSettings, trainer: Any, inference_urls: list[str]):
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     db = Database(settings.db_url)
-    service = TinkerService(settings, trainer, RemoteInferenceClient(inference_urls, token=settings.inference_token), db)
+    service = TinkerService(settings, RayTrainer(trainer), RemoteInferenceClient(inference_urls, token=settings.inference_token),
+                            db)
     service.startup()
 
     async def metrics() -> str:
@@ -43,8 +45,20 @@ def build_app(settings: ApiSettings, trainer: Any, inference_urls: list[str]):
 class ApiServer:
     def __init__(self, settings: ApiSettings, trainer: Any, inference_urls: list[str], *, host: str = "127.0.0.1",
                  port: int = 0) -> None:
+        app, service = build_app(settings, trainer, inference_urls)
+        self._setup(settings, app, service, host, port)
+
+    @classmethod
+    def of_app(cls, settings: ApiSettings, app: Any, service: TinkerService, *, host: str = "127.0.0.1",
+               port: int = 0) -> ApiServer:
+        """Serve an app built elsewhere (over another trainer backend, say a fake in unit tests)."""
+        server = cls.__new__(cls)
+        server._setup(settings, app, service, host, port)
+        return server
+
+    def _setup(self, settings: ApiSettings, app: Any, service: TinkerService, host: str, port: int) -> None:
         self.settings = settings
-        self.app, self.service = build_app(settings, trainer, inference_urls)
+        self.app, self.service = app, service
         self.host = host
         if port == 0:
             with socket.socket() as s:
