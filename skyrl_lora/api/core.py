@@ -48,8 +48,8 @@ def expiry_of(ttl_seconds: int | None) -> datetime | None:
 def inference_error(exc: BaseException) -> SkyrlError:
     if isinstance(exc, FanOutError):
         exc = next(iter(exc.errors.values()))
-    if isinstance(exc, InferenceError):
-        return SkyrlError(exc.status if exc.status < 500 else 502, exc.message, None)
+    if isinstance(exc, InferenceError):  # the server's 4xx (naming its field) is the caller's; the rest a 502
+        return SkyrlError(exc.status, exc.message, exc.field) if exc.status < 500 else SkyrlError(502, exc.message, None)
     return SkyrlError(502, f"inference failed: {exc}", None)
 
 

@@ -23,6 +23,7 @@ import aiohttp
 import orjson
 from pydantic import BaseModel
 
+from skyrl_lora.errors import SkyrlError
 from skyrl_lora.inference.protocol import (
     GenerateRequest,
     GenerateResponse,
@@ -38,23 +39,43 @@ from skyrl_lora.inference.stitching import StitchedSample, continuation_params
 logger = logging.getLogger(__name__)
 
 
-class InferenceError(Exception):
-    """A server refused or failed a request; carries the server URL, HTTP status and its message."""
+class InferenceError(SkyrlError):
+    """A server refused or failed a request: its URL, the HTTP status and the server's message and field."""
 
-    def __init__(self, url: str, status: int, message: str) -> None:
-        super().__init__(f"{url}: HTTP {status}: {message}")
+    def __init__(self, url: str, status: int, message: str, field_name: str | None = None) -> None:
+        super().__init__(status, message, field_name)
         self.url = url
-        self.status = status
-        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.url}: HTTP {self.status}: {self.message}"
+
+    def __reduce__(self) -> tuple[type[InferenceError], tuple[str, int, str, str | None]]:  # type: ignore[override]
+        return (type(self), (self.url, self.status, self.message, self.field))
 
 
-class FanOutError(Exception):
-    """Some servers of a fanned-out call failed; every failure is listed with its URL."""
+class ServerUnreachable(InferenceError, aiohttp.ClientConnectionError):
+    """No answer from the server (refused, reset, closed): a 503. Still an aiohttp connection error, so
+    the code that fails over or retries on those keeps doing so."""
+
+
+class ServerTimeout(InferenceError, TimeoutError):
+    """The server did not answer within the client's timeout: a 504 (and a ``TimeoutError``)."""
+
+
+class FanOutError(SkyrlError):
+    """Some servers of a fanned-out call failed; every failure is listed with its URL. Its status and
+    field are the first failure's (a 502 when that one is not ours)."""
 
     def __init__(self, errors: dict[str, BaseException]) -> None:
         lines = "; ".join(f"{url}: {exc}" for url, exc in errors.items())
-        super().__init__(f"{len(errors)} server(s) failed: {lines}")
+        first = next(iter(errors.values()), None)
+        status = first.status if isinstance(first, SkyrlError) else 502
+        field = first.field if isinstance(first, SkyrlError) else None
+        super().__init__(status, f"{len(errors)} server(s) failed: {lines}", field)
         self.errors = errors
+
+    def __reduce__(self) -> tuple[type[FanOutError], tuple[dict[str, BaseException]]]:  # type: ignore[override]
+        return (type(self), (self.errors,))
 
 
 def default_owner() -> str:
@@ -115,11 +136,20 @@ class RemoteInferenceClient:
             None if body is None else orjson.dumps(body))
         session = await self._http()
         headers = {"Content-Type": "application/json", **self._auth} if data is not None else self._auth
-        async with session.request(method, url + path, data=data, headers=headers) as resp:
-            raw = await resp.read()
-            if resp.status >= 400:
-                raise InferenceError(url, resp.status, _error_message(raw))
-            return raw
+        # aiohttp's failures become this client's errors here, and only here
+        try:
+            async with session.request(method, url + path, data=data, headers=headers) as resp:
+                raw = await resp.read()
+                status = resp.status
+        except aiohttp.ClientConnectionError as exc:
+            raise ServerUnreachable(url, 503, f"{path}: no answer ({exc!r})") from exc
+        except TimeoutError as exc:
+            raise ServerTimeout(url, 504, f"{path}: no answer within {self.timeout_s:.0f} s") from exc
+        except aiohttp.ClientError as exc:
+            raise InferenceError(url, 502, f"{path}: {exc!r}") from exc
+        if status >= 400:
+            raise InferenceError(url, status, *_error_parts(raw))
+        return raw
 
     async def _post(self, url: str, path: str, body: BaseModel | dict[str, Any] | None = None) -> Any:
         return orjson.loads(await self._request("POST", url, path, body))
@@ -285,18 +315,20 @@ def _params(sampling_params: SamplingParamsIn | dict[str, Any] | None) -> Sampli
     return SamplingParamsIn.model_validate(sampling_params)
 
 
-def _error_message(raw: bytes) -> str:
-    """The message of an error reply: vLLM's ``{"error": {"message"}}``, FastAPI's ``detail``, or the text."""
+def _error_parts(raw: bytes) -> tuple[str, str | None]:
+    """(message, field) of an error reply: ours and vLLM's ``{"error": {"message", "field"}}``,
+    FastAPI's ``detail``, or the text."""
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        return raw.decode(errors="replace")
+        return raw.decode(errors="replace"), None
     if isinstance(body, dict):
         err = body.get("error")
         if isinstance(err, dict):
-            return str(err.get("message"))
-        return str(body.get("detail", err if err is not None else body))
-    return str(body)
+            field = err.get("field")
+            return str(err.get("message")), field if isinstance(field, str) else None
+        return str(body.get("detail", err if err is not None else body)), None
+    return str(body), None
 
 
 async def _close_with_loop(session: aiohttp.ClientSession) -> AsyncGenerator[None, None]:
