@@ -338,3 +338,40 @@ def test_only_the_newest_ephemeral_samplers_stay_loaded(api_env, tok) -> None:
             first.sample(prompt, 1, params).result()
     finally:
         stop()
+
+
+def test_lora_config_flags_are_honoured_or_reported(api_env) -> None:
+    """seed: the same seed gives the same initial adapter, another seed another; train_attn/train_mlp
+    choose the projections; train_unembed (the SDK's default) is reported as not trained."""
+
+    import tinker
+    from safetensors.torch import load
+
+    url, name = api_env["server"].url, api_env["settings"].served_name
+    sc = tinker.ServiceClient(base_url=url, api_key=ALICE)
+    rest = tinker.RestClient(base_url=url, api_key=ALICE)
+
+    def initial(i: int, **lora) -> tuple[dict, object]:
+        tc = sc.create_lora_training_client(base_model=name, rank=4, **lora).result()
+        export = tc.save_weights_external(f"init-{i}").result().path
+        urls = rest.get_external_weights_urls(export).result().urls
+        tensors = load(httpx.get(urls["adapter_model.safetensors"], timeout=60).content)
+        info = rest.get_weights_info_by_tinker_path(tc.save_state(f"init-{i}").result().path).result()
+        return tensors, info
+
+    a, info_a = initial(1, seed=11)
+    b, _ = initial(2, seed=11)
+    c, _ = initial(3, seed=12)
+    mlp_only, info_mlp = initial(4, seed=11, train_attn=False)
+    lora_a = sorted(k for k in a if "lora_A" in k)
+    assert lora_a and all(a[k].equal(b[k]) for k in a)  # same seed, same start (lora_B is zero)
+    assert any(not a[k].equal(c[k]) for k in lora_a)  # another seed, another start
+    assert mlp_only and all(any(m in k for m in ("gate_proj", "up_proj", "down_proj")) for k in mlp_only)
+    assert info_a.train_attn and info_a.train_mlp and not info_a.train_unembed
+    assert not info_mlp.train_attn and info_mlp.train_mlp and info_mlp.lora_rank == 4
+    with httpx.Client(base_url=url, timeout=60, headers={"X-API-Key": ALICE}) as http:
+        session = http.post("/api/v1/create_session", json={}).json()["session_id"]
+        neither = http.post("/api/v1/create_model", json={
+            "session_id": session, "model_seq_id": 0, "base_model": name,
+            "lora_config": {"rank": 4, "train_attn": False, "train_mlp": False}})
+        assert neither.status_code == 400 and neither.json()["field"] == "lora_config"

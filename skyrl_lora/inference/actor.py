@@ -77,6 +77,10 @@ class VLLMServerActor:
                 continue
         return out
 
+    async def vllm_assumptions(self) -> list[str]:
+        """The vLLM internals we rely on that do not hold here (empty when all do)."""
+        return await self.server.vllm_assumptions()
+
     async def share_base_weights(self, path: str) -> dict[str, Any]:
         """CUDA IPC handles of the base weights, for a trainer on this GPU (see ``training/shared_base.py``)."""
         return await self.server.share_weights(path)

