@@ -182,8 +182,11 @@ def plot(result: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 7))
-    for name, t in result["tenants"].items():
-        ax1.plot(range(len(t["reward_per_step"])), t["reward_per_step"], marker="o", label=f"{name}: say {t['target']!r}")
+    styles = [("o", "-"), ("s", "--"), ("^", ":"), ("D", "-."), ("v", "-")]
+    for i, (name, t) in enumerate(result["tenants"].items()):  # marker and dash per tenant: equal curves stay visible
+        marker, dash = styles[i % len(styles)]
+        ax1.plot(range(len(t["reward_per_step"])), t["reward_per_step"], marker=marker, ls=dash, markersize=7 - i,
+                 label=f"{name}: say {t['target']!r}")
     ax1.set_xlabel("RL step")
     ax1.set_ylabel("mean reward")
     ax1.set_title("reward per tenant (each tenant syncs after every step)")
@@ -194,14 +197,20 @@ def plot(result: dict, out: Path) -> None:
         s0, s1 = w["span"]
         if w["syncing"] is not None:
             ax2.axvspan(s0, s1, color=colors[w["syncing"]], alpha=0.15)
-        for name, rate in w["tokens_per_s"].items():
-            ax2.plot([s0, s1], [rate, rate], color=colors[name], lw=2)
-    for name in names:
-        ax2.plot([], [], color=colors[name], lw=2, label=f"{name} rollout tokens/s")
+        # one bar per tenant side by side inside the window: equal rates (the point of isolation)
+        # would otherwise draw one tenant's line over the others'
+        width = (s1 - s0) / max(1, len(names))
+        for i, name in enumerate(names):
+            rate = w["tokens_per_s"].get(name)
+            if rate is not None:
+                ax2.bar(s0 + i * width, rate, width=0.9 * width, align="edge", color=colors[name])
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=colors[name], label=f"{name} rollout tokens/s") for name in names]
     ax2.set_xlabel("seconds since start")
     ax2.set_ylabel("tokens/s per window")
     ax2.set_title("isolation windows: shaded = that tenant syncs once a second; white = nobody syncs")
-    ax2.legend(loc="lower right", fontsize=8)
+    ax2.legend(handles=handles, loc="lower right", fontsize=8)
     fig.suptitle(f"skyrl_lora multi-tenant RL · {result['machine']} · {result['date']}")
     fig.tight_layout()
     fig.savefig(out, dpi=110)

@@ -33,6 +33,11 @@ def test_ray_cluster_yaml_validates_against_rays_schema() -> None:
     ports = {p["FromPort"] for p in cfg["provider"]["security_group"]["IpPermissions"]}
     assert {8000, 8265} <= ports
     assert any("[gpu]" in c for c in cfg["setup_commands"])
+    # the job-submission port is open to a network: every node runs Ray with token authentication,
+    # and the token reaches every node
+    starts = [c for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 2 and all(c.startswith("RAY_AUTH_MODE=token ") for c in starts), starts
+    assert "/home/ubuntu/.ray/auth_token" in cfg["file_mounts"]
     broken = copy.deepcopy(cfg)
     broken["available_node_types"]["gpu_worker"]["max_workers"] = "many"
     with pytest.raises(Exception, match="many"):
