@@ -8,6 +8,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -119,3 +120,56 @@ def api_env(tiny, vllm_server, tmp_path_factory):
     ray.kill(trainer)
 
 
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """A local PostgreSQL for the session (the distribution's package; ``scripts/postgres.sh`` installs
+    it when missing), on its own data directory and port, stopped at the end. Its URL names the
+    maintenance database; tests make their own (``postgres_url``)."""
+    import shutil
+    import socket
+    import subprocess
+    import tempfile
+
+    given = os.environ.get("SKYRL_TEST_POSTGRES_URL")
+    if given:
+        yield given
+        return
+    root = Path(tempfile.mkdtemp(prefix="skyrl-pg-"))
+    root.chmod(0o755)  # the server runs as the postgres user
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = Path(__file__).resolve().parents[1] / "scripts" / "postgres.sh"
+    done = subprocess.run(["bash", str(script), "start", str(root / "pg"), str(port)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, f"could not start PostgreSQL: {done.stderr[-2000:]}"
+    try:
+        yield done.stdout.strip()
+    finally:
+        subprocess.run(["bash", str(script), "stop", str(root / "pg")], capture_output=True, timeout=120)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> str:
+    """A new, empty database on the session's PostgreSQL for one test."""
+    import uuid
+
+    import sqlalchemy
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    engine = sqlalchemy.create_engine(postgres_server, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
+    engine.dispose()
+    return postgres_server.rsplit("/", 1)[0] + "/" + name
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The API's database tests run on SQLite (the default) and on a real PostgreSQL (a deployment's)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'api.db'}"
+    return str(request.getfixturevalue("postgres_url"))

@@ -151,3 +151,53 @@ def test_a_trainer_error_reaches_the_client_with_its_status(fake_api) -> None:
         base_model=server.settings.served_name, rank=4).result()
     with pytest.raises(tinker.RequestFailedError, match="no inference"):
         tc.save_weights_for_sampler("x").result()
+
+
+def _serve_service(settings: ApiSettings, trainer: FakeTrainer):
+    from skyrl_lora.api.app import create_app
+    from skyrl_lora.api.db import Database
+    from skyrl_lora.api.service import TinkerService
+    from skyrl_lora.inference.client import RemoteInferenceClient
+
+    db = Database(settings.db_url)
+    service = TinkerService(settings, trainer, RemoteInferenceClient("http://127.0.0.1:9"), db)
+    service.startup()
+    return ApiServer.of_app(settings, create_app(service), service).start(), db
+
+
+def test_a_restart_on_postgresql_keeps_sessions_checkpoints_and_finished_futures(tiny, tmp_path, postgres_url) -> None:
+    """The database a deployment would use: the API on PostgreSQL, stopped and started again."""
+    import httpx
+    import tinker
+    from tinker import types
+
+    settings = ApiSettings(base_model=str(tiny.base), data_dir=tmp_path / "api", database_url=postgres_url,
+                           api_keys={ALICE: "alice"}, long_poll_s=2.0)
+    settings.data_dir.mkdir(parents=True)
+    trainer = FakeTrainer(tmp_path / "trainer")
+    server, db = _serve_service(settings, trainer)
+    try:
+        sc = tinker.ServiceClient(base_url=server.url, api_key=ALICE)
+        tc = sc.create_lora_training_client(base_model=settings.served_name, rank=4).result()
+        datum = types.Datum(model_input=types.ModelInput.from_ints([1, 2]), loss_fn_inputs={"target_tokens": [2, 3]})
+        tc.forward_backward([datum], "cross_entropy").result()
+        tc.optim_step(types.AdamParams(learning_rate=1e-3)).result()
+        saved = tc.save_state("on-pg").result().path
+        with httpx.Client(base_url=server.url, timeout=60, headers={"X-API-Key": ALICE}) as http:
+            sessions = http.get("/api/v1/sessions").json()["sessions"]
+            finished = http.post("/api/v1/optim_step", json={"model_id": tc.model_id,
+                                                            "adam_params": {"learning_rate": 0.0}}).json()["request_id"]
+            first = http.post("/api/v1/retrieve_future", json={"request_id": finished}).json()
+    finally:
+        server.stop()
+        db.close()
+    again, db = _serve_service(settings, trainer)
+    try:
+        with httpx.Client(base_url=again.url, timeout=60, headers={"X-API-Key": ALICE}) as http:
+            assert http.get("/api/v1/sessions").json()["sessions"] == sessions
+            assert http.post("/api/v1/retrieve_future", json={"request_id": finished}).json() == first
+            listed = http.get(f"/api/v1/training_runs/{tc.model_id}/checkpoints").json()["checkpoints"]
+            assert [c["tinker_path"] for c in listed] == [saved]
+    finally:
+        again.stop()
+        db.close()

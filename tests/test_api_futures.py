@@ -16,17 +16,14 @@ from skyrl_lora.api.futures import Futures, Result, json_result
 from skyrl_lora.errors import SkyrlError
 
 
-def _db(tmp_path: Path) -> Database:
-    return Database(f"sqlite:///{tmp_path / 'futures.db'}")
-
 
 async def _settled(futures: Futures) -> None:
     await asyncio.wait_for(asyncio.gather(*futures._tasks), timeout=30)
 
 
-def test_concurrent_futures_are_durable_and_answer_after_a_restart(tmp_path: Path) -> None:
+def test_concurrent_futures_are_durable_and_answer_after_a_restart(db_url: str) -> None:
     async def scenario() -> None:
-        db = _db(tmp_path)
+        db = Database(db_url)
         futures = Futures(db)
 
         async def ok(i: int) -> Result:
@@ -56,9 +53,9 @@ def test_concurrent_futures_are_durable_and_answer_after_a_restart(tmp_path: Pat
     asyncio.run(scenario())
 
 
-def test_retention_forgets_finished_futures_and_keeps_running_ones(tmp_path: Path) -> None:
+def test_retention_forgets_finished_futures_and_keeps_running_ones(db_url: str) -> None:
     async def scenario() -> None:
-        db = _db(tmp_path)
+        db = Database(db_url)
         futures = Futures(db, long_poll_s=0.05)
         release = asyncio.Event()
 
@@ -90,9 +87,9 @@ def test_retention_forgets_finished_futures_and_keeps_running_ones(tmp_path: Pat
     asyncio.run(scenario())
 
 
-def test_close_writes_answered_outcomes_and_leaves_running_work_to_fail(tmp_path: Path) -> None:
+def test_close_writes_answered_outcomes_and_leaves_running_work_to_fail(db_url: str) -> None:
     async def scenario() -> None:
-        db = _db(tmp_path)
+        db = Database(db_url)
         futures = Futures(db)
         never = asyncio.Event()
 

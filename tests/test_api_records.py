@@ -19,15 +19,12 @@ from skyrl_lora.errors import SkyrlError
 from skyrl_lora.inference.access import redact_adapter_names
 
 
-def _db(tmp_path: Path) -> Database:
-    return Database(f"sqlite:///{tmp_path / 'api.db'}")
 
-
-def test_an_idempotency_key_applies_a_request_once_even_across_a_restart(tmp_path: Path) -> None:
+def test_an_idempotency_key_applies_a_request_once_even_across_a_restart(db_url: str) -> None:
     applied: list[str] = []
 
     async def scenario() -> None:
-        keys = IdempotencyKeys(_db(tmp_path))
+        keys = IdempotencyKeys(Database(db_url))
 
         async def submit() -> UntypedFuture:
             applied.append("x")
@@ -46,7 +43,7 @@ def test_an_idempotency_key_applies_a_request_once_even_across_a_restart(tmp_pat
         assert bob != first and len(applied) == 2
         assert await keys.once("alice", None, "/r", b"{}", submit, UntypedFuture) != first  # no key: always applied
 
-        restarted = IdempotencyKeys(_db(tmp_path))
+        restarted = IdempotencyKeys(Database(db_url))
         assert await restarted.once("alice", "k", "/r", b"{}", submit, UntypedFuture) == first
         assert await restarted.prune(now() + timedelta(seconds=1)) == 2
         assert await restarted.once("alice", "k", "/r", b"{}", submit, UntypedFuture) != first
@@ -54,9 +51,9 @@ def test_an_idempotency_key_applies_a_request_once_even_across_a_restart(tmp_pat
     asyncio.run(scenario())
 
 
-def test_a_failed_submit_is_not_remembered(tmp_path: Path) -> None:
+def test_a_failed_submit_is_not_remembered(db_url: str) -> None:
     async def scenario() -> None:
-        keys = IdempotencyKeys(_db(tmp_path))
+        keys = IdempotencyKeys(Database(db_url))
 
         async def broken() -> UntypedFuture:
             raise SkyrlError(404, "model_id: no model 'm'", "model_id")
@@ -71,7 +68,7 @@ def test_a_failed_submit_is_not_remembered(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
-def test_expired_checkpoints_are_removed_when_they_expire_and_a_failed_removal_is_retried(tmp_path: Path) -> None:
+def test_expired_checkpoints_are_removed_when_they_expire_and_a_failed_removal_is_retried(db_url: str) -> None:
     removed: list[str] = []
     fail_once = {"tinker://r/weights/b"}
 
@@ -82,7 +79,7 @@ def test_expired_checkpoints_are_removed_when_they_expire_and_a_failed_removal_i
         removed.append(row.tinker_path)
 
     async def scenario() -> None:
-        db = _db(tmp_path)
+        db = Database(db_url)
         expiry = CheckpointExpiry(db, remove, idle_check_s=60, retry_s=0.2)
         expiry.start()
 
