@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 
 from skyrl_lora.api.db import Database, FutureRow, now
 from skyrl_lora.api.futures import Futures, Result, json_result
 from skyrl_lora.errors import SkyrlError
-
 
 
 async def _settled(futures: Futures) -> None:

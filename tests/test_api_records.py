@@ -19,7 +19,6 @@ from skyrl_lora.errors import SkyrlError
 from skyrl_lora.inference.access import redact_adapter_names
 
 
-
 def test_an_idempotency_key_applies_a_request_once_even_across_a_restart(db_url: str) -> None:
     applied: list[str] = []
 
