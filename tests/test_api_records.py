@@ -164,23 +164,43 @@ def test_open_metrics_hide_the_series_that_name_adapters() -> None:
 
 
 def test_an_older_database_gets_the_new_columns_and_keeps_its_meaning(tmp_path: Path) -> None:
-    """A database made before expires_at / ephemeral / expired existed opens, and a sampler marked expired
-    the old way (its name "expired") is expired the new way."""
-    import sqlite3
+    """A database the first release made (with create_all: revision 0001's schema, no alembic_version)
+    is upgraded on start, and a sampler marked expired the old way (its name "expired") is expired the
+    new way."""
+    import sqlalchemy
+    from alembic import command
+    from alembic.config import Config
 
-    path = tmp_path / "old.db"
-    with sqlite3.connect(path) as conn:
-        conn.execute("CREATE TABLE samplers (sampler_id VARCHAR(256) PRIMARY KEY, user_id VARCHAR(128), "
-                     "session_id VARCHAR(64), base_model TEXT, model_path TEXT, lora_name VARCHAR(256), "
-                     "adapter_path TEXT, created DATETIME)")
-        conn.execute("CREATE TABLE checkpoints (tinker_path VARCHAR(1024) PRIMARY KEY, model_id VARCHAR(256), "
-                     "user_id VARCHAR(128), kind VARCHAR(16), name VARCHAR(256), internal_path TEXT, size_bytes INTEGER, "
-                     "ephemeral BOOLEAN, user_metadata JSON, created DATETIME)")
-        conn.execute("INSERT INTO samplers VALUES ('s:sample:0', 'u', 's', 'b', NULL, 'expired', NULL, '2026-01-01')")
-        conn.execute("INSERT INTO samplers VALUES ('s:sample:1', 'u', 's', 'b', NULL, 'run-1.ab', NULL, '2026-01-01')")
-    from skyrl_lora.api.db import SamplerRow
+    from skyrl_lora.api.db import MIGRATIONS, SamplerRow
 
-    db = Database(f"sqlite:///{path}")
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = sqlalchemy.create_engine(url)
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0001")
+        conn.execute(sqlalchemy.text("DROP TABLE alembic_version"))  # as create_all left it
+        for sid, lora in (("s:sample:0", "expired"), ("s:sample:1", "run-1.ab")):
+            conn.execute(sqlalchemy.text("INSERT INTO samplers VALUES (:sid, 'u', 's', 'b', NULL, :lora, NULL, "
+                                         "'2026-01-01')"), {"sid": sid, "lora": lora})
+    engine.dispose()
+    db = Database(url)
     rows = db.run_sync(lambda s: {r.sampler_id: (r.expired, r.ephemeral) for r in s.query(SamplerRow).all()})
     assert rows == {"s:sample:0": (True, False), "s:sample:1": (False, False)}
     assert db.run_sync(lambda s: s.query(CheckpointRow).count()) == 0  # expires_at exists: the query works
+
+
+def test_the_migrations_build_exactly_the_models_schema(db_url: str) -> None:
+    """On SQLite and PostgreSQL: a new database upgraded to the newest revision has every table,
+    column and index the models declare, and nothing else (Alembic's own comparison finds no change)."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from skyrl_lora.api.db import Base
+
+    db = Database(db_url)
+    with db.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    db.close()
+    assert diff == [], diff

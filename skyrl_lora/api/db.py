@@ -14,6 +14,7 @@ import secrets
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import (
@@ -29,7 +30,6 @@ from sqlalchemy import (
     event,
     inspect,
     select,
-    text,
     update,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -152,25 +152,24 @@ class SecretRow(Base):
     value: Mapped[str] = mapped_column(String(256))
 
 
-# Columns added after the first release, as (table, column, SQL type): an existing database gets them
-# on start. Additive and nullable only; anything more wants a real migration tool.
-# Each may come with the statement that fills it for existing rows.
-_ADDED_COLUMNS = [
-    ("checkpoints", "expires_at", "TIMESTAMP", None),
-    ("samplers", "ephemeral", "BOOLEAN DEFAULT FALSE", None),
-    # before the column, an expired sampler was marked by the name "expired"
-    ("samplers", "expired", "BOOLEAN DEFAULT FALSE", "UPDATE samplers SET expired = TRUE WHERE lora_name = 'expired'"),
-]
+MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-def _add_missing_columns(engine: Any) -> None:
-    inspector = inspect(engine)
-    with engine.begin() as conn:
-        for table, column, sql_type, fill in _ADDED_COLUMNS:
-            if column not in {c["name"] for c in inspector.get_columns(table)}:
-                conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}"))
-                if fill is not None:
-                    conn.execute(text(fill))
+def upgrade(engine: Any) -> None:
+    """Bring the schema to the newest revision (``migrations/``, Alembic). A database made before
+    migrations existed (by ``create_all``: tables, no ``alembic_version``) is that first schema,
+    revision 0001, and is stamped so before upgrading."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        tables = set(inspect(connection).get_table_names())
+        if "alembic_version" not in tables and "futures" in tables:
+            command.stamp(config, "0001")
+        command.upgrade(config, "head")
 
 
 class Database:
@@ -184,8 +183,7 @@ class Database:
                 cur.execute("PRAGMA journal_mode=WAL")
                 cur.execute("PRAGMA synchronous=NORMAL")
                 cur.close()
-        Base.metadata.create_all(self.engine)
-        _add_missing_columns(self.engine)
+        upgrade(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="skyrl-db")
         self._pending: list[tuple[Executable, dict[str, Any], asyncio.Future]] = []
