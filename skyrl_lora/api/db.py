@@ -8,6 +8,7 @@ event loop never blocks on it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import secrets
@@ -15,11 +16,12 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import (
     JSON,
     Boolean,
+    CursorResult,
     DateTime,
     Integer,
     LargeBinary,
@@ -38,6 +40,10 @@ from sqlalchemy.sql.base import Executable
 from skyrl_lora.background import BackgroundTasks
 
 T = TypeVar("T")
+
+
+def _execute_one(stmt: Executable, params: dict[str, Any], session: Session) -> None:
+    session.execute(stmt, [params])
 
 
 def now() -> datetime:
@@ -178,7 +184,7 @@ class Database:
         self.engine = create_engine(url, connect_args={"check_same_thread": False} if sqlite else {})
         if sqlite:
             @event.listens_for(self.engine, "connect")
-            def _pragmas(conn, _record) -> None:  # concurrent readers, durable commits
+            def _pragmas(conn: Any, _record: Any) -> None:  # concurrent readers, durable commits
                 cur = conn.cursor()
                 cur.execute("PRAGMA journal_mode=WAL")
                 cur.execute("PRAGMA synchronous=NORMAL")
@@ -186,7 +192,7 @@ class Database:
         upgrade(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="skyrl-db")
-        self._pending: list[tuple[Executable, dict[str, Any], asyncio.Future]] = []
+        self._pending: list[tuple[Executable, dict[str, Any], asyncio.Future[None]]] = []
         self._flushing = False
         self._background = BackgroundTasks("database")
 
@@ -207,7 +213,7 @@ class Database:
         one batch must not depend on each other: a caller awaits a write before it issues a dependent one.
         """
         loop = asyncio.get_running_loop()
-        done: asyncio.Future = loop.create_future()
+        done: asyncio.Future[None] = loop.create_future()
         self._pending.append((stmt, params, done))
         if not self._flushing:
             self._flushing = True
@@ -232,7 +238,7 @@ class Database:
                 except Exception:  # one bad write must not fail the others: commit them one by one
                     for stmt, params, done in batch:
                         try:
-                            await self.run(lambda s, stmt=stmt, params=params: s.execute(stmt, [params]))
+                            await self.run(functools.partial(_execute_one, stmt, params))
                         except Exception as exc:
                             if not done.done():
                                 done.set_exception(exc)
@@ -273,7 +279,7 @@ class Database:
                 state="failed", category="server", finished=now(),
                 error=json.dumps({"error": "the service restarted before this request finished; submit it again",
                                   "category": "server"})))
-            return int(result.rowcount or 0)
+            return int(cast(CursorResult[Any], result).rowcount or 0)
         return self.run_sync(fn)
 
     def secret(self, name: str) -> str:

@@ -99,7 +99,7 @@ class SamplingHotPath:
         except SkyrlError as exc:
             status, body, content_type = exc.status, error_body(exc.message, exc.field), b"application/json"
         except ValidationError as exc:
-            field, message = first_error(exc.errors(include_url=False))
+            field, message = first_error([dict(e) for e in exc.errors(include_url=False)])
             status, body, content_type = 400, error_body(message, field), b"application/json"
         except Exception as exc:  # never a bare 500 page
             logger.exception("unhandled error on %s", scope.get("path"))

@@ -7,6 +7,7 @@ it), so a field the SDK adds cannot silently drift from what we parse.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 from tinker.proto import tinker_public_pb2 as pb
@@ -19,7 +20,7 @@ PROTO = "application/x-protobuf"
 _NP = {pb.DTYPE_FLOAT32: np.float32, pb.DTYPE_INT64: np.int64, pb.DTYPE_INT32: np.int32}
 
 
-def _tensor(msg: pb.Tensor, field: str) -> list:
+def _tensor(msg: pb.Tensor, field: str) -> list[Any]:
     dtype = _NP.get(msg.dtype)
     if dtype is None:
         raise SkyrlError(400, f"{field}: unsupported dtype {msg.dtype}", field)
@@ -45,7 +46,8 @@ def _tensor(msg: pb.Tensor, field: str) -> list:
         raise SkyrlError(400, f"{field}: malformed tensor ({exc})", field) from exc
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         raise SkyrlError(400, f"{field}: contains NaN or infinity", field)
-    return array.tolist()
+    as_list: list[Any] = array.tolist()
+    return as_list
 
 
 def decode_forward_backward(body: bytes) -> tuple[str, int | None, list[Datum], str, dict[str, float], bool]:
@@ -91,7 +93,7 @@ def encode_forward_backward(out: ForwardBackwardOutput) -> bytes:
             offsets = np.cumsum([0] + [a.nbytes for a in arrays]).astype(np.int64)
             record.fields[name].CopyFrom(pb.BatchedTensor(data=b"".join(a.tobytes() for a in arrays),
                                                           offsets=offsets.tobytes(), dtype=pb.DTYPE_FLOAT32))
-    return msg.SerializeToString()
+    return bytes(msg.SerializeToString())
 
 
 def _topk(rows: list[dict[int, float] | None], k: int) -> pb.TopkLogprobs:
@@ -118,4 +120,4 @@ def encode_sample_response(samples: list[SampleOut], *, want_prompt_logprobs: bo
         msg.prompt_logprobs = np.asarray(values, dtype=np.float32).tobytes()
         if topk_prompt > 0 and first.prompt_top_logprobs is not None:
             msg.topk_prompt_logprobs.CopyFrom(_topk(list(first.prompt_top_logprobs), topk_prompt))
-    return msg.SerializeToString()
+    return bytes(msg.SerializeToString())

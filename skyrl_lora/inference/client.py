@@ -107,7 +107,7 @@ class RemoteInferenceClient:
         self._down_until: dict[str, float] = {}
         # loop -> (session, keeper): the keeper is an async generator whose ``finally`` closes the
         # session when the loop shuts its async generators down (``asyncio.run`` and pytest do).
-        self._sessions: dict[asyncio.AbstractEventLoop, tuple[aiohttp.ClientSession, AsyncGenerator]] = {}
+        self._sessions: dict[asyncio.AbstractEventLoop, tuple[aiohttp.ClientSession, AsyncGenerator[None, None]]] = {}
 
     # ------------------------------------------------------------------ transport
     async def _http(self) -> aiohttp.ClientSession:

@@ -15,6 +15,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -25,11 +26,11 @@ class AdapterManifest:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.key = "".join(c if c.isalnum() or c in "-_." else "_" for c in server_key)
         self._path = self.dir / f"manifest-{self.key}.json"
-        self._entries: dict[str, dict] = self._read(self._path)
+        self._entries: dict[str, dict[str, Any]] = self._read(self._path)
         self._lock = asyncio.Lock()
 
     @staticmethod
-    def _read(path: Path) -> dict[str, dict]:
+    def _read(path: Path) -> dict[str, dict[str, Any]]:
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
@@ -41,7 +42,7 @@ class AdapterManifest:
 
     def current(self) -> dict[str, str | None]:
         """Tenant -> newest adapter path over every server's file (``None``: unloaded)."""
-        newest: dict[str, dict] = {}
+        newest: dict[str, dict[str, Any]] = {}
         for path in sorted(self.dir.glob("manifest-*.json")):
             for name, entry in self._read(path).items():
                 if name not in newest or entry["t"] > newest[name]["t"]:
@@ -53,7 +54,7 @@ class AdapterManifest:
             self._entries[name] = {"path": path, "t": time.time()}
             await asyncio.to_thread(self._write, dict(self._entries))
 
-    def _write(self, entries: dict[str, dict]) -> None:
+    def _write(self, entries: dict[str, dict[str, Any]]) -> None:
         tmp = self._path.with_suffix(f".tmp-{os.getpid()}")
         tmp.write_text(json.dumps(entries, indent=1, sort_keys=True))
         os.replace(tmp, self._path)
