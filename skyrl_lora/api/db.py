@@ -8,7 +8,6 @@ event loop never blocks on it.
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import json
 import secrets
@@ -40,10 +39,6 @@ from sqlalchemy.sql.base import Executable
 from skyrl_lora.background import BackgroundTasks
 
 T = TypeVar("T")
-
-
-def _execute_one(stmt: Executable, params: dict[str, Any], session: Session) -> None:
-    session.execute(stmt, [params])
 
 
 def now() -> datetime:
@@ -204,6 +199,10 @@ class Database:
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, work)
 
+    async def execute(self, stmt: Executable, params: dict[str, Any] | None = None) -> None:
+        """One statement in its own transaction on the database thread."""
+        await self.run(lambda s: s.execute(stmt, [params] if params is not None else None))
+
     async def write(self, stmt: Executable, params: dict[str, Any]) -> None:
         """Group commit: writes that arrive while a commit is under way share the next one.
 
@@ -238,7 +237,7 @@ class Database:
                 except Exception:  # one bad write must not fail the others: commit them one by one
                     for stmt, params, done in batch:
                         try:
-                            await self.run(functools.partial(_execute_one, stmt, params))
+                            await self.execute(stmt, params)
                         except Exception as exc:
                             if not done.done():
                                 done.set_exception(exc)

@@ -6,23 +6,16 @@ finds every expiry in the database."""
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 from sqlalchemy import delete, func, or_, select
-from sqlalchemy.orm import Session
-from sqlalchemy.sql.base import Executable
 from sqlalchemy.sql.elements import ColumnElement
 
 from skyrl_lora.api.db import CheckpointRow, Database, now
 
 logger = logging.getLogger(__name__)
-
-
-def _execute(statement: Executable, session: Session) -> None:
-    session.execute(statement)
 
 
 def aware(moment: datetime) -> datetime:
@@ -73,7 +66,7 @@ class CheckpointExpiry:
                 continue
             gone = delete(CheckpointRow).where(CheckpointRow.tinker_path == row.tinker_path,
                                                CheckpointRow.expires_at <= now())  # not if its TTL was extended
-            await self.db.run(functools.partial(_execute, gone))
+            await self.db.execute(gone)
             removed += 1
         if removed:
             logger.info("removed %d expired checkpoints", removed)

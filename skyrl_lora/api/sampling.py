@@ -5,7 +5,6 @@ vLLM). Samples go through ``sample_with_retry``, so a sync never shows up as a f
 
 from __future__ import annotations
 
-import functools
 import logging
 import uuid
 from typing import Any
@@ -13,7 +12,6 @@ from typing import Any
 from pydantic import ValidationError
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
-from sqlalchemy.sql.base import Executable
 
 from skyrl_lora.api import schemas as S
 from skyrl_lora.api.core import ServiceCore, check_vocab, inference_error
@@ -26,10 +24,6 @@ from skyrl_lora.inference.client import FanOutError, InferenceError
 from skyrl_lora.inference.protocol import SamplingParamsIn
 
 logger = logging.getLogger(__name__)
-
-
-def _execute(statement: Executable, session: Session) -> None:
-    session.execute(statement)
 
 
 class Sampling:
@@ -78,7 +72,7 @@ class Sampling:
                 logger.info("unloading %s: %s", old.lora_name, exc)
             self.core.samplers.pop(old.sampler_id, None)
             expire = update(SamplerRow).where(SamplerRow.sampler_id == old.sampler_id).values(expired=True)
-            await self.core.db.run(functools.partial(_execute, expire))
+            await self.core.db.execute(expire)
 
     async def create_sampling_session(self, user: str, req: S.CreateSamplingSessionIn) -> S.CreateSamplingSessionOut:
         await self.core.session(user, req.session_id)
