@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from skyrl_lora.api import schemas as S
 from skyrl_lora.api.core import ServiceCore, expiry_of
 from skyrl_lora.api.db import CheckpointRow, ModelRow, now
-from skyrl_lora.api.expiry import aware, live
+from skyrl_lora.api.expiry import aware, has_expired, live
 from skyrl_lora.api.paths import CheckpointKind, TinkerPath
 from skyrl_lora.errors import SkyrlError
 from skyrl_lora.training.protocol import LoraSpec
@@ -42,7 +42,7 @@ class Checkpoints:
         path = TinkerPath(run_id, CheckpointKind.EXTERNAL, name)
         self.core.external.check(path, filename, expires, signature)
         row = await self.core.db.run(lambda s: s.get(CheckpointRow, str(path)))
-        if row is None or (row.expires_at is not None and aware(row.expires_at) <= now()):
+        if row is None or has_expired(row):
             raise SkyrlError(404, f"path: no checkpoint '{path}'", "path")
         if filename not in await asyncio.to_thread(self.core.external.files, row.internal_path):
             raise SkyrlError(404, f"file: '{filename}' is not in '{path}'", "file")

@@ -14,7 +14,7 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from skyrl_lora.api.db import CheckpointRow, Database, ModelRow, SamplerRow, SessionRow, now
-from skyrl_lora.api.expiry import CheckpointExpiry, aware
+from skyrl_lora.api.expiry import CheckpointExpiry, has_expired
 from skyrl_lora.api.external import ExternalWeightsStore
 from skyrl_lora.api.futures import Futures
 from skyrl_lora.api.idempotency import IdempotencyKeys
@@ -92,7 +92,7 @@ class ServiceCore:
         if kind is not None and path.kind != kind:
             raise SkyrlError(400, f"{field}: '{path}' is a {path.kind} checkpoint; a {kind} checkpoint is needed", field)
         row = await self.db.run(lambda s: s.get(CheckpointRow, str(path)))
-        if row is None or row.user_id != user or (row.expires_at is not None and aware(row.expires_at) <= now()):
+        if row is None or row.user_id != user or has_expired(row):
             raise SkyrlError(404, f"{field}: no checkpoint '{path}'", field)
         return row
 
@@ -119,6 +119,15 @@ class ServiceCore:
             await asyncio.to_thread(self.external.remove, old.internal_path)
         if row.expires_at is not None:
             self.expiry.wake()
+
+    async def record_checkpoint(self, user: str, path: TinkerPath, internal_path: str, *, ttl_seconds: int | None,
+                                size_bytes: int = 0, ephemeral: bool = False,
+                                user_metadata: dict[str, str] | None = None) -> None:
+        """The row of a checkpoint just saved at ``path`` (its run is the model, its segment the kind)."""
+        await self.put_checkpoint(CheckpointRow(
+            tinker_path=str(path), model_id=path.run_id, user_id=user, kind=path.kind, name=path.name,
+            internal_path=internal_path, size_bytes=size_bytes, ephemeral=ephemeral, user_metadata=user_metadata or {},
+            expires_at=expiry_of(ttl_seconds)))
 
     async def remove_checkpoint_files(self, row: CheckpointRow) -> None:
         if row.kind == CheckpointKind.EXTERNAL:

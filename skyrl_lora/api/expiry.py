@@ -23,6 +23,11 @@ def aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
+def has_expired(row: CheckpointRow) -> bool:
+    """In Python what ``live()`` says in SQL: the checkpoint's TTL has run out."""
+    return row.expires_at is not None and aware(row.expires_at) <= now()
+
+
 def live(at: datetime | None = None) -> ColumnElement[bool]:
     """The SQL condition of a checkpoint that has not expired."""
     return or_(CheckpointRow.expires_at.is_(None), CheckpointRow.expires_at > (at or now()))

@@ -7,8 +7,8 @@ import logging
 import uuid
 
 from skyrl_lora.api import schemas as S
-from skyrl_lora.api.core import ServiceCore, check_vocab, expiry_of
-from skyrl_lora.api.db import CheckpointRow, ModelRow
+from skyrl_lora.api.core import ServiceCore, check_vocab
+from skyrl_lora.api.db import ModelRow
 from skyrl_lora.api.external import parse_recipients
 from skyrl_lora.api.futures import Result, json_result
 from skyrl_lora.api.models import Models
@@ -63,16 +63,14 @@ class Training:
     async def save_weights(self, user: str, req: S.SaveWeightsIn) -> S.UntypedFuture:
         row = await self.core.model(user, req.model_id)
         name = req.path or f"state-{req.seq_id or uuid.uuid4().hex[:8]}"
-        tinker_path = f"tinker://{req.model_id}/weights/{name}"
+        path = TinkerPath(req.model_id, CheckpointKind.TRAINING, name)
 
         async def work() -> Result:
             async with self.core.seq.turn(req.model_id, req.seq_id):
                 saved = await self.trainer.save_state(row.tenant, name)
-            await self.core.put_checkpoint(CheckpointRow(tinker_path=tinker_path, model_id=req.model_id, user_id=user,
-                                                     kind=CheckpointKind.TRAINING, name=name, internal_path=saved.path,
-                                                     size_bytes=saved.nbytes, user_metadata=req.user_metadata or {},
-                                                     expires_at=expiry_of(req.ttl_seconds)))
-            return json_result({"path": tinker_path, "type": "save_weights"})
+            await self.core.record_checkpoint(user, path, saved.path, ttl_seconds=req.ttl_seconds, size_bytes=saved.nbytes,
+                                              user_metadata=req.user_metadata)
+            return json_result({"path": str(path), "type": "save_weights"})
 
         return S.UntypedFuture(request_id=await self.core.futures.submit(user, "SaveWeights", req.model_id, work),
                                model_id=req.model_id)
@@ -83,16 +81,15 @@ class Training:
         if ephemeral and req.sampling_session_seq_id is None:
             raise SkyrlError(400, "path: give a name, or sampling_session_seq_id for an ephemeral sampler", "path")
         name = req.path or f"ephemeral-{req.sampling_session_seq_id}-{uuid.uuid4().hex[:6]}"
-        tinker_path = f"tinker://{req.model_id}/sampler_weights/{name}"
+        path = TinkerPath(req.model_id, CheckpointKind.SAMPLER, name)
+        tinker_path = str(path)
 
         async def work() -> Result:
             async with self.core.seq.turn(req.model_id, req.seq_id):
                 # Exports the adapter and syncs the tenant's live LoRA on every server (only it pauses).
                 sw = await self.trainer.save_weights_for_sampler(row.tenant, name)
-            await self.core.put_checkpoint(CheckpointRow(tinker_path=tinker_path, model_id=req.model_id, user_id=user,
-                                                     kind=CheckpointKind.SAMPLER, name=name, internal_path=sw.path,
-                                                     ephemeral=ephemeral, user_metadata=req.user_metadata or {},
-                                                     expires_at=expiry_of(req.ttl_seconds)))
+            await self.core.record_checkpoint(user, path, sw.path, ttl_seconds=req.ttl_seconds, ephemeral=ephemeral,
+                                              user_metadata=req.user_metadata)
             if not ephemeral:
                 return json_result({"path": tinker_path, "type": "save_weights_for_sampler"})
             sampler_id = f"{row.session_id}:sample:{req.sampling_session_seq_id}"
@@ -115,10 +112,8 @@ class Training:
                 files = await self.trainer.adapter_files(row.tenant)
             stored = await asyncio.to_thread(self.core.external.write, files, recipients)
             try:
-                await self.core.put_checkpoint(CheckpointRow(
-                    tinker_path=str(path), model_id=req.model_id, user_id=user, kind=CheckpointKind.EXTERNAL,
-                    name=req.path, internal_path=str(stored.directory), size_bytes=stored.size_bytes,
-                    expires_at=expiry_of(req.ttl_seconds)))
+                await self.core.record_checkpoint(user, path, str(stored.directory), ttl_seconds=req.ttl_seconds,
+                                                  size_bytes=stored.size_bytes)
             except BaseException:
                 await asyncio.to_thread(self.core.external.remove, str(stored.directory))
                 raise
