@@ -103,12 +103,11 @@ def _rebuild_meta_buffers(model: nn.Module, device: torch.device) -> None:
                     setattr(parent, child_name, type(child)(config=model.config))
 
 
-def model_on_views(base_model: str | Path, views: Mapping[str, torch.Tensor]) -> nn.Module:
-    """The HF model of ``base_model`` (its config only) whose parameters are ``views``: frozen, never
-    copied, in the server's dtype."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def model_on_views(config: Any, views: Mapping[str, torch.Tensor]) -> nn.Module:
+    """The HF model of ``config`` (the base model's, already read for :func:`hf_views`) whose
+    parameters are ``views``: frozen, never copied, in the server's dtype."""
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(base_model)
     check_shareable(config)
     dtypes = {t.dtype for t in views.values()}
     if len(dtypes) != 1:

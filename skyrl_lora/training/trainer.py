@@ -119,7 +119,8 @@ class MultiTenantTrainer:
             if self.weights_source is None:
                 raise SharingImpossible("no inference server to share weights with (share_from)")
             shared = self.weights_source()
-            model = model_on_views(path, hf_views(shared.server_tensors, _hf_config(path)))
+            config = _hf_config(path)
+            model = model_on_views(config, hf_views(shared.server_tensors, config))
         except SharingImpossible as exc:
             if self.config.base_weights == "shared":
                 raise SkyrlError(409, f"base_weights: 'shared' is impossible here: {exc}", "base_weights") from exc
@@ -319,8 +320,7 @@ class MultiTenantTrainer:
             real.unlink()
             return True
         if real.is_dir():
-            exports = [d for d in real.parent.iterdir() if d.is_dir() and not d.name.startswith(".")]
-            if real == max(exports, key=lambda d: d.stat().st_mtime_ns):
+            if real == self._exports(real.parent)[-1]:
                 return False
             shutil.rmtree(real, ignore_errors=True)
             return True
@@ -345,10 +345,14 @@ class MultiTenantTrainer:
         self._prune_exports(out.parent)
         return out
 
+    @staticmethod
+    def _exports(root: Path) -> list[Path]:
+        """A tenant's finished export directories (not the hidden ones being written), oldest first."""
+        return sorted((d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")),
+                      key=lambda d: d.stat().st_mtime_ns)
+
     def _prune_exports(self, root: Path) -> None:
-        exports = sorted((d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")),
-                         key=lambda d: d.stat().st_mtime_ns)
-        for old in exports[: -self.config.keep_sampler_versions]:
+        for old in self._exports(root)[: -self.config.keep_sampler_versions]:
             shutil.rmtree(old, ignore_errors=True)
 
     # ------------------------------------------------------------------ inspection (tests, benchmarks)
