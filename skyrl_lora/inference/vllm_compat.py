@@ -108,15 +108,19 @@ def tokens_prompt(token_ids: list[int]) -> Any:
     return cls(prompt_token_ids=token_ids)
 
 
-async def pause_engine(engine: Any) -> None:
-    """Engine-wide pause that keeps in-flight requests (they continue after resume)."""
+def _keeping_pause_kwargs(engine: Any) -> dict[str, Any] | None:
+    """The arguments of ``pause_generation`` that keep in-flight requests, on this vLLM; None if it has none."""
     params = inspect.signature(engine.pause_generation).parameters
     if "mode" in params:
-        await engine.pause_generation(mode="keep", clear_cache=False)
-    elif "wait_for_inflight_requests" in params:
-        await engine.pause_generation(wait_for_inflight_requests=False, clear_cache=False)
-    else:
-        await engine.pause_generation()
+        return {"mode": "keep", "clear_cache": False}
+    if "wait_for_inflight_requests" in params:
+        return {"wait_for_inflight_requests": False, "clear_cache": False}
+    return None
+
+
+async def pause_engine(engine: Any) -> None:
+    """Engine-wide pause that keeps in-flight requests (they continue after resume)."""
+    await engine.pause_generation(**(_keeping_pause_kwargs(engine) or {}))
 
 
 async def resume_engine(engine: Any) -> None:
@@ -414,8 +418,7 @@ async def check_assumptions(engine: Any, app: Any) -> list[str]:
     models = getattr(app.state, "openai_serving_models", None)
     need(isinstance(getattr(models, "lora_requests", None), dict),
          "app.state.openai_serving_models.lora_requests: dict (tenants listed in /v1/models)")
-    need("mode" in inspect.signature(engine.pause_generation).parameters or
-         "wait_for_inflight_requests" in inspect.signature(engine.pause_generation).parameters,
+    need(callable(getattr(engine, "pause_generation", None)) and _keeping_pause_kwargs(engine) is not None,
          "AsyncLLM.pause_generation(mode=... | wait_for_inflight_requests=...) (a pause that keeps requests)")
     try:
         cls = lora_request_cls()
