@@ -72,12 +72,18 @@ async def _syncs(client: RemoteInferenceClient, tenants: list[str], paths: dict[
     return latencies
 
 
+async def _stage_timings(actor: Any) -> dict[str, list[float]]:
+    return dict(await actor.stage_timings.remote())
+
+
 async def _window(name: str, client: RemoteInferenceClient, url: str, prompt_ids: list[int], prompt_text: str,
-                  tenants: list[str], paths: dict[str, list[str]], args: argparse.Namespace) -> dict[str, Any]:
+                  tenants: list[str], paths: dict[str, list[str]], args: argparse.Namespace,
+                  actor: Any) -> dict[str, Any]:
     syncing = {"nosync": [], "one": tenants[:1], "legacy": tenants[:1], "engine-wide": tenants[:1],
                "all": tenants, "all-inplace": tenants}[name]
     period = args.all_period if name.startswith("all") else 1.0
     parts: list[tuple[float, float]] = []
+    before = {k: len(v) for k, v in (await _stage_timings(actor)).items()}
     jobs: list[Any] = [run_streams(client, t, prompt_ids, streams=args.streams, max_tokens=args.max_tokens,
                                    duration_s=args.window_s) for t in tenants]
     jobs.append(watch_gaps(url, WATCHER, prompt_text, duration_s=args.window_s, max_tokens=args.max_tokens))
@@ -90,6 +96,8 @@ async def _window(name: str, client: RemoteInferenceClient, url: str, prompt_ids
     gaps: GapStats = results[len(tenants)]
     latencies = results[len(tenants) + 1] if syncing else []
     others = [s for s in streams if s.tenant not in syncing] or streams
+    # the worker's own time per flip from a slot image, and per load and slot image off the loop
+    timings = {k: v[before.get(k, 0):] for k, v in (await _stage_timings(actor)).items()}
     return {
         "window": name, "tokens_per_s": sum(s.tokens for s in streams) / max(s.seconds for s in streams),
         # per tenant, so windows with different numbers of non-syncing tenants compare
@@ -102,6 +110,8 @@ async def _window(name: str, client: RemoteInferenceClient, url: str, prompt_ids
         "staging_p50_ms": 1e3 * statistics.median(p[0] for p in parts) if parts else None,
         "flip_load_p50_ms": 1e3 * statistics.median(p[1] for p in parts) if parts else None,
         "flip_load_max_ms": 1e3 * max(p[1] for p in parts) if parts else None,
+        **{f"engine_{k[:-3]}_p50_ms": statistics.median(v) if v else None for k, v in timings.items()},
+        "engine_flip_max_ms": max(timings.get("flip_ms") or [float("nan")]),
     }
 
 
@@ -171,7 +181,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         windows: list[dict[str, Any]] = []
         for r in range(args.rounds):
             for name in args.windows:
-                w = await _window(name, client, url, prompt_ids, prompt_text, tenants, paths, args)
+                w = await _window(name, client, url, prompt_ids, prompt_text, tenants, paths, args, actor)
                 w["round"] = r
                 logger.info("%s", w)
                 windows.append(w)

@@ -219,3 +219,33 @@ async def test_trainer_publishes_through_shared_memory_and_keeps_a_durable_copy(
         ray.kill(trainer)
         await client.unload_lora_adapter("shm-tenant")
         shutil.rmtree(shm, ignore_errors=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["abort", "inplace"])
+async def test_a_flip_from_a_slot_image_fills_the_slot_as_vllms_own_load(vllm_server, tiny, tok, word_ids,
+                                                                          mode) -> None:
+    """A staged version's slot image is made off the step loop and copied in at the flip in one go;
+    the slot it fills must hold bit for bit what vLLM's own per-module load writes for that adapter
+    (padding to the maximum rank, q/k/v and gate/up split, scaling), and serve the same tokens."""
+    client = RemoteInferenceClient(vllm_server.url)
+    imaged, legacy = f"slot-image-{mode}", f"slot-legacy-{mode}"
+    prompt = tok("x = 1")["input_ids"]
+    await client.load_lora_adapter(imaged, str(tiny.loras["woof"]), load_inplace=False)
+    await client.load_lora_adapter(legacy, str(tiny.loras["woof"]), load_inplace=False)
+    try:
+        flips_before = len(ray.get(vllm_server.actor.stage_timings.remote(), timeout=60)["flip_ms"])
+        await client.update_lora(imaged, str(tiny.loras["meow"]), mode=mode)  # staged: a slot image
+        await client.update_lora(legacy, str(tiny.loras["meow"]), mode=mode, off_loop=False)  # vLLM's load
+        flips = ray.get(vllm_server.actor.stage_timings.remote(), timeout=60)["flip_ms"]
+        assert len(flips) == min(4096, flips_before + 1), flips  # the staged one flipped from its image
+        (state,) = await client.state()
+        assert state.staged_on_workers == 0  # the image was consumed by its flip
+        digests = {name: ray.get(vllm_server.actor.slot_digest.remote(name), timeout=60) for name in (imaged, legacy)}
+        assert None not in digests[imaged] and digests[imaged] == digests[legacy], digests
+        for name in (imaged, legacy):
+            (s,) = await client.sample(prompt, {"max_tokens": 4, **GREEDY}, name)
+            assert s.token_ids == [word_ids["meow"]] * 4
+    finally:
+        await client.unload_lora_adapter(imaged)
+        await client.unload_lora_adapter(legacy)

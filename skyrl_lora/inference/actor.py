@@ -81,6 +81,14 @@ class VLLMServerActor:
         """The vLLM internals we rely on that do not hold here (empty when all do)."""
         return await self.server.vllm_assumptions()
 
+    async def slot_digest(self, tenant: str) -> list[str | None]:
+        """Per worker, a sha256 of the adapter slot serving the tenant (bit-for-bit comparisons)."""
+        return await self.server.slot_digest(tenant)
+
+    async def stage_timings(self) -> dict[str, list[float]]:
+        """Recent flips from a slot image (the engine's own cost of a sync), loads and slot images, in ms."""
+        return await self.server.stage_timings()
+
     async def share_base_weights(self, path: str) -> dict[str, Any]:
         """CUDA IPC handles of the base weights, for a trainer on this GPU (see ``training/shared_base.py``)."""
         return await self.server.share_weights(path)

