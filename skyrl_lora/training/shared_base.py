@@ -160,7 +160,7 @@ class SharedBase:
 
 
 def open_shared_weights(path: str | Path) -> SharedBase:
-    """Map the handles a server wrote (``vllm_compat.LoraStagingWorkerExtension.skyrl_share_weights``).
+    """Map the handles a server wrote (``vllm_compat.worker.LoraStagingWorkerExtension.skyrl_share_weights``).
     Must run in another process than the server's worker, on the same GPU."""
     if not torch.cuda.is_available():
         raise SharingImpossible("no CUDA device in the trainer's process")

@@ -195,6 +195,11 @@ def hf_config(engine: Any) -> Any:
 STAGE_WORKER_EXTENSION = "skyrl_lora.inference.vllm_compat.worker.LoraStagingWorkerExtension"
 
 
+async def configure_staging(engine: Any, threads: int) -> None:
+    """Set up staging on every worker: ``threads`` staging threads (see ``worker.py``)."""
+    await engine.collective_rpc("skyrl_configure_staging", args=(threads,))
+
+
 async def stage_lora(engine: Any, lora_int_id: int, lora_name: str, lora_path: str, source: str) -> None:
     """Start loading ``source`` on every worker as engine adapter ``lora_int_id`` (its request will
     carry ``lora_path``); returns at once."""

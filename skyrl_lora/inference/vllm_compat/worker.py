@@ -43,7 +43,12 @@ from skyrl_lora.inference.vllm_compat import FUSED_PROJECTIONS, make_lora_reques
 
 logger = logging.getLogger(__name__)
 
-STAGE_THREADS = 4
+STAGE_THREADS = 1  # until the server configures it (ServerConfig.stage_threads)
+# Staging threads share the engine process's interpreter lock with the step loop. With Python's default
+# 5 ms switch interval, each time the step loop wants the lock back while a staging thread runs Python
+# it may wait that long, many times a step; 8 tenants each syncing once a second on the H200 (8B)
+# starved the loop (0.17 of no-sync throughput). A shorter interval hands the lock back sooner.
+SWITCH_INTERVAL_S = 0.0005
 
 
 TIMINGS_KEPT = 4096
@@ -74,6 +79,11 @@ class _SlotLayout:
         self.layers: list[tuple[str, Any]] = list(adapter_manager.modules.items())
         self.tensors: list[Any] = [t for _, m in self.layers for t in (*m.lora_a_stacked, *m.lora_b_stacked)]
         self._targets: dict[int, list[Any]] = {}
+        first = self.tensors[0]
+        # one side stream for every image: the caching allocator reuses a freed image's memory only for
+        # allocations on the stream it was made on (a new stream per image grew the cache until it had
+        # to free, which synchronises the whole device)
+        self._stream = torch.cuda.Stream(first.device) if first.device.type == "cuda" else None  # type: ignore[no-untyped-call]
 
     @staticmethod
     def supports(adapter_manager: Any) -> str | None:
@@ -104,7 +114,7 @@ class _SlotLayout:
         """Run each layer's own ``set_lora`` (or ``reset_lora`` where the adapter has no weights)
         against one-slot buffers carved from one flat tensor; off the step loop, on a side stream."""
         first = self.tensors[0]
-        stream = torch.cuda.Stream(first.device) if first.device.type == "cuda" else None
+        stream = self._stream
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             buffer = torch.empty(sum(t[0].numel() for t in self.tensors), dtype=first.dtype, device=first.device)
             slots: list[Any] = []
@@ -140,10 +150,19 @@ class _SlotLayout:
 class LoraStagingWorkerExtension:
     """Methods vLLM mixes into its worker; reached through ``engine.collective_rpc``."""
 
+    def skyrl_configure_staging(self, threads: int) -> None:
+        """Called once by the server after start: the staging pool's size."""
+        self._skyrl_stage_threads = threads
+        self._skyrl_staging()
+
     def _skyrl_staging(self) -> dict[str, Any]:
         state = getattr(self, "_skyrl_stage_state", None)
         if state is not None:
             return state
+        import sys
+
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
+        threads = getattr(self, "_skyrl_stage_threads", STAGE_THREADS)
         manager = self.model_runner.lora_manager  # type: ignore[attr-defined]
         adapter_manager = manager._adapter_manager
         original = manager._load_adapter
@@ -152,7 +171,7 @@ class LoraStagingWorkerExtension:
             logger.warning("LoRA flips copy module by module (vLLM's own way): %s", why_not)
         # several tenants stage at once (8 syncing each second staged one after another in ~1 s on one thread)
         state = {"jobs": {}, "images": {}, "original": original,
-                 "pool": concurrent.futures.ThreadPoolExecutor(STAGE_THREADS, thread_name_prefix="skyrl-stage"),
+                 "pool": concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="skyrl-stage"),
                  "layout": _SlotLayout(adapter_manager) if why_not is None else None,
                  "timings": {"flip_ms": [], "load_ms": [], "image_ms": []}}
         jobs: dict[int, Any] = state["jobs"]
