@@ -104,7 +104,9 @@ class _SlotLayout:
         """Run each layer's own ``set_lora`` (or ``reset_lora`` where the adapter has no weights)
         against one-slot buffers carved from one flat tensor; off the step loop, on a side stream."""
         first = self.tensors[0]
-        stream = torch.cuda.Stream(first.device) if first.device.type == "cuda" else None
+        stream: torch.cuda.Stream | None = None
+        if first.device.type == "cuda":
+            stream = torch.cuda.Stream(first.device)  # type: ignore[no-untyped-call]  # __new__ unannotated in torch
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             buffer = torch.empty(sum(t[0].numel() for t in self.tensors), dtype=first.dtype, device=first.device)
             slots: list[Any] = []
@@ -141,7 +143,7 @@ class LoraStagingWorkerExtension:
     """Methods vLLM mixes into its worker; reached through ``engine.collective_rpc``."""
 
     def _skyrl_staging(self) -> dict[str, Any]:
-        state = getattr(self, "_skyrl_stage_state", None)
+        state: dict[str, Any] | None = getattr(self, "_skyrl_stage_state", None)
         if state is not None:
             return state
         manager = self.model_runner.lora_manager  # type: ignore[attr-defined]
@@ -285,7 +287,8 @@ class LoraStagingWorkerExtension:
             if param.device.type != "cuda":
                 raise RuntimeError(f"{name} is on {param.device}, not on a CUDA device: nothing to share")
             device = param.device
-            handles[name.replace(".base_layer.", ".")] = (reduce_tensor(param.data), tuple(param.shape), str(param.dtype))
+            handle = reduce_tensor(param.data)  # type: ignore[no-untyped-call]  # torch leaves it unannotated
+            handles[name.replace(".base_layer.", ".")] = (handle, tuple(param.shape), str(param.dtype))
         if device is None:
             raise RuntimeError("the model has no parameters")
         info = {"device_uuid": str(torch.cuda.get_device_properties(device).uuid), "count": len(handles),
@@ -298,7 +301,7 @@ class LoraStagingWorkerExtension:
         """The worker-side internals this module relies on, each checked; returns the broken ones,
         each named (empty when all hold)."""
         broken: list[str] = []
-        runner = getattr(self, "model_runner", None)
+        runner: Any = getattr(self, "model_runner", None)  # vLLM's model runner, or None off a worker
         manager = getattr(runner, "lora_manager", None)
         if not callable(getattr(manager, "_load_adapter", None)):
             broken.append("Worker.model_runner.lora_manager._load_adapter (staging wraps it)")
@@ -346,5 +349,5 @@ class LoraStagingWorkerExtension:
 
         bgmv_shrink._skyrl_masks_base_rows = True  # type: ignore[attr-defined]
         lora_ops.bgmv_shrink = bgmv_shrink  # sgmv_shrink calls it through this module's globals
-        punica_cpu.bgmv_shrink = bgmv_shrink
+        punica_cpu.bgmv_shrink = bgmv_shrink  # type: ignore[attr-defined]  # imported there, not re-exported
         return True
