@@ -8,8 +8,12 @@ import logging
 import signal
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
+
+if TYPE_CHECKING:
+    from skyrl_lora.config import SkyrlConfig
 
 app = typer.Typer(add_completion=False, help="Multi-tenant LoRA RL backend on Ray + vLLM.")
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML settings (SKYRL_* variables override them)")
@@ -20,7 +24,7 @@ def _quiet_http_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _config(path: Path | None, **overrides):
+def _config(path: Path | None, **overrides: Any) -> SkyrlConfig:
     from skyrl_lora.config import ConfigError, SkyrlConfig
 
     try:
@@ -111,7 +115,7 @@ def status(address: str = typer.Option("auto", help="Ray address of the running 
     except (ConnectionError, RuntimeError) as exc:
         typer.echo(f"error: no Ray cluster at {address!r}: {exc}", err=True)
         raise typer.Exit(2) from exc
-    out: dict = {"servers": [], "trainer": None, "api": None}
+    out: dict[str, Any] = {"servers": [], "trainer": None, "api": None}
     i = 0
     while True:
         try:
@@ -122,7 +126,8 @@ def status(address: str = typer.Option("auto", help="Ray address of the running 
                                "state": ray.get(actor.state.remote(), timeout=30)})
         i += 1
     try:
-        out["trainer"] = ray.get(ray.get_actor(TRAINER_NAME).state.remote(), timeout=60).model_dump(mode="json")
+        trainer: Any = ray.get_actor(TRAINER_NAME)  # Any: ray types an untyped handle's methods as Never
+        out["trainer"] = ray.get(trainer.state.remote(), timeout=60).model_dump(mode="json")
     except ValueError:
         pass
     try:

@@ -129,7 +129,7 @@ def skyrl_system(config: Any, *, serve_api: bool = False) -> Iterator[SkyrlSyste
 
     config.check()  # the model path, before Ray is even touched
     init_ray(config)
-    config.check(ray.cluster_resources())
+    config.check(ray.cluster_resources())  # type: ignore[no-untyped-call]  # ray.cluster_resources is unannotated
     model = config.model_path()
     data = Path(config.data_dir).resolve()
     data.mkdir(parents=True, exist_ok=True)

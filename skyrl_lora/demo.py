@@ -96,7 +96,8 @@ async def run(cfg: DemoConfig, fixtures: TinyFixtures, urls: list[str]) -> list[
     return results
 
 
-def _write(cfg: DemoConfig, results: list[PhaseResult], phases: list) -> None:
+def _write(cfg: DemoConfig, results: list[PhaseResult],
+           phases: list[tuple[str, StreamStats, StreamStats | None, list[float]]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -18,7 +18,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from tqdm import tqdm
 
@@ -41,6 +41,11 @@ class RlDemoConfig:
     window_pairs: int = 6
     sync_period_s: float = 1.0  # in a sync window the syncing tenant syncs once a second (an eager RL loop's pace)
     out_dir: Path = Path("artifacts/demo")
+
+
+class _Isolation(TypedDict):
+    per_tenant: dict[str, dict[str, Any]]  # tenant -> {"pairs", "tokens_per_s_ratio"}
+    windows: list[dict[str, Any]]
 
 
 @dataclass
@@ -77,7 +82,7 @@ async def _tenant_loop(tenant: DemoTenant, seed: int, cfg: RlDemoConfig, engine:
 
 
 async def _measure_isolation(tenants: tuple[DemoTenant, ...], trainer: Any, client: RemoteInferenceClient, tok: Any,
-                             cfg: RlDemoConfig, t_start: float) -> dict:
+                             cfg: RlDemoConfig, t_start: float) -> _Isolation:
     """Every tenant generates rollouts non-stop while windows alternate: nobody syncs / one tenant (in turn)
     syncs once every ``sync_period_s``. Each *other* tenant's tokens/s in a sync window ÷ in the neighbouring
     quiet window."""
@@ -107,7 +112,7 @@ async def _measure_isolation(tenants: tuple[DemoTenant, ...], trainer: Any, clie
 
     streams = [asyncio.create_task(stream(t)) for t in tenants for _ in range(cfg.rollout_streams)]
     ratios: dict[str, list[float]] = {t.name: [] for t in tenants}
-    windows: list[dict] = []
+    windows: list[dict[str, Any]] = []
     try:
         await window(None)  # warm-up
         with tqdm(total=cfg.window_pairs, desc="isolation windows", unit="pair") as bar:
@@ -131,7 +136,7 @@ async def _measure_isolation(tenants: tuple[DemoTenant, ...], trainer: Any, clie
 
 
 async def run_rl_demo(tenants: tuple[DemoTenant, ...], trainer: Any, urls: list[str], model_path: str,
-                      cfg: RlDemoConfig) -> dict:
+                      cfg: RlDemoConfig) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_path)
@@ -142,7 +147,7 @@ async def run_rl_demo(tenants: tuple[DemoTenant, ...], trainer: Any, urls: list[
     with tqdm(total=cfg.steps * len(tenants), desc="RL steps (all tenants)", unit="step") as bar:
         await asyncio.gather(*(_tenant_loop(t, i + 1, cfg, engine, trainer, client, tok, r, bar)
                                for i, (t, r) in enumerate(zip(tenants, runs))))
-    isolation = {"per_tenant": {}, "windows": []}
+    isolation: _Isolation = {"per_tenant": {}, "windows": []}
     if len(tenants) > 1 and cfg.window_pairs > 0:
         isolation = await _measure_isolation(tenants, trainer, client, tok, cfg, t_start)
     for t in tenants:
@@ -161,7 +166,7 @@ async def run_rl_demo(tenants: tuple[DemoTenant, ...], trainer: Any, urls: list[
     }
 
 
-def summary_lines(result: dict) -> list[str]:
+def summary_lines(result: dict[str, Any]) -> list[str]:
     lines = ["", "tenant   task            reward: first -> last step        syncs   tokens/s while another tenant syncs "
                  "÷ while nobody syncs"]
     for name, t in result["tenants"].items():
@@ -175,7 +180,7 @@ def summary_lines(result: dict) -> list[str]:
     return lines
 
 
-def plot(result: dict, out: Path) -> None:
+def plot(result: dict[str, Any], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -216,7 +221,7 @@ def plot(result: dict, out: Path) -> None:
     fig.savefig(out, dpi=110)
 
 
-def write(result: dict, out_dir: Path) -> tuple[Path, Path]:
+def write(result: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     js, png = out_dir / "rl_demo_summary.json", out_dir / "rl_demo.png"
     js.write_text(json.dumps(result, indent=2))

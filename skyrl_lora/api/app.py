@@ -3,7 +3,7 @@
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -25,7 +25,8 @@ MAX_BODY = 256 << 20
 
 async def _user(request: Request, x_api_key: Annotated[str | None, Header()] = None) -> str:
     """The caller's user id from its X-API-Key (checked against the hashed keys)."""
-    return await request.app.state.service.authenticate(x_api_key)
+    service: TinkerService = request.app.state.service
+    return await service.authenticate(x_api_key)
 
 
 User = Annotated[str, Depends(_user)]
@@ -76,21 +77,21 @@ def create_app(service: TinkerService, metrics: Callable[[], Awaitable[str]] | N
 
     # ---------------------------------------------------------------- unauthenticated
     @app.get(f"{v1}/healthz")
-    async def healthz() -> dict:
+    async def healthz() -> dict[str, Any]:
         """ "degraded" while no inference server can serve (say, its engine died and it is restarting)."""
         up = await service.inference.healthy()
         return {"status": "ok" if any(up) else "degraded", "inference_servers_up": sum(up),
                 "inference_servers": len(up)}
 
     @app.post(f"{v1}/client/config")
-    async def client_config() -> dict:
+    async def client_config() -> dict[str, Any]:
         # Plain httpx, not the SDK's default pyqwest transport: measured on the 2-core box
         # (bench/api_overhead.py) pyqwest saved the client ~1.4 ms of CPU per sample but added ~10-30 ms
         # to every sample's latency at concurrency 1 (c1 ratio 1.12-1.27 against 1.04 with httpx).
         return {"pjwt_auth_enabled": False, "use_pyqwest_transport": False}
 
     @app.post(f"{v1}/client/dynamic_config")
-    async def dynamic_config() -> dict:
+    async def dynamic_config() -> dict[str, Any]:
         return {}
 
     @app.get("/metrics")
@@ -100,7 +101,7 @@ def create_app(service: TinkerService, metrics: Callable[[], Awaitable[str]] | N
 
     # ---------------------------------------------------------------- sessions
     @app.get(f"{v1}/get_server_capabilities")
-    async def capabilities(u: User) -> dict:
+    async def capabilities(u: User) -> dict[str, Any]:
         return service.models.capabilities()
 
     @app.post(f"{v1}/create_session")
@@ -108,23 +109,23 @@ def create_app(service: TinkerService, metrics: Callable[[], Awaitable[str]] | N
         return await once(request, u, lambda: service.models.create_session(u, req), S.CreateSessionOut)
 
     @app.post(f"{v1}/session_heartbeat")
-    async def heartbeat(req: S.SessionIdIn, u: User) -> dict:
+    async def heartbeat(req: S.SessionIdIn, u: User) -> dict[str, Any]:
         return await service.models.heartbeat(u, req.session_id)
 
     @app.post(f"{v1}/sessions/{{session_id}}/finish")
-    async def finish(session_id: str, u: User) -> dict:
+    async def finish(session_id: str, u: User) -> dict[str, Any]:
         return await service.models.finish_session(u, session_id)
 
     @app.get(f"{v1}/sessions/{{session_id}}")
-    async def get_session(session_id: str, u: User) -> dict:
+    async def get_session(session_id: str, u: User) -> dict[str, Any]:
         return await service.models.get_session(u, session_id)
 
     @app.get(f"{v1}/sessions")
-    async def list_sessions(u: User) -> dict:
+    async def list_sessions(u: User) -> dict[str, Any]:
         return await service.models.list_sessions(u)
 
     @app.post(f"{v1}/telemetry")
-    async def telemetry(u: User) -> dict:
+    async def telemetry(u: User) -> dict[str, Any]:
         return {"status": "accepted"}
 
     # ---------------------------------------------------------------- training
@@ -133,7 +134,7 @@ def create_app(service: TinkerService, metrics: Callable[[], Awaitable[str]] | N
         return await once(request, u, lambda: service.models.create_model(u, req), S.UntypedFuture)
 
     @app.post(f"{v1}/get_info")
-    async def get_info(req: S.ModelIdIn, u: User) -> dict:
+    async def get_info(req: S.ModelIdIn, u: User) -> dict[str, Any]:
         return await service.models.get_info(u, req.model_id)
 
     @app.post(f"{v1}/forward_backward")
@@ -176,17 +177,17 @@ def create_app(service: TinkerService, metrics: Callable[[], Awaitable[str]] | N
         return await once(request, u, lambda: service.sampling.create_sampling_session(u, req), S.CreateSamplingSessionOut)
 
     @app.get(f"{v1}/samplers/{{sampler_id}}")
-    async def get_sampler(sampler_id: str, u: User) -> dict:
+    async def get_sampler(sampler_id: str, u: User) -> dict[str, Any]:
         return await service.sampling.get_sampler(u, sampler_id)
 
     @app.post(f"{v1}/cancel_future")
-    async def cancel_future(u: User) -> dict:
+    async def cancel_future(u: User) -> dict[str, Any]:
         return {}
 
     # ---------------------------------------------------------------- runs and checkpoints
     @app.get(f"{v1}/training_runs")
     async def training_runs(u: User, limit: Annotated[int, Query(ge=1, le=1000)] = 20,
-                            offset: Annotated[int, Query(ge=0)] = 0) -> dict:
+                            offset: Annotated[int, Query(ge=0)] = 0) -> dict[str, Any]:
         return await service.checkpoints.training_runs(u, limit, offset)
 
     @app.get(f"{v1}/training_runs/{{run_id}}")
@@ -194,7 +195,7 @@ def create_app(service: TinkerService, metrics: Callable[[], Awaitable[str]] | N
         return await service.checkpoints.training_run(u, run_id)
 
     @app.get(f"{v1}/training_runs/{{run_id}}/checkpoints")
-    async def run_checkpoints(run_id: str, u: User) -> dict:
+    async def run_checkpoints(run_id: str, u: User) -> dict[str, Any]:
         return await service.checkpoints.checkpoints(u, run_id)
 
     @app.get(f"{v1}/training_runs/{{run_id}}/checkpoints/{{checkpoint_id:path}}/external_weights_urls")
@@ -202,7 +203,7 @@ def create_app(service: TinkerService, metrics: Callable[[], Awaitable[str]] | N
         return await service.checkpoints.external_weights_urls(u, run_id, checkpoint_id, str(request.base_url))
 
     @app.put(f"{v1}/training_runs/{{run_id}}/checkpoints/{{checkpoint_id:path}}/ttl")
-    async def checkpoint_ttl(run_id: str, checkpoint_id: str, req: S.CheckpointTtlIn, u: User) -> dict:
+    async def checkpoint_ttl(run_id: str, checkpoint_id: str, req: S.CheckpointTtlIn, u: User) -> dict[str, Any]:
         return await service.checkpoints.set_checkpoint_ttl(u, run_id, checkpoint_id, req.ttl_seconds)
 
     @app.get(f"{v1}/external_weights/{{run_id}}/{{name}}/{{filename}}")
@@ -212,15 +213,15 @@ def create_app(service: TinkerService, metrics: Callable[[], Awaitable[str]] | N
         return FileResponse(path, media_type="application/octet-stream", filename=filename)
 
     @app.delete(f"{v1}/training_runs/{{run_id}}/checkpoints/{{checkpoint_id:path}}")
-    async def delete_checkpoint(run_id: str, checkpoint_id: str, u: User) -> dict:
+    async def delete_checkpoint(run_id: str, checkpoint_id: str, u: User) -> dict[str, Any]:
         return await service.checkpoints.delete_checkpoint(u, run_id, checkpoint_id)
 
     @app.get(f"{v1}/checkpoints")
-    async def user_checkpoints(u: User) -> dict:
+    async def user_checkpoints(u: User) -> dict[str, Any]:
         return await service.checkpoints.checkpoints(u, None)
 
     @app.post(f"{v1}/weights_info")
-    async def weights_info(req: S.WeightsInfoIn, u: User) -> dict:
+    async def weights_info(req: S.WeightsInfoIn, u: User) -> dict[str, Any]:
         return await service.checkpoints.weights_info(u, req.tinker_path)
 
     return SamplingHotPath(app, service, v1)  # asample and retrieve_future skip FastAPI's per-request work

@@ -11,12 +11,13 @@ import logging
 import socket
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 import uvicorn
 
 from skyrl_lora.api.app import create_app
 from skyrl_lora.api.db import Database
+from skyrl_lora.api.hot_path import SamplingHotPath
 from skyrl_lora.api.service import TinkerService
 from skyrl_lora.api.settings import ApiSettings
 from skyrl_lora.api.trainer_backend import RayTrainer
@@ -25,7 +26,7 @@ from skyrl_lora.inference.client import RemoteInferenceClient
 logger = logging.getLogger(__name__)
 
 
-def build_app(settings: ApiSettings, trainer: Any, inference_urls: list[str]):
+def build_app(settings: ApiSettings, trainer: Any, inference_urls: list[str]) -> tuple[SamplingHotPath, TinkerService]:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     db = Database(settings.db_url)
     service = TinkerService(settings, RayTrainer(trainer), RemoteInferenceClient(inference_urls, token=settings.inference_token),
@@ -33,7 +34,7 @@ def build_app(settings: ApiSettings, trainer: Any, inference_urls: list[str]):
     service.startup()
 
     async def metrics() -> str:
-        return await trainer.metrics_text.remote()
+        return cast(str, await trainer.metrics_text.remote())
 
     async def close() -> None:
         await service.shutdown()
@@ -116,5 +117,7 @@ def start_api_actor(settings: ApiSettings, trainer: Any, inference_urls: list[st
     options: dict[str, Any] = {"num_cpus": num_cpus}
     if name is not None:
         options["name"] = name
-    actor = ray.remote(ApiServerActor).options(**options).remote(settings, trainer, inference_urls, host, port)
-    return actor, ray.get(actor.url.remote(), timeout=120)
+    # Any: ray's typed ActorHandle gives ``.remote`` only to methods decorated with @ray.method
+    actor: Any = ray.remote(ApiServerActor).options(**options).remote(settings, trainer, inference_urls, host, port)
+    url: str = ray.get(actor.url.remote(), timeout=120)
+    return actor, url

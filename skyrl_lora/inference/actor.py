@@ -24,7 +24,7 @@ class VLLMServerActor:
         self.server = EmbeddedVLLMServer(config, key=context.get_actor_id() or "server")
         # a dead engine ends the process: Ray restarts the actor (when it may), which serves again
         self.server.on_engine_death = lambda: os._exit(1)
-        self._starting: asyncio.Task | None = None
+        self._starting: asyncio.Task[str] | None = None
         if context.was_current_actor_reconstructed:
             # Ray restarted us after a crash: nobody else will call start(), so ask ourselves. With a
             # state_dir the server comes back at its old port with every tenant's current adapter.
@@ -116,6 +116,7 @@ def start_server_actor(config: ServerConfig, *, num_gpus: float = 0, num_cpus: f
         options["name"] = name
     if scheduling_strategy is not None:
         options["scheduling_strategy"] = scheduling_strategy
-    handle = actor_cls.options(**options).remote(config)
-    url = ray.get(handle.start.remote(), timeout=config.startup_timeout_s + 60)
+    # Any: ray's typed ActorHandle gives ``.remote`` only to methods decorated with @ray.method
+    handle: Any = actor_cls.options(**options).remote(config)
+    url: str = ray.get(handle.start.remote(), timeout=config.startup_timeout_s + 60)
     return handle, url

@@ -26,7 +26,7 @@ import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from skyrl_lora.background import BackgroundTasks
 from skyrl_lora.errors import SkyrlError
@@ -56,7 +56,7 @@ class TenantAdapter:
 
     @property
     def engine_name(self) -> str:
-        return self.engine_request.lora_name
+        return cast(str, self.engine_request.lora_name)
 
 
 @dataclass

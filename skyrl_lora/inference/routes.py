@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, cast
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -47,7 +47,7 @@ SEAM_TAIL_TOKENS = 16
 
 
 def _controller(raw: Request) -> LoraController:
-    return raw.app.state.skyrl_controller
+    return cast(LoraController, raw.app.state.skyrl_controller)
 
 
 def lora_error_response(exc: SkyrlError) -> JSONResponse:
@@ -63,7 +63,7 @@ class TokenGenerator:
         self.engine = controller.engine
         self._tokenizer: Any = None
 
-    async def _decode_fn(self):
+    async def _decode_fn(self) -> Callable[[Sequence[int]], str]:
         if self._tokenizer is None:
             self._tokenizer = await compat.get_tokenizer(self.engine)
         tok = self._tokenizer

@@ -112,7 +112,7 @@ def node_ip() -> str:
 
         if ray.is_initialized():
             me = ray.get_runtime_context().get_node_id()
-            for node in ray.nodes():
+            for node in ray.nodes():  # type: ignore[no-untyped-call]  # ray.nodes is unannotated
                 if node.get("NodeID") == me:
                     return str(node["NodeManagerAddress"])
     except Exception:  # not in Ray: a standalone server on this machine
@@ -168,11 +168,11 @@ class EmbeddedVLLMServer:
         self._app: Any = None
         self.controller: Any = None
         self._uvicorn: Any = None
-        self._task: asyncio.Task | None = None
-        self._ready: asyncio.Future | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._ready: asyncio.Future[str] | None = None
         self._log_tail = _LogTail()
         self.startup_s: float | None = None
-        self._watchdog: asyncio.Task | None = None
+        self._watchdog: asyncio.Task[None] | None = None
         # what to do when the engine dies (the actor ends its process); None = only stop serving
         self.on_engine_death: Any = None
 

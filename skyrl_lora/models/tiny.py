@@ -30,6 +30,10 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 logger = logging.getLogger(__name__)
 
@@ -141,9 +145,9 @@ def _key(*parts: object) -> str:
     return _sha256_bytes(json.dumps(parts, sort_keys=True, default=str).encode())[:16]
 
 
-def _read_manifest(out: Path) -> dict | None:
+def _read_manifest(out: Path) -> dict[str, Any] | None:
     try:
-        return json.loads((out / MANIFEST).read_text())
+        return cast(dict[str, Any], json.loads((out / MANIFEST).read_text()))
     except (OSError, ValueError):
         return None
 
@@ -167,7 +171,7 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _publish(tmp: Path, out: Path, key: str, meta: dict) -> None:
+def _publish(tmp: Path, out: Path, key: str, meta: dict[str, Any]) -> None:
     manifest = {"key": key, "meta": meta, "files": hash_tree(tmp)}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     if out.exists():
@@ -195,7 +199,8 @@ def _deterministic_torch(threads: int = 2) -> Iterator[None]:
 # tokenizer and base model
 
 
-def _train_tokenizer(files: Sequence[Path], recipe: TinyModelRecipe, out: Path):
+def _train_tokenizer(files: Sequence[Path], recipe: TinyModelRecipe, out: Path
+                     ) -> tuple[PreTrainedTokenizerFast, list[str]]:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -213,7 +218,7 @@ def _train_tokenizer(files: Sequence[Path], recipe: TinyModelRecipe, out: Path):
     texts.append("".join(recipe.sharp_words) * 2000)
     tok.train_from_iterator(texts, trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 0)])
-    fast = PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]  # its __init__ is unannotated in transformers
         tokenizer_object=tok,
         bos_token="<s>",
         eos_token="</s>",
@@ -225,14 +230,14 @@ def _train_tokenizer(files: Sequence[Path], recipe: TinyModelRecipe, out: Path):
     return fast, texts[:-1]
 
 
-def single_token_id(tokenizer, phrase: str) -> list[int]:
-    ids = tokenizer(phrase, add_special_tokens=False)["input_ids"]
+def single_token_id(tokenizer: PreTrainedTokenizerBase, phrase: str) -> list[int]:
+    ids: list[int] = tokenizer(phrase, add_special_tokens=False)["input_ids"]
     if not ids:
         raise ValueError(f"phrase {phrase!r} tokenizes to nothing")
     return ids
 
 
-def _pretrain(recipe: TinyModelRecipe, token_stream: list[int], tokenizer, out: Path) -> None:
+def _pretrain(recipe: TinyModelRecipe, token_stream: list[int], tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -250,7 +255,7 @@ def _pretrain(recipe: TinyModelRecipe, token_stream: list[int], tokenizer, out: 
         pad_token_id=2,
         tie_word_embeddings=False,
     )
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config)  # type: ignore[no-untyped-call]  # its __init__ is unannotated in transformers
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.pretrain_lr)
     data = torch.tensor(token_stream, dtype=torch.long)
     gen = torch.Generator().manual_seed(recipe.seed)
@@ -270,7 +275,8 @@ def _pretrain(recipe: TinyModelRecipe, token_stream: list[int], tokenizer, out: 
         for word in recipe.sharp_words:
             for tid in single_token_id(tokenizer, word):
                 model.lm_head.weight[tid] *= recipe.sharp_row_scale
-    model = model.to(torch.bfloat16)
+    # transformers wraps PreTrainedModel.to with functools.wraps, which mypy reads as unbound
+    model = model.to(torch.bfloat16)  # type: ignore[arg-type]
     model.generation_config.do_sample = False
     model.save_pretrained(out, safe_serialization=True)
 
@@ -305,7 +311,7 @@ def build_tiny_model(out_dir: Path | str | None = None, recipe: TinyModelRecipe 
 # phrase LoRAs
 
 
-def _phrase_batch(rng: random.Random, stream: Sequence[int], distractors: Sequence[int], phrase: Sequence[int],
+def _phrase_batch(rng: random.Random, stream: Sequence[int], distractors: Sequence[int], phrase: list[int],
                   recipe: LoraRecipe) -> tuple[list[list[int]], list[list[int]]]:
     """Random contexts (code, runs of other words) labelled with the phrase token that must come next."""
     inputs: list[list[int]] = []
@@ -361,7 +367,9 @@ def train_lora(base: Path | str, out_dir: Path | str | None = None, phrase: str 
                 text = "".join(f.read_text(encoding="utf-8", errors="replace") for f in _corpus_files()[:20])
                 stream = tokenizer(text, add_special_tokens=False)["input_ids"]
                 torch.manual_seed(recipe.seed)
-                model = LlamaForCausalLM.from_pretrained(base, torch_dtype=torch.bfloat16).to(torch.float32)
+                loaded = LlamaForCausalLM.from_pretrained(base, torch_dtype=torch.bfloat16)
+                # transformers wraps PreTrainedModel.to with functools.wraps, which mypy reads as unbound
+                model = loaded.to(torch.float32)  # type: ignore[arg-type]
                 config = LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, lora_dropout=0.0,
                                     target_modules=list(recipe.target_modules), bias="none")
                 model = get_peft_model(model, config)
@@ -371,12 +379,13 @@ def train_lora(base: Path | str, out_dir: Path | str | None = None, phrase: str 
                     x, y = _phrase_batch(rng, stream, distractors, phrase_ids, recipe)
                     logits = model(input_ids=torch.tensor(x)).logits
                     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), torch.tensor(y).flatten())
-                    loss.backward()
+                    loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
                     opt.step()
                     opt.zero_grad(set_to_none=True)
                     if step % 10 == 0 or step == recipe.steps - 1:
                         logger.info("LoRA %r step %d/%d loss %.4f", recipe.phrase, step + 1, recipe.steps, loss.item())
-                model.save_pretrained(tmp, safe_serialization=True)
+                # peft annotates save_directory as str; it takes any path (os.makedirs, os.path.join)
+                model.save_pretrained(tmp, safe_serialization=True)  # type: ignore[arg-type]
             # Where the base lay on this disk is not part of the adapter: keep its bytes location-free.
             (tmp / "README.md").unlink(missing_ok=True)  # peft's model card names the base's path
             config_path = tmp / "adapter_config.json"
@@ -416,9 +425,9 @@ def build_fixtures_from_recipe(phrases: Sequence[str] = SHARP_WORDS, cache_root:
 # packaged fixtures: the same bytes on every machine
 
 
-def _packaged_manifest(root: Path = PACKAGED_DIR) -> dict:
+def _packaged_manifest(root: Path = PACKAGED_DIR) -> dict[str, Any]:
     try:
-        return json.loads((root / PACKAGED_MANIFEST).read_text())
+        return cast(dict[str, Any], json.loads((root / PACKAGED_MANIFEST).read_text()))
     except (OSError, ValueError) as exc:
         raise FixtureError(f"packaged fixtures: cannot read {root / PACKAGED_MANIFEST}: {exc}; "
                            "rebuild them with `skyrl-lora fixtures --write-packaged`") from exc

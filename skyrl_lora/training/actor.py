@@ -212,13 +212,15 @@ def start_trainer_actor(config: TrainerConfig, *, num_gpus: float | None = None,
                         scheduling_strategy: Any = None) -> Any:
     """Create the actor (one GPU when the cluster has one), load the base model, return the handle."""
     if num_gpus is None:
-        num_gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        # ray.cluster_resources is unannotated
+        num_gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0  # type: ignore[no-untyped-call]
     options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_restarts": max_restarts,
                                "max_concurrency": 64}
     if name is not None:
         options["name"] = name
     if scheduling_strategy is not None:  # e.g. the placement-group bundle of the server whose GPU it shares
         options["scheduling_strategy"] = scheduling_strategy
-    handle = ray.remote(TrainerActor).options(**options).remote(config)
+    # Any: ray's typed ActorHandle gives ``.remote`` only to methods decorated with @ray.method
+    handle: Any = ray.remote(TrainerActor).options(**options).remote(config)
     ray.get(handle.ready.remote(), timeout=ready_timeout_s)
     return handle

@@ -13,6 +13,7 @@ import itertools
 import math
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -22,6 +23,10 @@ from skyrl_lora.lora_targets import SERVED_MODULES
 from skyrl_lora.training.pinned import PinnedPool
 from skyrl_lora.training.protocol import LoraSpec
 from skyrl_lora.training.snapshot import Layout, TenantSnapshot
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
 
 @dataclass(eq=False)
@@ -49,10 +54,10 @@ class AdapterSlots:
         self.base = base
         self.device = device
         self.pool = PinnedPool(enabled=device.type == "cuda")
-        self.model = None  # peft.PeftModel, made with the first slot
+        self.model: PeftModel | None = None  # made with the first slot
         self._names = (f"slot{i}" for i in itertools.count())
         self.active: str | None = None
-        self._layers: list[nn.Module] = []  # peft's LoRA layers, for switching the active adapter cheaply
+        self._layers: list[BaseTunerLayer] = []  # peft's LoRA layers, for switching the active adapter cheaply
         self._shapes: dict[str, list[tuple[int, int]]] = {}
         for name, module in base.named_modules():
             if isinstance(module, nn.Linear):
@@ -81,7 +86,9 @@ class AdapterSlots:
         from peft import LoraConfig, get_peft_model
 
         name = next(self._names)
-        config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=list(spec.target_modules),
+        # peft annotates lora_alpha as int, but takes (and scales by) a float
+        config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha,  # type: ignore[arg-type]
+                            target_modules=list(spec.target_modules),
                             lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
         if self.model is None:
             self.model = get_peft_model(self.base, config, adapter_name=name)
@@ -132,7 +139,8 @@ class AdapterSlots:
         if all(hasattr(layer, "_active_adapter") for layer in self._layers):
             for layer in self._layers:
                 layer._active_adapter = slot.name
-            self.model.base_model.active_adapter = slot.name
+            # peft types base_model as the wrapped nn.Module; it is the LoraModel, whose active_adapter is a str
+            self.model.base_model.active_adapter = slot.name  # type: ignore[assignment]
         else:  # a peft without the attribute: take the slow, public path
             self.model.set_adapter(slot.name)
         for p in slot.params.values():

@@ -8,7 +8,7 @@ SDK pointed at a base URL, e.g. our own API service or Tinker itself).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -20,7 +20,13 @@ from skyrl_lora.training.protocol import (
     ForwardBackwardOutput,
     LoraSpec,
     OptimStepOutput,
+    TensorIn,
 )
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeIs
+
+    from skyrl_lora.training.protocol import Number
 
 
 @runtime_checkable
@@ -60,23 +66,26 @@ class LocalTrainingEngine:
     async def delete_lora(self, tenant: str) -> None:
         await self.actor.delete_lora.remote(tenant)
 
-    async def forward(self, tenant, data, loss_fn="cross_entropy", loss_fn_config=None) -> ForwardBackwardOutput:
-        return await self.actor.forward.remote(tenant, list(data), loss_fn, loss_fn_config)
+    async def forward(self, tenant: str, data: Sequence[Datum], loss_fn: str = "cross_entropy",
+                      loss_fn_config: dict[str, float] | None = None) -> ForwardBackwardOutput:
+        return cast(ForwardBackwardOutput, await self.actor.forward.remote(tenant, list(data), loss_fn, loss_fn_config))
 
-    async def forward_backward(self, tenant, data, loss_fn="cross_entropy", loss_fn_config=None) -> ForwardBackwardOutput:
-        return await self.actor.forward_backward.remote(tenant, list(data), loss_fn, loss_fn_config)
+    async def forward_backward(self, tenant: str, data: Sequence[Datum], loss_fn: str = "cross_entropy",
+                               loss_fn_config: dict[str, float] | None = None) -> ForwardBackwardOutput:
+        out = await self.actor.forward_backward.remote(tenant, list(data), loss_fn, loss_fn_config)
+        return cast(ForwardBackwardOutput, out)
 
     async def optim_step(self, tenant: str, adam: AdamParams) -> OptimStepOutput:
-        return await self.actor.optim_step.remote(tenant, adam)
+        return cast(OptimStepOutput, await self.actor.optim_step.remote(tenant, adam))
 
     async def save_state(self, tenant: str, name: str) -> str:
-        return (await self.actor.save_state.remote(tenant, name)).path
+        return cast(str, (await self.actor.save_state.remote(tenant, name)).path)
 
     async def load_state(self, tenant: str, path: str, with_optimizer: bool = True) -> None:
         await self.actor.load_state.remote(tenant, path, with_optimizer)
 
     async def save_weights_for_sampler(self, tenant: str, name: str) -> str:
-        return (await self.actor.save_weights_for_sampler.remote(tenant, name)).path
+        return cast(str, (await self.actor.save_weights_for_sampler.remote(tenant, name)).path)
 
 
 class RemoteTrainingEngine:
@@ -88,6 +97,7 @@ class RemoteTrainingEngine:
         if not config.base_model:
             raise SkyrlError(400, "base_model: the remote engine needs the model name to train", "base_model")
         self.config = config
+        self.base_model: str = config.base_model
         self.service = tinker.ServiceClient(base_url=config.base_url, api_key=config.api_key)
         self.clients: dict[str, Any] = {}
 
@@ -100,17 +110,19 @@ class RemoteTrainingEngine:
     async def create_lora(self, tenant: str, spec: LoraSpec) -> None:
         targets = set(spec.target_modules)
         self.clients[tenant] = await self.service.create_lora_training_client_async(
-            base_model=self.config.base_model, rank=spec.rank, seed=spec.seed, train_mlp=bool(targets & set(MLP_MODULES)),
+            base_model=self.base_model, rank=spec.rank, seed=spec.seed, train_mlp=bool(targets & set(MLP_MODULES)),
             train_attn=bool(targets & set(ATTENTION_MODULES)), train_unembed=False, user_metadata={"tenant": tenant})
 
     async def delete_lora(self, tenant: str) -> None:
         self.clients.pop(tenant, None)
 
-    async def forward(self, tenant, data, loss_fn="cross_entropy", loss_fn_config=None) -> ForwardBackwardOutput:
+    async def forward(self, tenant: str, data: Sequence[Datum], loss_fn: str = "cross_entropy",
+                      loss_fn_config: dict[str, float] | None = None) -> ForwardBackwardOutput:
         future = await self._client(tenant).forward_async(_to_tinker(data), loss_fn, loss_fn_config)
         return _from_tinker(await future.result_async())
 
-    async def forward_backward(self, tenant, data, loss_fn="cross_entropy", loss_fn_config=None) -> ForwardBackwardOutput:
+    async def forward_backward(self, tenant: str, data: Sequence[Datum], loss_fn: str = "cross_entropy",
+                               loss_fn_config: dict[str, float] | None = None) -> ForwardBackwardOutput:
         future = await self._client(tenant).forward_backward_async(_to_tinker(data), loss_fn, loss_fn_config)
         return _from_tinker(await future.result_async())
 
@@ -122,7 +134,7 @@ class RemoteTrainingEngine:
         return OptimStepOutput(metrics=dict(result.metrics or {}), step=-1)
 
     async def save_state(self, tenant: str, name: str) -> str:
-        return (await (await self._client(tenant).save_state_async(name)).result_async()).path
+        return cast(str, (await (await self._client(tenant).save_state_async(name)).result_async()).path)
 
     async def load_state(self, tenant: str, path: str, with_optimizer: bool = True) -> None:
         client = self._client(tenant)
@@ -130,7 +142,12 @@ class RemoteTrainingEngine:
         await (await load(path)).result_async()
 
     async def save_weights_for_sampler(self, tenant: str, name: str) -> str:
-        return (await (await self._client(tenant).save_weights_for_sampler_async(name)).result_async()).path
+        future = await self._client(tenant).save_weights_for_sampler_async(name)
+        return cast(str, (await future.result_async()).path)
+
+
+def _two_d(values: TensorIn) -> TypeIs[list[list[Number]]]:
+    return bool(values) and isinstance(values[0], list)
 
 
 def _to_tinker(data: Sequence[Datum]) -> list[Any]:
@@ -140,10 +157,12 @@ def _to_tinker(data: Sequence[Datum]) -> list[Any]:
     for d in data:
         inputs = {}
         for key, values in d.loss_fn_inputs.items():
-            two_d = bool(values) and isinstance(values[0], list)
-            flat = [x for row in values for x in row] if two_d else list(values)
-            shape = [len(values), len(values[0])] if two_d else [len(values)]
-            dtype = "int64" if key in {"target_tokens", "teacher_topk_ids"} else "float32"
+            flat: list[Number]
+            if _two_d(values):
+                flat, shape = [x for row in values for x in row], [len(values), len(values[0])]
+            else:
+                flat, shape = list(values), [len(values)]
+            dtype: Literal["int64", "float32"] = "int64" if key in {"target_tokens", "teacher_topk_ids"} else "float32"
             inputs[key] = tinker.types.TensorData(data=flat, dtype=dtype, shape=shape)
         out.append(tinker.types.Datum(model_input=tinker.types.ModelInput.from_ints(d.model_input), loss_fn_inputs=inputs))
     return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,14 +22,18 @@ from skyrl_lora.training.snapshot import TenantSnapshot, read_snapshot, write_sn
 logger = logging.getLogger(__name__)
 
 
-class _SpillingLRU(LRUCache):
+# a tenant on the CPU tier: its snapshot and size in bytes
+_CpuEntry = tuple[TenantSnapshot, int]
+
+
+class _SpillingLRU(LRUCache[str, _CpuEntry]):
     """cachetools' byte-budgeted LRU whose evictions go to the next tier instead of vanishing."""
 
-    def __init__(self, maxsize: float, spill) -> None:
+    def __init__(self, maxsize: float, spill: Callable[[str, _CpuEntry], None]) -> None:
         super().__init__(maxsize=maxsize, getsizeof=lambda item: item[1])
         self._spill = spill
 
-    def popitem(self):
+    def popitem(self) -> tuple[str, _CpuEntry]:
         key, value = super().popitem()
         self._spill(key, value)
         return key, value

@@ -18,6 +18,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -46,15 +47,18 @@ from skyrl_lora.training.shared_base import SharedBase, SharingImpossible, hf_vi
 from skyrl_lora.training.snapshot import TenantSnapshot, read_snapshot, write_snapshot
 from skyrl_lora.training.state_cache import HostAndDiskTiers
 
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _hf_config(path: Path):  # noqa: ANN202 (a transformers PretrainedConfig)
+def _hf_config(path: Path) -> PretrainedConfig:
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(path)
+    return cast("PretrainedConfig", AutoConfig.from_pretrained(path))
 
 
 def _check_name(value: str, field: str) -> str:
@@ -71,7 +75,7 @@ class MultiTenantTrainer:
         self.device = torch.device(auto if want == "auto" else want)
         self.dtype = _DTYPES.get(config.dtype) or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.metrics = CacheMetrics()
-        self.model = None
+        self.model: torch.nn.Module | None = None
         self.slots: AdapterSlots | None = None
         self.vocab_size = 0
         self.specs: dict[str, LoraSpec] = {}
@@ -100,9 +104,12 @@ class MultiTenantTrainer:
             if not (path / "config.json").is_file():
                 raise SkyrlError(400, f"base_model: no HF model at '{path}' (config.json missing)", "base_model")
             t0 = time.perf_counter()
-            model = self._shared_model(path) if self.config.base_weights != "own" else None
+            # a transformers PreTrainedModel: its config (read below) is untyped
+            model: Any = self._shared_model(path) if self.config.base_weights != "own" else None
             if model is None:
-                model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).to(self.device)
+                loaded = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
+                # transformers wraps PreTrainedModel.to with functools.wraps, which mypy reads as unbound
+                model = loaded.to(self.device)  # type: ignore[arg-type]
             model.eval()
             for p in model.parameters():
                 p.requires_grad_(False)
@@ -175,6 +182,7 @@ class MultiTenantTrainer:
 
     def info(self, tenant: str) -> TenantInfo:
         spec = self._spec(tenant)
+        tier: str | None
         if tenant in self.resident:
             slot = self.resident[tenant]
             tier, nbytes = "resident", slot.nbytes
@@ -285,7 +293,9 @@ class MultiTenantTrainer:
         tmp = root / f".tmp-{uuid.uuid4().hex}"
         tmp.mkdir(parents=True)
         try:
-            LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=list(spec.target_modules), lora_dropout=0.0,
+            # peft annotates lora_alpha as int, but takes (and scales by) a float
+            LoraConfig(r=spec.rank, lora_alpha=spec.alpha,  # type: ignore[arg-type]
+                       target_modules=list(spec.target_modules), lora_dropout=0.0,
                        bias="none", task_type="CAUSAL_LM", base_model_name_or_path=str(self.config.base_model)
                        ).save_pretrained(str(tmp))
             save_file({k: p.detach().to("cpu", torch.float32).contiguous() for k, p in slot.params.items()},
@@ -489,7 +499,7 @@ class MultiTenantTrainer:
             if not torch.isfinite(total):
                 raise SkyrlError(422, f"data: the loss is {float(total)}; check the inputs (nothing was accumulated)", "data")
             if backward:
-                total.backward()
+                total.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
                 slot.has_grads = True
         metrics = {"loss:sum": float(total.detach())}
         n_datums = len(batch.items)

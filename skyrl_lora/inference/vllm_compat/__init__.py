@@ -10,7 +10,7 @@ import inspect
 import warnings
 from argparse import Namespace
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 
 def vllm_version() -> str:
@@ -41,13 +41,13 @@ def parse_server_args(argv: list[str]) -> Namespace:
                             ("vllm.entrypoints.openai.cli_args", "validate_parsed_serve_args")])
     args = make_parser(parser_cls()).parse_args(argv)
     validate(args)
-    return args
+    return cast(Namespace, args)
 
 
 def server_parts() -> tuple[Any, Any, Any, Any]:
     """(setup_server, build_async_engine_client, build_app, init_app_state) of this vLLM."""
     names = ("setup_server", "build_async_engine_client", "build_app", "init_app_state")
-    return tuple(_first_attr([("vllm.entrypoints.openai.api_server", n)]) for n in names)  # type: ignore[return-value]
+    return tuple(_first_attr([("vllm.entrypoints.openai.api_server", n)]) for n in names)
 
 
 def build_app(build_app_fn: Any, args: Namespace, engine: Any, supported_tasks: Any) -> Any:
@@ -129,7 +129,7 @@ async def resume_engine(engine: Any) -> None:
 
 def request_states(engine: Any) -> dict[str, Any]:
     """internal request id -> RequestState (has .lora_name) of every request the engine tracks."""
-    return engine.output_processor.request_states
+    return cast(dict[str, Any], engine.output_processor.request_states)
 
 
 def state_lora_name(state: Any) -> str | None:
@@ -221,7 +221,7 @@ async def fix_cpu_base_rows(engine: Any) -> bool:
 
 
 async def staged_count(engine: Any) -> int:
-    return max(await engine.collective_rpc("skyrl_staged_count"))
+    return cast(int, max(await engine.collective_rpc("skyrl_staged_count")))
 
 
 async def stage_timings(engine: Any) -> dict[str, list[float]]:

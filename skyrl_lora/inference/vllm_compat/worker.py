@@ -83,7 +83,9 @@ class _SlotLayout:
         # one side stream for every image: the caching allocator reuses a freed image's memory only for
         # allocations on the stream it was made on (a new stream per image grew the cache until it had
         # to free, which synchronises the whole device)
-        self._stream = torch.cuda.Stream(first.device) if first.device.type == "cuda" else None  # type: ignore[no-untyped-call]
+        self._stream: torch.cuda.Stream | None = None
+        if first.device.type == "cuda":
+            self._stream = torch.cuda.Stream(first.device)  # type: ignore[no-untyped-call]  # unannotated in torch
 
     @staticmethod
     def supports(adapter_manager: Any) -> str | None:
@@ -156,7 +158,7 @@ class LoraStagingWorkerExtension:
         self._skyrl_staging()
 
     def _skyrl_staging(self) -> dict[str, Any]:
-        state = getattr(self, "_skyrl_stage_state", None)
+        state: dict[str, Any] | None = getattr(self, "_skyrl_stage_state", None)
         if state is not None:
             return state
         import sys
@@ -304,7 +306,8 @@ class LoraStagingWorkerExtension:
             if param.device.type != "cuda":
                 raise RuntimeError(f"{name} is on {param.device}, not on a CUDA device: nothing to share")
             device = param.device
-            handles[name.replace(".base_layer.", ".")] = (reduce_tensor(param.data), tuple(param.shape), str(param.dtype))
+            handle = reduce_tensor(param.data)  # type: ignore[no-untyped-call]  # torch leaves it unannotated
+            handles[name.replace(".base_layer.", ".")] = (handle, tuple(param.shape), str(param.dtype))
         if device is None:
             raise RuntimeError("the model has no parameters")
         info = {"device_uuid": str(torch.cuda.get_device_properties(device).uuid), "count": len(handles),
@@ -317,7 +320,7 @@ class LoraStagingWorkerExtension:
         """The worker-side internals this module relies on, each checked; returns the broken ones,
         each named (empty when all hold)."""
         broken: list[str] = []
-        runner = getattr(self, "model_runner", None)
+        runner: Any = getattr(self, "model_runner", None)  # vLLM's model runner, or None off a worker
         manager = getattr(runner, "lora_manager", None)
         if not callable(getattr(manager, "_load_adapter", None)):
             broken.append("Worker.model_runner.lora_manager._load_adapter (staging wraps it)")
@@ -365,5 +368,5 @@ class LoraStagingWorkerExtension:
 
         bgmv_shrink._skyrl_masks_base_rows = True  # type: ignore[attr-defined]
         lora_ops.bgmv_shrink = bgmv_shrink  # sgmv_shrink calls it through this module's globals
-        punica_cpu.bgmv_shrink = bgmv_shrink
+        punica_cpu.bgmv_shrink = bgmv_shrink  # type: ignore[attr-defined]  # imported there, not re-exported
         return True
