@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from http import HTTPStatus
+
+from pydantic import BaseModel, Field
 
 
 class SkyrlError(Exception):
@@ -26,3 +29,31 @@ def check_token_ids(ids: Iterable[int], vocab: int, field: str, error: type[Skyr
     bad = next((t for t in ids if not 0 <= t < vocab), None)
     if bad is not None:
         raise error(400, f"{field}: token id {bad} is outside the vocabulary [0, {vocab})", field)
+
+
+class ErrorDetail(BaseModel):
+    message: str = Field(description="what is wrong, for a person; starts with the field's name when one is to blame")
+    field: str | None = Field(None, description="the request field, header or id to blame, when there is one")
+    code: int = Field(description="the HTTP status, repeated for clients that only keep the body")
+    type: str = Field(description="the status's name, e.g. BadRequest (vLLM's own errors use the same key)")
+
+
+class ErrorBody(BaseModel):
+    """The one JSON shape of every error reply we send, on the inference servers and the API alike:
+    ``{"error": {"message", "field", "code", "type"}}``, the shape vLLM's (and OpenAI's) own errors
+    have, so one parser reads ours and vLLM's. (A *failed Tinker future* is a result, not an error
+    reply: its ``{"error": "<message>", "category"}`` is the SDK's wire format and stays so.)"""
+
+    error: ErrorDetail
+
+    @classmethod
+    def of(cls, status: int, message: str, field: str | None = None) -> ErrorBody:
+        try:
+            kind = HTTPStatus(status).phrase.replace(" ", "")
+        except ValueError:
+            kind = "Error"
+        return cls(error=ErrorDetail(message=message, field=field, code=status, type=kind))
+
+    @classmethod
+    def of_error(cls, exc: SkyrlError) -> ErrorBody:
+        return cls.of(exc.status, exc.message, exc.field)

@@ -153,21 +153,21 @@ def test_another_tenant_cannot_touch_alices_objects(api_env, alice) -> None:
             for route, body in (("get_info", {"model_id": run}), ("asample", {"base_model": "x"}),
                                 ("retrieve_future", {"request_id": "req-x"})):  # FastAPI and the hot path alike
                 r = http.post(f"/api/v1/{route}", json=body, headers=headers)
-                assert r.status_code == 401 and r.json()["field"] == "X-API-Key", (route, r.text)
+                assert r.status_code == 401 and r.json()["error"]["field"] == "X-API-Key", (route, r.text)
         alice_future = http.post("/api/v1/asample", headers={"X-API-Key": ALICE}, json={
             "base_model": api_env["settings"].served_name, "prompt": {"chunks": [{"tokens": [1, 2]}]},
             "sampling_params": {"max_tokens": 1}}).json()["request_id"]
         r = http.post("/api/v1/retrieve_future", json={"request_id": alice_future}, headers={"X-API-Key": BOB})
-        assert r.status_code == 404 and r.json()["field"] == "request_id"
+        assert r.status_code == 404 and r.json()["error"]["field"] == "request_id"
         r = http.post("/api/v1/get_info", json={"model_id": run}, headers={"X-API-Key": BOB})
-        assert r.status_code == 404 and r.json()["field"] == "model_id"
+        assert r.status_code == 404 and r.json()["error"]["field"] == "model_id"
         bob_session = http.post("/api/v1/create_session", json={}, headers={"X-API-Key": BOB}).json()["session_id"]
         r = http.post("/api/v1/create_sampling_session", headers={"X-API-Key": BOB},
                       json={"session_id": bob_session, "sampling_session_seq_id": 0, "model_path": sampler_path})
-        assert r.status_code == 404 and r.json()["field"] == "model_path"
+        assert r.status_code == 404 and r.json()["error"]["field"] == "model_path"
         r = http.post("/api/v1/load_weights", headers={"X-API-Key": BOB},
                       json={"session_id": bob_session, "model_seq_id": 0, "path": state_path, "optimizer": True})
-        assert r.status_code == 404 and r.json()["field"] == "path"
+        assert r.status_code == 404 and r.json()["error"]["field"] == "path"
         r = http.post("/api/v1/optim_step", headers={"X-API-Key": BOB}, json={"model_id": run, "adam_params": {}})
         assert r.status_code == 404
         # alice's checkpoint still there
@@ -194,14 +194,16 @@ def test_bad_requests_name_the_field(api_env, alice) -> None:
         for path, body, field in cases:
             r = http.post(path, json=body)
             assert 400 <= r.status_code < 500, (path, r.status_code, r.text)
-            assert r.json()["field"] == field and field in r.json()["error"], (path, r.json())
+            err = r.json()["error"]  # the one error shape of every plane (skyrl_lora.errors.ErrorBody)
+            assert err["field"] == field and field in err["message"] and err["code"] == r.status_code, (path, err)
+            assert set(err) == {"message", "field", "code", "type"}, err
         r = http.post("/api/v1/forward_backward", content=b"\x00\x01garbage", headers={"Content-Type": "application/x-protobuf"})
-        assert r.status_code == 400 and r.json()["field"] == "body"
+        assert r.status_code == 400 and r.json()["error"]["field"] == "body"
         r = http.post("/api/v1/create_model", content=b"{not json", headers={"Content-Type": "application/json"})
         assert r.status_code == 400
         for route in ("asample", "retrieve_future"):  # the plain-ASGI hot path checks it like every other route
             r = http.post(f"/api/v1/{route}", content=b'{"request_id": "x"}', headers={"Content-Type": "text/plain"})
-            assert r.status_code == 400 and r.json()["field"] == "Content-Type", (route, r.text)
+            assert r.status_code == 400 and r.json()["error"]["field"] == "Content-Type", (route, r.text)
 
 
 def test_metadata_survives_a_restart_and_running_futures_fail(api_env, alice, tok) -> None:
@@ -395,7 +397,7 @@ def test_out_of_vocabulary_and_oversized_requests(api_env) -> None:
             ({"prompt": {"chunks": [{"tokens": [1, 2]}]}, "num_samples": 0}, "num_samples"),
         ]:
             r = http.post("/api/v1/asample", json={"sampling_session_id": sampler, **body})
-            assert r.status_code == 400 and r.json()["field"] == field, (body, r.text)
+            assert r.status_code == 400 and r.json()["error"]["field"] == field, (body, r.text)
 
 
 def test_health_says_degraded_while_no_inference_server_can_serve(api_env, tmp_path) -> None:

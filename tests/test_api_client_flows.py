@@ -110,7 +110,7 @@ def test_a_retried_request_is_applied_once(api_env, tok) -> None:
             first = http.post("/api/v1/optim_step", json=body)
             assert first.status_code == 200
             other = http.post("/api/v1/optim_step", json={**body, "adam_params": {"learning_rate": 1.0}})
-            assert other.status_code == 409 and other.json()["field"] == "X-Idempotency-Key"
+            assert other.status_code == 409 and other.json()["error"]["field"] == "X-Idempotency-Key"
             again = http.post("/api/v1/optim_step", json=body)
             assert again.json()["request_id"] == first.json()["request_id"]
             # keys are per user: Bob's k-1 is his own
@@ -212,9 +212,9 @@ def test_external_weights_urls_are_signed_and_owned(api_env) -> None:
     with httpx.Client(base_url=url, timeout=60, headers={"X-API-Key": ALICE}) as http:
         bad = http.post("/api/v1/save_weights_external", json={
             "model_id": tc.model_id, "path": "x", "age_encryption_recipients": ["age1nope"]})
-        assert bad.status_code == 400 and bad.json()["field"] == "age_encryption_recipients.0"
+        assert bad.status_code == 400 and bad.json()["error"]["field"] == "age_encryption_recipients.0"
         sampler = http.get(f"/api/v1/training_runs/{tc.model_id}/checkpoints/weights/x/external_weights_urls")
-        assert sampler.status_code == 400 and sampler.json()["field"] == "checkpoint_id"
+        assert sampler.status_code == 400 and sampler.json()["error"]["field"] == "checkpoint_id"
     rest.delete_checkpoint_from_tinker_path(export).result()
     with httpx.Client(timeout=60) as http:
         assert http.get(urls["adapter_config.json"]).status_code == 404  # deleted: the files are gone
@@ -260,7 +260,7 @@ def test_checkpoints_with_a_ttl_expire_from_listing_and_disk(api_env) -> None:
     assert c.expires_at is None
     with httpx.Client(base_url=url, timeout=60, headers={"X-API-Key": ALICE}) as http:
         bad = http.post("/api/v1/save_weights", json={"model_id": tc.model_id, "path": "x", "ttl_seconds": 0})
-        assert bad.status_code == 400 and bad.json()["field"] == "ttl_seconds"
+        assert bad.status_code == 400 and bad.json()["error"]["field"] == "ttl_seconds"
 
 
 def test_many_prompt_logprob_requests_through_the_sdk(api_env, tok, record_property) -> None:
@@ -374,4 +374,4 @@ def test_lora_config_flags_are_honoured_or_reported(api_env) -> None:
         neither = http.post("/api/v1/create_model", json={
             "session_id": session, "model_seq_id": 0, "base_model": name,
             "lora_config": {"rank": 4, "train_attn": False, "train_mlp": False}})
-        assert neither.status_code == 400 and neither.json()["field"] == "lora_config"
+        assert neither.status_code == 400 and neither.json()["error"]["field"] == "lora_config"

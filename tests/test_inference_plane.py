@@ -246,6 +246,37 @@ async def test_vllm_openai_routes_honour_the_gate(client, vllm_server) -> None:
         await client.resume_generation("woof2")
 
 
+async def test_tenants_are_listed_in_vllms_model_registry_for_their_lifetime(client, vllm_server, tiny) -> None:
+    """A tenant's name enters vLLM's own model list when it is first loaded (vLLM's registry call),
+    stays through new versions (which only the controller knows of), and leaves when it is unloaded;
+    vLLM's routes then answer 404 for it."""
+    name = "registry-tenant"
+
+    async def listed(http: httpx.AsyncClient) -> bool:
+        models = (await http.get(vllm_server.url + "/v1/models")).json()
+        return name in {m["id"] for m in models["data"]}
+
+    async def complete(http: httpx.AsyncClient) -> httpx.Response:
+        return await http.post(vllm_server.url + "/v1/completions",
+                               json={"model": name, "prompt": "Hi", "max_tokens": 3, "temperature": 0})
+
+    async with httpx.AsyncClient(timeout=120) as http:
+        assert not await listed(http)
+        await client.load_lora_adapter(name, str(tiny.loras["woof"]), load_inplace=False)
+        try:
+            assert await listed(http)
+            r = await complete(http)
+            assert r.status_code == 200 and r.json()["choices"][0]["text"] == " woof" * 3
+            await client.update_lora(name, str(tiny.loras["meow"]))  # a new version: same name, new weights
+            assert await listed(http)
+            r = await complete(http)
+            assert r.status_code == 200 and r.json()["choices"][0]["text"] == " meow" * 3
+        finally:
+            await client.unload_lora_adapter(name)
+        assert not await listed(http)
+        assert (await complete(http)).status_code == 404
+
+
 async def _waiting_requests(client: RemoteInferenceClient, count: int) -> bool:
     # The completion reached the server and waits at the closed gate; nothing of woof2 runs.
     info = await lora_info(client, "woof2")

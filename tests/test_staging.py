@@ -249,3 +249,47 @@ async def test_a_flip_from_a_slot_image_fills_the_slot_as_vllms_own_load(vllm_se
     finally:
         await client.unload_lora_adapter(imaged)
         await client.unload_lora_adapter(legacy)
+
+
+@pytest.mark.gpu
+async def test_a_version_sent_as_files_is_served_from_the_servers_own_memory(vllm_server, tiny, tok,
+                                                                               word_ids) -> None:
+    """For a server on another node: the files are PUT to it, staged by upload id, served from its
+    upload store until replaced, then freed; bad uploads are refused naming what is wrong."""
+    from .conftest import wait_for
+
+    client = RemoteInferenceClient(vllm_server.url)
+    url, name = vllm_server.url, "uploaded"
+    prompt = tok("x = 1")["input_ids"]
+    await client.upload_adapter(url, "uploaded-v2", tiny.loras["meow"])
+    await client.load_lora_adapter(name, str(tiny.loras["woof"]), load_inplace=False)
+    try:
+        staged = await client._post(url, "/skyrl/v1/stage_lora", {"lora_name": name, "lora_path": "/trainer/only",
+                                                                  "upload_id": "uploaded-v2"})
+        await client._post(url, "/skyrl/v1/commit_lora", {"stage_id": staged["stage_id"]})
+        (info,) = await _tenant(client, name)
+        assert "/uploads/" in info.path and info.version == 2
+        (s,) = await client.sample(prompt, {"max_tokens": 4, **GREEDY}, name)
+        assert s.token_ids == [word_ids["meow"]] * 4
+        await client.update_lora(name, str(tiny.loras["woof"]))  # replaced: the upload is freed
+
+        async def freed() -> bool:
+            return not Path(info.path).exists()
+
+        await wait_for(freed, 30, "the replaced upload freed")
+        refusals = [
+            (client._request("PUT", url, "/skyrl/v1/uploads/u1/model.bin", content=b"x"), 400, "filename"),
+            (client._request("PUT", url, "/skyrl/v1/uploads/..%2Fx/adapter_config.json", content=b"x"), 400, None),
+            (client._post(url, "/skyrl/v1/stage_lora", {"lora_name": name, "lora_path": "/x", "upload_id": "nope"}),
+             400, "upload_id"),
+            (client._post(url, "/skyrl/v1/stage_lora", {"lora_name": name, "lora_path": "/x", "upload_id": "nope",
+                                                        "load_from": "/y"}), 400, None),
+        ]
+        for call, status, field in refusals:
+            with pytest.raises(InferenceError) as err:
+                await call
+            assert 400 <= err.value.status < 500 and (field is None or err.value.field == field), err.value
+        (state,) = await client.state()
+        assert state.staged == 0 and state.node
+    finally:
+        await client.unload_lora_adapter(name)

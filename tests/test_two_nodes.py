@@ -1,6 +1,7 @@
 """Servers reachable from other nodes: a two-node Ray cluster on this machine (the second node on
-127.0.0.2), a server placed on the second node binds that node's address and announces it, and a
-client on the head reaches it there."""
+127.0.0.2), a server placed on the second node binds that node's address and announces it, a client
+on the head reaches it there, and a new version published from the head reaches it as sent files
+(issue 16: publication across nodes, no shared filesystem)."""
 
 from __future__ import annotations
 
@@ -25,3 +26,7 @@ def test_server_on_the_second_node_is_reached_through_the_address_it_announces(t
     assert out["url"].startswith("http://127.0.0.2:"), out  # the second node's address, not the head's
     assert out["reachable_at_announced"] and not out["reachable_at_head_loopback"], out
     assert out["tokens"] == [out["woof"]] * 4, out  # and it serves the tenant there
+    # a version published from the head reaches it without a shared filesystem: the files are sent
+    assert out["server_node_differs"] and out["published_version"] == 2, out
+    assert out["served_from_upload"] and out["published_tokens_meow"], out
+    assert out["upload_freed"], out  # unloading frees the server's copy

@@ -33,7 +33,7 @@ User = Annotated[str, Depends(_user)]
 
 
 def _error(status: int, message: str, field: str | None = None) -> Response:
-    return Response(error_body(message, field), status_code=status, media_type="application/json")
+    return Response(error_body(status, message, field), status_code=status, media_type="application/json")
 
 
 def create_app(service: TinkerService, metrics: Callable[[], Awaitable[str]] | None = None,

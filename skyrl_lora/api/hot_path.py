@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from skyrl_lora.api import schemas as S
 from skyrl_lora.api.futures import Result
 from skyrl_lora.api.service import TinkerService
-from skyrl_lora.errors import SkyrlError
+from skyrl_lora.errors import ErrorBody, SkyrlError
 
 logger = logging.getLogger(__name__)
 Scope = dict[str, Any]
@@ -33,9 +33,9 @@ class ClientGone(Exception):
     """The client closed the connection before its request body arrived."""
 
 
-def error_body(message: str, field: str | None = None) -> bytes:
-    """The one error shape of the service: ``error`` and ``detail`` carry the message, ``field`` the culprit."""
-    return orjson.dumps({"error": message, "field": field, "detail": message})
+def error_body(status: int, message: str, field: str | None = None) -> bytes:
+    """The one error shape of every plane (``skyrl_lora.errors.ErrorBody``), as bytes."""
+    return ErrorBody.of(status, message, field).model_dump_json().encode()
 
 
 def first_error(errors: list[dict[str, Any]], skip: tuple[str, ...] = ()) -> tuple[str, str]:
@@ -97,14 +97,14 @@ class SamplingHotPath:
         except ClientGone:
             return
         except SkyrlError as exc:
-            status, body, content_type = exc.status, error_body(exc.message, exc.field), b"application/json"
+            status, body, content_type = exc.status, error_body(exc.status, exc.message, exc.field), b"application/json"
         except ValidationError as exc:
             field, message = first_error([dict(e) for e in exc.errors(include_url=False)])
-            status, body, content_type = 400, error_body(message, field), b"application/json"
+            status, body, content_type = 400, error_body(400, message, field), b"application/json"
         except Exception as exc:  # never a bare 500 page
             logger.exception("unhandled error on %s", scope.get("path"))
             message = f"internal error: {type(exc).__name__}: {exc}"
-            status, body, content_type = 500, error_body(message), b"application/json"
+            status, body, content_type = 500, error_body(500, message), b"application/json"
         await _reply(send, status, body, content_type)
 
     async def _user(self, scope: Scope) -> str:

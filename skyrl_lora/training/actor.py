@@ -20,6 +20,7 @@ import ray
 from skyrl_lora.actor_restart import call_self_after_restart
 from skyrl_lora.errors import SkyrlError
 from skyrl_lora.inference.client import FanOutError, InferenceError, RemoteInferenceClient
+from skyrl_lora.node_identity import node_identity
 from skyrl_lora.training.config import TrainerConfig
 from skyrl_lora.training.protocol import (
     AdamParams,
@@ -154,15 +155,17 @@ class TrainerActor:
         step = self.trainer.steps.get(tenant, 0)
         if client is None or not sync:
             return SamplerWeights(tenant=tenant, path=str(export), step=step, synced=False)
-        # From shared memory the servers load the new version at once; the durable copy (what a
-        # tinker:// path names, and what a restarted server reloads) is written beside the sync.
+        # From shared memory the servers of this node load the new version at once (servers on other
+        # nodes get the files sent); the durable copy (what a tinker:// path names, and what a
+        # restarted server reloads) is written beside the sync.
         path = self.trainer.durable_path(export) if publish is not None else export
         persisted = asyncio.ensure_future(asyncio.to_thread(self.trainer.persist_export, export)) if publish else None
         t0 = time.perf_counter()
         try:
             replies = await asyncio.wait_for(
                 client.update_lora(tenant, str(path), mode=self.config.sync_mode, create=True,
-                                   load_from=str(export) if publish is not None else None),
+                                   load_from=str(export) if publish is not None else None,
+                                   source_node=node_identity() if publish is not None else None),
                 timeout=self.config.sync_timeout_s)
         except FanOutError as exc:
             raise SkyrlError(502, f"sync of '{tenant}' into inference failed: {exc}", "name") from exc

@@ -104,6 +104,9 @@ class AdapterSlots:
             n = p.numel()
             p.data = flat["w"][offset: offset + n].view(p.shape)
             p.grad = flat["g"][offset: offset + n].view(p.shape)
+            # AdamW's per-parameter state filled as views of the flat buffers, so a tenant's moments move
+            # with its weights in one copy (torch >= 2.1 keeps exactly these keys for AdamW without
+            # amsgrad; load_state_dict would copy them out of the buffers instead)
             step = torch.zeros((), dtype=torch.float32)  # where and how AdamW keeps it (not capturable)
             optimizer.state[p] = {"step": step, "exp_avg": flat["m"][offset: offset + n].view(p.shape),
                                   "exp_avg_sq": flat["v"][offset: offset + n].view(p.shape)}

@@ -74,6 +74,78 @@ async def init_app_state(init_fn: Any, engine: Any, state: Any, args: Namespace,
         await init_fn(engine, state, args)
 
 
+class GatedEngineClient:
+    """The engine client vLLM's app is built with (``build_app`` / ``init_app_state`` get it instead
+    of the engine), so every vLLM route reaches the engine through us, stated in one place:
+
+    * ``generate`` goes through the tenants' gate and to the tenant's current version
+      (``LoraController.generate``);
+    * ``add_lora`` answers vLLM's own model registry (``OpenAIServingModels.load_lora_adapter``, which
+      lists a name in /v1/models and resolves it for /v1/completions) for a tenant the controller has
+      already loaded: the registry holds names, the controller holds the versions behind them;
+    * everything else is the engine's own.
+
+    A virtual subclass of vLLM's ``EngineClient`` (``vllm.engine.protocol``, vLLM 0.26 and 0.32), so
+    type checks accept it. Can go if vLLM grows a hook to gate generation per adapter."""
+
+    def __init__(self, engine: Any, gate_generate: Any, has_tenant: Any) -> None:
+        self._engine = engine
+        self._gate_generate = gate_generate
+        self._has_tenant = has_tenant
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self._gate_generate(*args, **kwargs)
+
+    async def add_lora(self, lora_request: Any) -> bool:
+        if self._has_tenant(lora_request.lora_name):
+            return True
+        raise ValueError(f"LoRA '{lora_request.lora_name}' is not loaded; load it through /v1/load_lora_adapter")
+
+
+def _register_engine_client() -> None:
+    try:
+        from vllm.engine.protocol import EngineClient
+    except ImportError:  # the proxy still works; only isinstance checks would miss it
+        return
+    EngineClient.register(GatedEngineClient)
+
+
+_register_engine_client()
+
+
+async def list_served_name(serving_models: Any, name: str, path: str) -> None:
+    """List a tenant's name in vLLM's model registry through its own call (its per-name lock and id
+    counter), so /v1/models shows it and /v1/completions resolves it. The engine load behind it is
+    the controller's; ``GatedEngineClient.add_lora`` tells the registry so."""
+    from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
+
+    answer = await serving_models.load_lora_adapter(LoadLoRAAdapterRequest(lora_name=name, lora_path=path,
+                                                                           load_inplace=True))
+    if not isinstance(answer, str):  # vLLM answers an ErrorResponse instead of raising
+        raise RuntimeError(f"vLLM's model registry refused '{name}': {getattr(answer, 'error', answer)}")
+
+
+async def unlist_served_name(serving_models: Any, name: str) -> None:
+    """Take a tenant's name out of vLLM's model registry (nothing when it is not listed)."""
+    from vllm.entrypoints.serve.lora.protocol import UnloadLoRAAdapterRequest
+
+    await serving_models.unload_lora_adapter(UnloadLoRAAdapterRequest(lora_name=name))
+
+
+def replace_routes(app: Any, paths: set[str]) -> None:
+    """Drop vLLM's own routes at ``paths`` so ours at the same paths answer (Starlette serves the
+    first match; vLLM's app is built before our routes exist). Mirrors ``app.router.routes`` of
+    FastAPI/Starlette, as vLLM 0.26 and 0.32 build it; used for /v1/load_lora_adapter and
+    /v1/unload_lora_adapter, whose vLLM versions load a name the controller would not gate and answer
+    a bad adapter with a 500."""
+    from starlette.routing import Route
+
+    app.router.routes[:] = [r for r in app.router.routes if not (isinstance(r, Route) and r.path in paths)]
+
+
 async def _maybe_await(value: Any) -> Any:
     return await value if inspect.isawaitable(value) else value
 
@@ -266,7 +338,21 @@ async def check_assumptions(engine: Any, app: Any) -> list[str]:
         if not ok:
             broken.append(what)
 
-    need(callable(getattr(engine, "generate", None)), "AsyncLLM.generate (the controller wraps it to gate tenants)")
+    need(callable(getattr(engine, "generate", None)), "AsyncLLM.generate (GatedEngineClient forwards to it)")
+    try:
+        from vllm.engine.protocol import EngineClient
+
+        need(issubclass(GatedEngineClient, EngineClient), "GatedEngineClient registered as an EngineClient")
+    except ImportError as exc:
+        broken.append(f"vllm.engine.protocol.EngineClient ({exc})")
+    try:
+        from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
+
+        need({"lora_name", "lora_path", "load_inplace"} <= set(LoadLoRAAdapterRequest.model_fields)
+             and "lora_name" in UnloadLoRAAdapterRequest.model_fields,
+             "LoadLoRAAdapterRequest(lora_name, lora_path, load_inplace) / UnloadLoRAAdapterRequest(lora_name)")
+    except ImportError as exc:
+        broken.append(f"vllm.entrypoints.serve.lora.protocol ({exc}): tenants are listed in vLLM's registry with it")
     states = getattr(getattr(engine, "output_processor", None), "request_states", None)
     need(isinstance(states, dict), "AsyncLLM.output_processor.request_states: dict (per-LoRA abort finds requests there)")
     need(callable(getattr(engine, "abort", None)), "AsyncLLM.abort (per-LoRA abort)")
@@ -279,8 +365,10 @@ async def check_assumptions(engine: Any, app: Any) -> list[str]:
     need(getattr(getattr(engine, "model_config", None), "hf_config", None) is not None,
          "AsyncLLM.model_config.hf_config (adapter shapes are checked against it)")
     models = getattr(app.state, "openai_serving_models", None)
-    need(isinstance(getattr(models, "lora_requests", None), dict),
-         "app.state.openai_serving_models.lora_requests: dict (tenants listed in /v1/models)")
+    need(callable(getattr(models, "load_lora_adapter", None)) and callable(getattr(models, "unload_lora_adapter", None)),
+         "app.state.openai_serving_models.load_lora_adapter / unload_lora_adapter (tenants listed in /v1/models)")
+    need(isinstance(getattr(models, "engine_client", None), GatedEngineClient),
+         "OpenAIServingModels.engine_client is the client the app was built with (GatedEngineClient)")
     need(callable(getattr(engine, "pause_generation", None)) and _keeping_pause_kwargs(engine) is not None,
          "AsyncLLM.pause_generation(mode=... | wait_for_inflight_requests=...) (a pause that keeps requests)")
     try:
