@@ -3,7 +3,7 @@
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -77,22 +77,22 @@ def create_app(service: TinkerService, metrics: Callable[[], Awaitable[str]] | N
 
     # ---------------------------------------------------------------- unauthenticated
     @app.get(f"{v1}/healthz")
-    async def healthz() -> dict[str, Any]:
+    async def healthz() -> S.HealthOut:
         """ "degraded" while no inference server can serve (say, its engine died and it is restarting)."""
         up = await service.inference.healthy()
-        return {"status": "ok" if any(up) else "degraded", "inference_servers_up": sum(up),
-                "inference_servers": len(up)}
+        return S.HealthOut(status="ok" if any(up) else "degraded", inference_servers_up=sum(up),
+                           inference_servers=len(up))
 
     @app.post(f"{v1}/client/config")
-    async def client_config() -> dict[str, Any]:
+    async def client_config() -> S.ClientConfigOut:
         # Plain httpx, not the SDK's default pyqwest transport: measured on the 2-core box
         # (bench/api_overhead.py) pyqwest saved the client ~1.4 ms of CPU per sample but added ~10-30 ms
         # to every sample's latency at concurrency 1 (c1 ratio 1.12-1.27 against 1.04 with httpx).
-        return {"pjwt_auth_enabled": False, "use_pyqwest_transport": False}
+        return S.ClientConfigOut(pjwt_auth_enabled=False, use_pyqwest_transport=False)
 
     @app.post(f"{v1}/client/dynamic_config")
-    async def dynamic_config() -> dict[str, Any]:
-        return {}
+    async def dynamic_config() -> S.ClientDynamicConfigOut:
+        return S.ClientDynamicConfigOut()
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -101,7 +101,7 @@ def create_app(service: TinkerService, metrics: Callable[[], Awaitable[str]] | N
 
     # ---------------------------------------------------------------- sessions
     @app.get(f"{v1}/get_server_capabilities")
-    async def capabilities(u: User) -> dict[str, Any]:
+    async def capabilities(u: User) -> S.ServerCapabilitiesOut:
         return service.models.capabilities()
 
     @app.post(f"{v1}/create_session")
@@ -109,24 +109,24 @@ def create_app(service: TinkerService, metrics: Callable[[], Awaitable[str]] | N
         return await once(request, u, lambda: service.models.create_session(u, req), S.CreateSessionOut)
 
     @app.post(f"{v1}/session_heartbeat")
-    async def heartbeat(req: S.SessionIdIn, u: User) -> dict[str, Any]:
+    async def heartbeat(req: S.SessionIdIn, u: User) -> S.SessionHeartbeatOut:
         return await service.models.heartbeat(u, req.session_id)
 
     @app.post(f"{v1}/sessions/{{session_id}}/finish")
-    async def finish(session_id: str, u: User) -> dict[str, Any]:
+    async def finish(session_id: str, u: User) -> S.EmptyOut:
         return await service.models.finish_session(u, session_id)
 
     @app.get(f"{v1}/sessions/{{session_id}}")
-    async def get_session(session_id: str, u: User) -> dict[str, Any]:
+    async def get_session(session_id: str, u: User) -> S.SessionOut:
         return await service.models.get_session(u, session_id)
 
     @app.get(f"{v1}/sessions")
-    async def list_sessions(u: User) -> dict[str, Any]:
+    async def list_sessions(u: User) -> S.SessionsOut:
         return await service.models.list_sessions(u)
 
     @app.post(f"{v1}/telemetry")
-    async def telemetry(u: User) -> dict[str, Any]:
-        return {"status": "accepted"}
+    async def telemetry(u: User) -> S.TelemetryOut:
+        return S.TelemetryOut()
 
     # ---------------------------------------------------------------- training
     @app.post(f"{v1}/create_model")
@@ -134,7 +134,7 @@ def create_app(service: TinkerService, metrics: Callable[[], Awaitable[str]] | N
         return await once(request, u, lambda: service.models.create_model(u, req), S.UntypedFuture)
 
     @app.post(f"{v1}/get_info")
-    async def get_info(req: S.ModelIdIn, u: User) -> dict[str, Any]:
+    async def get_info(req: S.ModelIdIn, u: User) -> S.GetInfoOut:
         return await service.models.get_info(u, req.model_id)
 
     @app.post(f"{v1}/forward_backward")
@@ -177,17 +177,17 @@ def create_app(service: TinkerService, metrics: Callable[[], Awaitable[str]] | N
         return await once(request, u, lambda: service.sampling.create_sampling_session(u, req), S.CreateSamplingSessionOut)
 
     @app.get(f"{v1}/samplers/{{sampler_id}}")
-    async def get_sampler(sampler_id: str, u: User) -> dict[str, Any]:
+    async def get_sampler(sampler_id: str, u: User) -> S.SamplerOut:
         return await service.sampling.get_sampler(u, sampler_id)
 
     @app.post(f"{v1}/cancel_future")
-    async def cancel_future(u: User) -> dict[str, Any]:
-        return {}
+    async def cancel_future(u: User) -> S.EmptyOut:  # sample cancels are off (dynamic config): never sent
+        return S.EmptyOut()
 
     # ---------------------------------------------------------------- runs and checkpoints
     @app.get(f"{v1}/training_runs")
     async def training_runs(u: User, limit: Annotated[int, Query(ge=1, le=1000)] = 20,
-                            offset: Annotated[int, Query(ge=0)] = 0) -> dict[str, Any]:
+                            offset: Annotated[int, Query(ge=0)] = 0) -> S.TrainingRunsOut:
         return await service.checkpoints.training_runs(u, limit, offset)
 
     @app.get(f"{v1}/training_runs/{{run_id}}")
@@ -195,7 +195,7 @@ def create_app(service: TinkerService, metrics: Callable[[], Awaitable[str]] | N
         return await service.checkpoints.training_run(u, run_id)
 
     @app.get(f"{v1}/training_runs/{{run_id}}/checkpoints")
-    async def run_checkpoints(run_id: str, u: User) -> dict[str, Any]:
+    async def run_checkpoints(run_id: str, u: User) -> S.CheckpointsOut:
         return await service.checkpoints.checkpoints(u, run_id)
 
     @app.get(f"{v1}/training_runs/{{run_id}}/checkpoints/{{checkpoint_id:path}}/external_weights_urls")
@@ -203,7 +203,7 @@ def create_app(service: TinkerService, metrics: Callable[[], Awaitable[str]] | N
         return await service.checkpoints.external_weights_urls(u, run_id, checkpoint_id, str(request.base_url))
 
     @app.put(f"{v1}/training_runs/{{run_id}}/checkpoints/{{checkpoint_id:path}}/ttl")
-    async def checkpoint_ttl(run_id: str, checkpoint_id: str, req: S.CheckpointTtlIn, u: User) -> dict[str, Any]:
+    async def checkpoint_ttl(run_id: str, checkpoint_id: str, req: S.CheckpointTtlIn, u: User) -> S.EmptyOut:
         return await service.checkpoints.set_checkpoint_ttl(u, run_id, checkpoint_id, req.ttl_seconds)
 
     @app.get(f"{v1}/external_weights/{{run_id}}/{{name}}/{{filename}}")
@@ -213,15 +213,15 @@ def create_app(service: TinkerService, metrics: Callable[[], Awaitable[str]] | N
         return FileResponse(path, media_type="application/octet-stream", filename=filename)
 
     @app.delete(f"{v1}/training_runs/{{run_id}}/checkpoints/{{checkpoint_id:path}}")
-    async def delete_checkpoint(run_id: str, checkpoint_id: str, u: User) -> dict[str, Any]:
+    async def delete_checkpoint(run_id: str, checkpoint_id: str, u: User) -> S.EmptyOut:
         return await service.checkpoints.delete_checkpoint(u, run_id, checkpoint_id)
 
     @app.get(f"{v1}/checkpoints")
-    async def user_checkpoints(u: User) -> dict[str, Any]:
+    async def user_checkpoints(u: User) -> S.CheckpointsOut:
         return await service.checkpoints.checkpoints(u, None)
 
     @app.post(f"{v1}/weights_info")
-    async def weights_info(req: S.WeightsInfoIn, u: User) -> dict[str, Any]:
+    async def weights_info(req: S.WeightsInfoIn, u: User) -> S.WeightsInfoOut:
         return await service.checkpoints.weights_info(u, req.tinker_path)
 
     return SamplingHotPath(app, service, v1)  # asample and retrieve_future skip FastAPI's per-request work

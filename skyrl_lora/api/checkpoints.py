@@ -6,7 +6,6 @@ import asyncio
 import logging
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
@@ -48,14 +47,15 @@ class Checkpoints:
             raise SkyrlError(404, f"file: '{filename}' is not in '{path}'", "file")
         return Path(row.internal_path) / filename
 
-    async def set_checkpoint_ttl(self, user: str, run_id: str, checkpoint_id: str, ttl_seconds: int | None) -> dict[str, Any]:
+    async def set_checkpoint_ttl(self, user: str, run_id: str, checkpoint_id: str,
+                                 ttl_seconds: int | None) -> S.EmptyOut:
         await self.core.model(user, run_id)
         path = TinkerPath.of(run_id, checkpoint_id)
         await self.core.checkpoint(user, path, None, "checkpoint_id")
         await self.core.db.run(lambda s: s.execute(update(CheckpointRow).where(CheckpointRow.tinker_path == str(path))
                                               .values(expires_at=expiry_of(ttl_seconds))))
         self.core.expiry.wake()
-        return {}
+        return S.EmptyOut()
 
     def checkpoint_out(self, row: CheckpointRow) -> S.CheckpointOut:
         kind = CheckpointKind(row.kind)
@@ -79,16 +79,16 @@ class Checkpoints:
                                 last_sampler_checkpoint=self.checkpoint_out(sampler) if sampler else None,
                                 user_metadata={str(k): str(v) for k, v in (row.user_metadata or {}).items()} or None)
 
-    async def training_runs(self, user: str, limit: int, offset: int) -> dict[str, Any]:
+    async def training_runs(self, user: str, limit: int, offset: int) -> S.TrainingRunsOut:
         def fn(s: Session) -> tuple[list[str], int]:
             q = select(ModelRow.model_id).where(ModelRow.user_id == user).order_by(ModelRow.created)
             total = s.scalar(select(func.count()).select_from(ModelRow).where(ModelRow.user_id == user)) or 0
             return list(s.scalars(q.limit(limit).offset(offset)).all()), int(total)
         ids, total = await self.core.db.run(fn)
-        runs = [(await self.training_run(user, i)).model_dump(mode="json") for i in ids]
-        return {"training_runs": runs, "cursor": {"offset": offset, "limit": limit, "total_count": total}}
+        runs = [await self.training_run(user, i) for i in ids]
+        return S.TrainingRunsOut(training_runs=runs, cursor=S.CursorOut(offset=offset, limit=limit, total_count=total))
 
-    async def checkpoints(self, user: str, model_id: str | None) -> dict[str, Any]:
+    async def checkpoints(self, user: str, model_id: str | None) -> S.CheckpointsOut:
         if model_id is not None:
             await self.core.model(user, model_id)
 
@@ -98,20 +98,20 @@ class Checkpoints:
                 q = q.where(CheckpointRow.model_id == model_id)
             return list(s.scalars(q.order_by(CheckpointRow.created)).all())
         rows = await self.core.db.run(fn)
-        return {"checkpoints": [self.checkpoint_out(r).model_dump(mode="json") for r in rows]}
+        return S.CheckpointsOut(checkpoints=[self.checkpoint_out(r) for r in rows])
 
-    async def delete_checkpoint(self, user: str, model_id: str, checkpoint_id: str) -> dict[str, Any]:
+    async def delete_checkpoint(self, user: str, model_id: str, checkpoint_id: str) -> S.EmptyOut:
         """The checkpoint's row and its files (a sampler export still being served stays until pruned)."""
         await self.core.model(user, model_id)
         row = await self.core.checkpoint(user, TinkerPath.of(model_id, checkpoint_id), None, "checkpoint_id")
         await self.core.remove_checkpoint_files(row)
         await self.core.db.run(lambda s: s.execute(delete(CheckpointRow).where(CheckpointRow.tinker_path == row.tinker_path)))
-        return {}
+        return S.EmptyOut()
 
-    async def weights_info(self, user: str, tinker_path: str) -> dict[str, Any]:
+    async def weights_info(self, user: str, tinker_path: str) -> S.WeightsInfoOut:
         ckpt = await self.core.checkpoint(user, tinker_path, None, field="tinker_path")
         model = await self.core.db.run(lambda s: s.get(ModelRow, ckpt.model_id))
         spec = LoraSpec.model_validate(model.spec) if model else None
-        return {"base_model": self.core.settings.served_name, "is_lora": True, "lora_rank": spec.rank if spec else None,
-                "train_mlp": bool(spec and "gate_proj" in spec.target_modules),
-                "train_attn": bool(spec and "q_proj" in spec.target_modules), "train_unembed": False}
+        return S.WeightsInfoOut(base_model=self.core.settings.served_name, lora_rank=spec.rank if spec else None,
+                                train_mlp=bool(spec and "gate_proj" in spec.target_modules),
+                                train_attn=bool(spec and "q_proj" in spec.target_modules))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import uuid
-from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -32,34 +31,35 @@ class Models:
         await self.core.db.run(lambda s: s.add(SessionRow(session_id=session_id, user_id=user, user_metadata=meta)))
         return S.CreateSessionOut(session_id=session_id)
 
-    async def heartbeat(self, user: str, session_id: str) -> dict[str, Any]:
+    async def heartbeat(self, user: str, session_id: str) -> S.SessionHeartbeatOut:
         await self.core.session(user, session_id)
         await self.core.db.run(lambda s: s.execute(update(SessionRow).where(SessionRow.session_id == session_id)
                                               .values(last_heartbeat=now())))
-        return {"type": "session_heartbeat"}
+        return S.SessionHeartbeatOut()
 
-    async def finish_session(self, user: str, session_id: str) -> dict[str, Any]:
+    async def finish_session(self, user: str, session_id: str) -> S.EmptyOut:
         await self.core.session(user, session_id)
         await self.core.db.run(lambda s: s.execute(update(SessionRow).where(SessionRow.session_id == session_id)
                                               .values(finished=True)))
-        return {}
+        return S.EmptyOut()
 
-    async def get_session(self, user: str, session_id: str) -> dict[str, Any]:
+    async def get_session(self, user: str, session_id: str) -> S.SessionOut:
         await self.core.session(user, session_id)
 
-        def fn(s: Session) -> dict[str, Any]:
+        def fn(s: Session) -> S.SessionOut:
             runs = s.scalars(select(ModelRow.model_id).where(ModelRow.session_id == session_id)).all()
             samplers = s.scalars(select(SamplerRow.sampler_id).where(SamplerRow.session_id == session_id)).all()
-            return {"training_run_ids": list(runs), "sampler_ids": list(samplers)}
+            return S.SessionOut(training_run_ids=list(runs), sampler_ids=list(samplers))
         return await self.core.db.run(fn)
 
-    async def list_sessions(self, user: str) -> dict[str, Any]:
-        rows = await self.core.db.run(lambda s: s.scalars(select(SessionRow.session_id).where(SessionRow.user_id == user)).all())
-        return {"sessions": list(rows)}
+    async def list_sessions(self, user: str) -> S.SessionsOut:
+        mine = select(SessionRow.session_id).where(SessionRow.user_id == user)
+        return S.SessionsOut(sessions=list(await self.core.db.run(lambda s: s.scalars(mine).all())))
 
-    def capabilities(self) -> dict[str, Any]:
-        return {"supported_models": [{"model_name": self.core.settings.served_name, "trainable": True, "sampleable": True,
-                                      "max_context_length": self.core.settings.max_context_length}]}
+    def capabilities(self) -> S.ServerCapabilitiesOut:
+        settings = self.core.settings
+        return S.ServerCapabilitiesOut(supported_models=[
+            S.SupportedModelOut(model_name=settings.served_name, max_context_length=settings.max_context_length)])
 
     async def create_model(self, user: str, req: S.CreateModelIn) -> S.UntypedFuture:
         session = await self.core.session(user, req.session_id)
@@ -100,9 +100,9 @@ class Models:
         self.core.seq.start(model_id, 1)
         return row
 
-    async def get_info(self, user: str, model_id: str) -> dict[str, Any]:
+    async def get_info(self, user: str, model_id: str) -> S.GetInfoOut:
         row = await self.core.model(user, model_id)
-        tokenizer = self.core.settings.base_model if ":" not in self.core.settings.base_model else None
-        return {"model_id": model_id, "type": "get_info", "is_lora": True, "lora_rank": row.rank,
-                "model_name": self.core.settings.served_name,
-                "model_data": {"arch": "llama", "model_name": self.core.settings.served_name, "tokenizer_id": tokenizer}}
+        settings = self.core.settings
+        tokenizer = settings.base_model if ":" not in settings.base_model else None
+        data = S.ModelDataOut(arch="llama", model_name=settings.served_name, tokenizer_id=tokenizer)
+        return S.GetInfoOut(model_id=model_id, lora_rank=row.rank, model_name=settings.served_name, model_data=data)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import uuid
-from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy import delete, select, update
@@ -86,9 +85,9 @@ class Sampling:
             await self.new_sampler(user, req.session_id, sampler_id, None, None, None, "snapshot")
         return S.CreateSamplingSessionOut(sampling_session_id=sampler_id)
 
-    async def get_sampler(self, user: str, sampler_id: str) -> dict[str, Any]:
+    async def get_sampler(self, user: str, sampler_id: str) -> S.SamplerOut:
         row = await self.sampler(user, sampler_id)
-        return {"sampler_id": row.sampler_id, "base_model": row.base_model, "model_path": row.model_path}
+        return S.SamplerOut(sampler_id=row.sampler_id, base_model=row.base_model, model_path=row.model_path)
 
     async def sampler(self, user: str, sampler_id: str) -> SamplerRow:
         row = self.core.samplers.get(sampler_id)

@@ -161,6 +161,86 @@ class WeightsInfoIn(_In):
 
 
 # ---------------------------------------------------------------- responses
+# Field order is the order on the wire. ``None`` fields are sent as null (FastAPI's default), as before.
+class EmptyOut(_Out):
+    """``{}``: the reply of a request whose response the SDK ignores (finish, cancel, ttl, delete)."""
+
+
+class HealthOut(_Out):
+    status: Literal["ok", "degraded"]  # degraded: no inference server can serve
+    inference_servers_up: int
+    inference_servers: int
+
+
+class ClientConfigOut(_Out):
+    """The SDK's ``ClientConfigResponse`` (every field optional there; we set the two that matter)."""
+
+    pjwt_auth_enabled: bool = False
+    use_pyqwest_transport: bool = False
+
+
+class ClientDynamicConfigOut(_Out):
+    """The SDK's ``ClientDynamicConfigResponse``: ``{}``, its defaults (no sample cancels) are ours."""
+
+
+class SupportedModelOut(_Out):
+    model_name: str
+    trainable: bool = True
+    sampleable: bool = True
+    max_context_length: int
+
+
+class ServerCapabilitiesOut(_Out):
+    supported_models: list[SupportedModelOut]
+
+
+class SessionHeartbeatOut(_Out):
+    type: Literal["session_heartbeat"] = "session_heartbeat"
+
+
+class SessionOut(_Out):
+    training_run_ids: list[str]
+    sampler_ids: list[str]
+
+
+class SessionsOut(_Out):
+    sessions: list[str]
+
+
+class TelemetryOut(_Out):
+    status: Literal["accepted"] = "accepted"
+
+
+class ModelDataOut(_Out):
+    arch: str
+    model_name: str
+    tokenizer_id: str | None  # null when the base model's name is not one AutoTokenizer can load
+
+
+class GetInfoOut(_Out):
+    model_id: str
+    type: Literal["get_info"] = "get_info"
+    is_lora: bool = True
+    lora_rank: int
+    model_name: str
+    model_data: ModelDataOut
+
+
+class SamplerOut(_Out):
+    sampler_id: str
+    base_model: str
+    model_path: str | None
+
+
+class WeightsInfoOut(_Out):
+    base_model: str
+    is_lora: bool = True
+    lora_rank: int | None
+    train_mlp: bool
+    train_attn: bool
+    train_unembed: bool = False
+
+
 class CheckpointOut(_Out):
     checkpoint_id: str
     checkpoint_type: CheckpointKind
@@ -183,6 +263,21 @@ class TrainingRunOut(_Out):
     last_checkpoint: CheckpointOut | None = None
     last_sampler_checkpoint: CheckpointOut | None = None
     user_metadata: dict[str, str] | None = None
+
+
+class CursorOut(_Out):
+    offset: int
+    limit: int
+    total_count: int
+
+
+class TrainingRunsOut(_Out):
+    training_runs: list[TrainingRunOut]
+    cursor: CursorOut
+
+
+class CheckpointsOut(_Out):
+    checkpoints: list[CheckpointOut]
 
 
 class UntypedFuture(_Out):
