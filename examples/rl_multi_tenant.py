@@ -29,7 +29,7 @@ def main() -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     config = SkyrlConfig.load(args.config)
     with skyrl_system(config) as system:
-        result = asyncio.run(run_rl_demo(config.tenants, system.trainer, system.inference.urls, system.model,
+        result = asyncio.run(run_rl_demo(config.tenants, system.trainer, system.inference.client(), system.model,
                                          RlDemoConfig(steps=args.steps, group_size=args.group_size, out_dir=args.out_dir)))
     write(result, args.out_dir)
     for name, tenant in result["tenants"].items():

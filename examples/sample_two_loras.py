@@ -13,16 +13,14 @@ import logging
 from transformers import AutoTokenizer
 
 from skyrl_lora.cluster import inference_servers
+from skyrl_lora.inference.client import RemoteInferenceClient
 from skyrl_lora.models.tiny import build_fixtures
 
 logger = logging.getLogger("example")
 
 
-async def sample(urls: list[str], base: str, woof_path: str) -> None:
-    from skyrl_lora.inference.client import RemoteInferenceClient
-
+async def sample(client: RemoteInferenceClient, base: str, woof_path: str) -> None:
     tok = AutoTokenizer.from_pretrained(base)
-    client = RemoteInferenceClient(urls)
     prompt = tok("The animal says")["input_ids"]
     for tenant in ("alice", "bob"):
         (s,) = await client.sample_with_retry(prompt, {"max_tokens": 6, "temperature": 0.0}, tenant)
@@ -38,7 +36,7 @@ def main() -> None:
     fx = build_fixtures()
     loras = {"alice": str(fx.loras["meow"]), "bob": str(fx.loras["woof"])}
     with inference_servers(str(fx.base), loras) as cluster:
-        asyncio.run(sample(cluster.urls, str(fx.base), str(fx.loras["woof"])))
+        asyncio.run(sample(cluster.client(), str(fx.base), str(fx.loras["woof"])))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from transformers import AutoTokenizer
 
 from skyrl_lora.cluster import skyrl_system
 from skyrl_lora.config import SkyrlConfig
-from skyrl_lora.inference.client import RemoteInferenceClient
 from skyrl_lora.training.engine import LocalTrainingEngine
 from skyrl_lora.training.protocol import AdamParams, Datum, LoraSpec
 
@@ -26,7 +25,7 @@ logger = logging.getLogger("example.sft")
 async def sft(system, phrase: str, steps: int) -> None:
     tok = AutoTokenizer.from_pretrained(system.model)
     engine = LocalTrainingEngine(system.trainer)
-    client = RemoteInferenceClient(system.inference.urls)
+    client = system.inference.client()  # carries the servers' bearer token
     prompt = tok("def main():\n    return")["input_ids"]
     word = tok.encode(phrase, add_special_tokens=False)
     seq = prompt + word * 6

@@ -54,8 +54,8 @@ def main() -> None:
             from skyrl_lora.config import SkyrlConfig
 
             key = key or f"tml-{secrets.token_hex(12)}"
-            system = stack.enter_context(skyrl_system(SkyrlConfig.load(None, api_keys={key: "example"}, api_port=0),
-                                                      serve_api=True))
+            config = SkyrlConfig.load(None, api={"api_keys": {key: "example"}, "port": 0})
+            system = stack.enter_context(skyrl_system(config, serve_api=True))
             url = system.api_url
         train_and_sample(url, key)
 

@@ -28,7 +28,7 @@ def _config(path: Path | None, **overrides: Any) -> SkyrlConfig:
     from skyrl_lora.config import ConfigError, SkyrlConfig
 
     try:
-        return SkyrlConfig.load(path, **{k: v for k, v in overrides.items() if v is not None})
+        return SkyrlConfig.load(path, **overrides)
     except ConfigError as exc:
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(2) from exc
@@ -51,7 +51,7 @@ def demo(
     cfg = _config(config)
     try:
         with skyrl_system(cfg) as system:
-            result = asyncio.run(run_rl_demo(cfg.tenants, system.trainer, system.inference.urls, system.model,
+            result = asyncio.run(run_rl_demo(cfg.tenants, system.trainer, system.inference.client(), system.model,
                                              RlDemoConfig(steps=steps, group_size=group_size, out_dir=out_dir)))
     except ConfigError as exc:
         typer.echo(f"error: {exc.message}", err=True)
@@ -82,7 +82,7 @@ def serve(config: Path | None = ConfigOpt, port: int | None = typer.Option(None,
     from skyrl_lora.config import ConfigError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    cfg = _config(config, api_port=port)
+    cfg = _config(config, api={"port": port} if port is not None else {})
     stop = threading.Event()
     try:
         cfg.check()
@@ -90,8 +90,8 @@ def serve(config: Path | None = ConfigOpt, port: int | None = typer.Option(None,
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         with skyrl_system(cfg, serve_api=True) as system:
-            typer.echo(f"serving the Tinker-compatible API at {system.api_url} (model: {cfg.model_name or system.model})",
-                       err=True)
+            typer.echo(f"serving the Tinker-compatible API at {system.api_url} "
+                       f"(model: {cfg.api.model_name or system.model})", err=True)
             import ray
 
             typer.echo(json.dumps({"api_url": system.api_url, "inference_urls": system.inference.urls,

@@ -6,7 +6,7 @@ import logging
 import os
 import secrets
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,9 +14,12 @@ from typing import Any
 
 import ray
 
+from skyrl_lora.api.settings import ApiOptions, ApiSettings
+from skyrl_lora.config import SkyrlConfig, settings_of
 from skyrl_lora.inference.actor import start_server_actor
 from skyrl_lora.inference.client import RemoteInferenceClient
-from skyrl_lora.inference.server import ServerConfig
+from skyrl_lora.inference.server import ServerConfig, ServerSettings
+from skyrl_lora.training.config import TrainerConfig, TrainerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -25,11 +28,15 @@ NAMESPACE = "skyrl_lora"
 
 @dataclass
 class InferenceCluster:
+    """Running servers: their actors, their URLs and the bearer token they require (None = none)."""
+
     actors: list[Any] = field(default_factory=list)
     urls: list[str] = field(default_factory=list)
     token: str | None = None
 
     def client(self, **kwargs: Any) -> RemoteInferenceClient:
+        """A client of these servers carrying their token: how our own code reaches them, never through
+        the environment."""
         return RemoteInferenceClient(self.urls, token=self.token, **kwargs)
 
 
@@ -95,7 +102,7 @@ def server_name(i: int) -> str:
 class SkyrlSystem:
     """Handles of a running system: inference servers, the trainer, and (when served) the API."""
 
-    config: Any
+    config: SkyrlConfig
     model: str
     inference: InferenceCluster
     trainer: Any
@@ -104,7 +111,7 @@ class SkyrlSystem:
     placement_group: Any = None
 
 
-def init_ray(config: Any) -> None:
+def init_ray(config: SkyrlConfig) -> None:
     """Join or start Ray as the configuration says ('auto', 'local' or an address); idempotent."""
     if ray.is_initialized():
         return
@@ -114,85 +121,108 @@ def init_ray(config: Any) -> None:
         connect_ray(None if config.ray_address == "auto" else config.ray_address)
 
 
+@dataclass(frozen=True)
+class Deployment:
+    """What one bring-up decides and no user sets: the model's local path, the servers' bearer token, the
+    resolved data directory and the shared-memory root the trainer publishes to. With a ``SkyrlConfig`` it is
+    all each component's config is made of (``server_config``, ``trainer_config``, ``api_settings``)."""
+
+    model: str
+    token: str
+    data_dir: Path
+    publish_root: Path | None = None
+
+
+def server_config(config: SkyrlConfig, deployment: Deployment) -> ServerConfig:
+    """Every server's config: the ``server`` section as it is, the shared values, this deployment's paths."""
+    publish = deployment.publish_root
+    return ServerConfig(**settings_of(config.server, ServerSettings, host=config.server_host()),
+                        model=deployment.model, max_lora_rank=config.max_lora_rank, max_model_len=config.max_model_len,
+                        adapter_roots=config.roots() + ((str(publish),) if publish else ()),
+                        control_token=deployment.token, state_dir=str(deployment.data_dir / "servers"))
+
+
+def trainer_config(config: SkyrlConfig, deployment: Deployment, inference_urls: Sequence[str], *,
+                   serve_api: bool) -> TrainerConfig:
+    """The trainer's config: the ``trainer`` section as it is, the shared values, the servers it syncs into.
+    Behind the API every exported version stays (a sampler may be pinned to any); a bare run keeps 4."""
+    data = deployment.data_dir
+    return TrainerConfig(**settings_of(config.trainer, TrainerSettings), base_model=deployment.model,
+                         max_lora_rank=config.max_lora_rank, state_dir=data / "trainer", sampler_root=data / "adapters",
+                         publish_root=deployment.publish_root, keep_sampler_versions=1_000_000 if serve_api else 4,
+                         inference_urls=tuple(inference_urls), inference_token=deployment.token,
+                         share_from=server_name(0))
+
+
+def api_settings(config: SkyrlConfig, deployment: Deployment) -> ApiSettings:
+    """The API's settings: the ``api`` section as it is (less where it listens), the shared values."""
+    return ApiSettings(**settings_of(config.api, ApiOptions), base_model=deployment.model,
+                       data_dir=deployment.data_dir / "api", max_context_length=config.max_model_len,
+                       inference_token=deployment.token)
+
+
 @contextmanager
-def skyrl_system(config: Any, *, serve_api: bool = False) -> Iterator[SkyrlSystem]:
+def skyrl_system(config: SkyrlConfig, *, serve_api: bool = False) -> Iterator[SkyrlSystem]:
     """Bring the whole system up on Ray and tear it down: checks first, then servers, trainer, API.
 
     With GPUs the servers and the trainer are placed through one placement group (a bundle each,
     spread over nodes), so a multi-node cluster gets one server per GPU slot it has room for.
+    The driver's own clients come from ``system.inference.client()``, which carries the token.
     """
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from skyrl_lora.training.actor import start_trainer_actor
-    from skyrl_lora.training.config import TrainerConfig
 
     config.check()  # the model path, before Ray is even touched
     init_ray(config)
     config.check(ray.cluster_resources())  # type: ignore[no-untyped-call]  # ray.cluster_resources is unannotated
-    model = config.model_path()
     data = Path(config.data_dir).resolve()
     data.mkdir(parents=True, exist_ok=True)
     # One bearer token per deployment: only the trainer, the API service and this driver may sample
     # from the servers directly, pause a tenant or load adapters; tenants go through the API.
     token = config.inference_token or secrets.token_urlsafe(24)
-    os.environ["SKYRL_INFERENCE_TOKEN"] = token  # this driver's own clients
     shutil.rmtree(data / "servers", ignore_errors=True)  # restart manifests of an earlier deployment
-    publish = shared_memory_root(token)
-    system = SkyrlSystem(config=config, model=model, inference=InferenceCluster(token=token), trainer=None)
-    gpu_bundles = [{"GPU": config.gpus_per_server, "CPU": 1}] * config.num_inference_servers if config.gpus_per_server else []
-    sharing = config.trainer_base_weights != "own" and bool(gpu_bundles) and config.trainer_gpus > 0
-    if sharing and config.gpus_per_server + config.trainer_gpus <= 1:  # the trainer joins server 0's GPU
-        gpu_bundles[0] = {"GPU": config.gpus_per_server + config.trainer_gpus, "CPU": 2}
+    deployment = Deployment(model=config.model_path(), token=token, data_dir=data,
+                            publish_root=shared_memory_root(token))
+    system = SkyrlSystem(config=config, model=deployment.model, inference=InferenceCluster(token=token), trainer=None)
+    servers, trainer = config.server, config.trainer
+    gpu_bundles = [{"GPU": servers.gpus, "CPU": 1}] * servers.count if servers.gpus else []
+    sharing = trainer.base_weights != "own" and bool(gpu_bundles) and trainer.gpus > 0
+    if sharing and servers.gpus + trainer.gpus <= 1:  # the trainer joins server 0's GPU
+        gpu_bundles[0] = {"GPU": servers.gpus + trainer.gpus, "CPU": 2}
     try:
         strategy = None
         if gpu_bundles:
             system.placement_group = placement_group(gpu_bundles, strategy="SPREAD")
             ray.get(system.placement_group.ready(), timeout=600)
-        server_config = ServerConfig(model=model, max_loras=config.max_loras,
-                                     max_cpu_loras=config.max_cpu_loras, max_lora_rank=config.max_lora_rank,
-                                     max_model_len=config.max_model_len,
-                                     adapter_roots=config.roots() + ((str(publish),) if publish else ()),
-                                     gpu_memory_utilization=config.gpu_memory_utilization, control_token=token,
-                                     state_dir=str(data / "servers"), host=config.server_host(),
-                                     advertise_host=config.server_advertise_host)
-        for i in range(config.num_inference_servers):
+        each_server = server_config(config, deployment)
+        for i in range(servers.count):
             if system.placement_group is not None:
                 strategy = PlacementGroupSchedulingStrategy(system.placement_group, placement_group_bundle_index=i)
-            actor, url = start_server_actor(server_config, num_gpus=config.gpus_per_server, num_cpus=1,
-                                            name=server_name(i), scheduling_strategy=strategy,
-                                            max_restarts=config.server_max_restarts)
+            actor, url = start_server_actor(each_server, num_gpus=servers.gpus, num_cpus=1, name=server_name(i),
+                                            scheduling_strategy=strategy, max_restarts=servers.max_restarts)
             system.inference.actors.append(actor)
             system.inference.urls.append(url)
             logger.info("inference server %d at %s", i, url)
-        trainer_config = TrainerConfig(base_model=model, state_dir=data / "trainer", sampler_root=data / "adapters",
-                                       publish_root=publish,
-                                       inference_urls=tuple(system.inference.urls), inference_token=token,
-                                       max_lora_rank=config.max_lora_rank,
-                                       resident_budget_bytes=config.resident_budget_bytes,
-                                       cpu_budget_bytes=config.cpu_budget_bytes, disk_budget_bytes=config.disk_budget_bytes,
-                                       keep_sampler_versions=1_000_000 if serve_api else 4,
-                                       base_weights=config.trainer_base_weights, share_from=server_name(0))
         trainer_strategy = None
         if sharing and gpu_bundles[0]["GPU"] <= 1 and system.placement_group is not None:
             trainer_strategy = PlacementGroupSchedulingStrategy(system.placement_group, placement_group_bundle_index=0)
-        system.trainer = start_trainer_actor(trainer_config, num_gpus=config.trainer_gpus, name=TRAINER_NAME,
-                                             max_restarts=config.trainer_max_restarts,
-                                             scheduling_strategy=trainer_strategy)
+        system.trainer = start_trainer_actor(trainer_config(config, deployment, system.inference.urls,
+                                                            serve_api=serve_api),
+                                             num_gpus=trainer.gpus, name=TRAINER_NAME,
+                                             max_restarts=trainer.max_restarts, scheduling_strategy=trainer_strategy)
         if serve_api:
             from skyrl_lora.api.server import start_api_actor
-            from skyrl_lora.api.settings import ApiSettings
 
-            settings = ApiSettings(base_model=model, model_name=config.model_name, data_dir=data / "api",
-                                   database_url=config.database_url, api_keys=config.api_keys,
-                                   max_context_length=config.max_model_len, inference_token=token)
-            system.api, system.api_url = start_api_actor(settings, system.trainer, system.inference.urls,
-                                                         host=config.api_host, port=config.api_port, name=API_NAME)
+            system.api, system.api_url = start_api_actor(api_settings(config, deployment), system.trainer,
+                                                         system.inference.urls, host=config.api.host,
+                                                         port=config.api.port, name=API_NAME)
         yield system
     finally:
         _teardown(system)
-        if publish is not None:
-            shutil.rmtree(publish, ignore_errors=True)
+        if deployment.publish_root is not None:
+            shutil.rmtree(deployment.publish_root, ignore_errors=True)
 
 
 def shared_memory_root(deployment: str) -> Path | None:

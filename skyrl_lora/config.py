@@ -1,5 +1,8 @@
-"""The system's configuration: one pydantic-settings model, from a YAML file and ``SKYRL_*`` variables.
+"""The system's configuration: one pydantic-settings model, from a YAML file and ``SKYRL_*`` variables
+(``SKYRL_SERVER__MAX_LORAS=16`` for a section's key).
 
+It is made of the settings models the components take (``ServerSettings``, ``TrainerSettings``,
+``ApiOptions``), so nothing is copied from it field by field and a shared value lives in one place.
 Everything that can be checked before anything starts is checked here (``check``): the model path,
 tenants' ranks against the servers' max LoRA rank, GPUs asked for against GPUs the cluster has.
 """
@@ -7,13 +10,16 @@ tenants' ranks against the servers' max LoRA rank, GPUs asked for against GPUs t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
+from skyrl_lora.api.settings import ApiOptions
 from skyrl_lora.errors import SkyrlError
+from skyrl_lora.inference.server import ServerSettings
+from skyrl_lora.training.config import TrainerSettings
 
 MiB = 1 << 20
 
@@ -39,55 +45,113 @@ DEFAULT_TENANTS = (DemoTenant(name="alice", prompt="def main():\n    return", ta
                    DemoTenant(name="carol", prompt="raise", target="."))
 
 
+class ServerSection(ServerSettings):
+    """The servers' part of ``SkyrlConfig``: ``ServerSettings``, handed to every server as they are, plus how a
+    deployment places them. Its defaults leave room for more tenants than a lone server a test starts."""
+
+    count: int = Field(1, ge=1, le=64, description="inference servers, one Ray actor each")
+    gpus: float = Field(0, ge=0, description="GPUs per server (a fraction shares a GPU)")
+    max_restarts: int = Field(3, ge=0, description="Ray restarts a crashed server this often; it comes back at its "
+                              "address with every tenant's current adapter")
+    max_loras: int = Field(8, ge=1)
+    max_cpu_loras: int | None = Field(32, ge=1)
+    gpu_memory_utilization: float = Field(0.6, gt=0, le=1)
+
+
+class TrainerSection(TrainerSettings):
+    """The trainer's part of ``SkyrlConfig``: ``TrainerSettings``, handed on as they are, plus its placement."""
+
+    gpus: float = Field(0, ge=0)
+    max_restarts: int = Field(3, ge=0, description="Ray restarts a crashed trainer this often; each tenant comes "
+                              "back from its last save_state")
+
+
+class ApiSection(ApiOptions):
+    """The API's part of ``SkyrlConfig``: ``ApiOptions``, handed on as they are, plus where it listens."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+
+
+def settings_of(section: BaseModel, settings: type[BaseModel], **derived: Any) -> dict[str, Any]:
+    """The component's own settings out of its section (not its placement), ready to construct its config
+    from; ``derived`` replaces values a deployment works out from the user's own (a bind host's default)."""
+    return {**{name: getattr(section, name) for name in settings.model_fields}, **derived}
+
+
+# Settings of the flat layout before the sections (and ApiSettings' own SKYRL_API_* variables), refused with
+# their new place named: silently ignoring SKYRL_API_KEYS would serve an API nobody can log in to.
+MOVED = {"model_name": "api.model_name", "num_inference_servers": "server.count", "gpus_per_server": "server.gpus",
+         "max_loras": "server.max_loras", "max_cpu_loras": "server.max_cpu_loras",
+         "gpu_memory_utilization": "server.gpu_memory_utilization", "server_max_restarts": "server.max_restarts",
+         "server_bind_host": "server.host", "server_advertise_host": "server.advertise_host",
+         "trainer_gpus": "trainer.gpus", "trainer_base_weights": "trainer.base_weights",
+         "trainer_max_restarts": "trainer.max_restarts", "resident_budget_bytes": "trainer.resident_budget_bytes",
+         "cpu_budget_bytes": "trainer.cpu_budget_bytes", "disk_budget_bytes": "trainer.disk_budget_bytes",
+         "database_url": "api.database_url", "api_keys": "api.api_keys", "api_host": "api.host", "api_port": "api.port",
+         **{f"api_{name}": f"api.{name}" for name in ApiOptions.model_fields},
+         "api_base_model": "base_model", "api_max_context_length": "max_model_len", "api_data_dir": "data_dir",
+         "api_inference_token": "inference_token"}
+
+
+SECTIONS = ("server", "trainer", "api")
+
+
+def env_name(dotted: str) -> str:
+    return "SKYRL_" + dotted.replace(".", "__").upper()
+
+
 class SkyrlConfig(BaseSettings):
+    """A deployment's settings: one section per component (``server``, ``trainer``, ``api``), each the
+    settings model that component takes (plus where Ray places it), and at the top what is deployment-wide
+    or shared. ``load`` reads a file and the environment; ``SkyrlConfig(...)`` is exactly its arguments.
+
+    A value several components need is set once, at the top, and no section has a field for it:
+
+    * ``base_model`` (its path) is ``ServerConfig.model``, ``TrainerConfig.base_model``, ``ApiSettings.base_model``;
+    * ``max_lora_rank`` is the servers' and the trainer's ``max_lora_rank`` (and bounds the tenants' ranks);
+    * ``max_model_len`` is the servers' ``max_model_len`` and the API's ``max_context_length``;
+    * ``inference_token`` is the servers' ``control_token`` and the trainer's and the API's ``inference_token``;
+    * ``data_dir`` holds the servers' ``state_dir``, the trainer's directories and the API's ``data_dir``.
+
+    ``cluster.server_config`` / ``trainer_config`` / ``api_settings`` build each component's config from
+    its section and these, nothing else.
+    """
+
     model_config = SettingsConfigDict(env_prefix="SKYRL_", env_nested_delimiter="__", extra="forbid", frozen=True)
 
-    # model
+    # shared by the components
     base_model: str | None = Field(None, description="local HF model directory; None = build the tiny model here")
-    model_name: str | None = Field(None, description="name API clients use (default: the local path)")
-    # inference
-    num_inference_servers: int = Field(1, ge=1, le=64)
-    gpus_per_server: float = Field(0, ge=0)
-    max_loras: int = Field(8, ge=1)
-    max_cpu_loras: int = Field(32, ge=1)
     max_lora_rank: int = Field(32, ge=1, le=1024)
     max_model_len: int = Field(1024, ge=16)
-    gpu_memory_utilization: float = Field(0.6, gt=0, le=1)
-    server_max_restarts: int = Field(3, ge=0, description="Ray restarts a crashed server this often; it comes back "
-                                     "at its address with every tenant's current adapter")
     inference_token: str | None = Field(None, description="bearer token of the inference servers (default: a random "
                                         "one per deployment, handed to the trainer and the API)")
-    # training
-    trainer_gpus: float = Field(0, ge=0)
-    trainer_base_weights: Literal["own", "shared", "shared_or_own"] = Field(
-        "own", description="'shared': the trainer builds its base model on views of inference server 0's GPU weights "
-        "(one copy of the base per GPU; the two share server 0's GPU); 'shared_or_own': share where possible, else "
-        "a copy; 'own': always a copy")
-    trainer_max_restarts: int = Field(3, ge=0, description="Ray restarts a crashed trainer this often; each tenant "
-                                      "comes back from its last save_state")
-    resident_budget_bytes: int = Field(512 * MiB, ge=0)
-    cpu_budget_bytes: int = Field(2048 * MiB, ge=0)
-    disk_budget_bytes: int | None = Field(None, ge=0)
-    # storage, API, tenants
+    # deployment-wide
     data_dir: Path = Path("skyrl_data")
-    database_url: str | None = None
-    api_host: str = "127.0.0.1"
-    api_port: int = Field(8000, ge=0, le=65535)
-    api_keys: dict[str, str] = Field(default_factory=dict, description="tml-... key -> user")
     adapter_roots: tuple[str, ...] = Field((), description="servers load adapters only from here (default: data_dir)")
     ray_address: str = Field("auto", description="'auto' = join a running cluster, else start one; 'local' = always start one")
-    server_bind_host: str | None = Field(None, description="address inference servers bind; default: their node's "
-                                         "IP in the Ray cluster (127.0.0.1 with ray_address 'local', where no other "
-                                         "node can join)")
-    server_advertise_host: str | None = Field(None, description="address servers announce to clients (default: the "
-                                              "bound one; the node's IP when bound to 0.0.0.0)")
     tenants: tuple[DemoTenant, ...] = DEFAULT_TENANTS
+    # the components
+    server: ServerSection = Field(default_factory=ServerSection)
+    trainer: TrainerSection = Field(default_factory=TrainerSection)
+    api: ApiSection = Field(default_factory=ApiSection)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
                                    env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
                                    file_secret_settings: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
-        return init_settings, env_settings  # load() drops file values the environment sets, so env wins over the file
+        # Only what is passed: load() reads the environment itself, so that it can put it between the file and
+        # the overrides key by key; pydantic-settings would merge a dict-valued setting (api_keys) given both
+        # ways instead of replacing it. SkyrlConfig(...) is exactly its arguments, whatever the environment.
+        return (init_settings,)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        moved = [f"'{k}' is now '{MOVED[k]}'" for k in data if k in MOVED] if isinstance(data, dict) else []
+        if moved:
+            raise ValueError(f"settings moved into sections: {', '.join(moved)}")
+        return data
 
     @model_validator(mode="after")
     def _ranks(self) -> SkyrlConfig:
@@ -98,7 +162,9 @@ class SkyrlConfig(BaseSettings):
 
     @classmethod
     def load(cls, path: Path | str | None = None, **overrides: Any) -> SkyrlConfig:
-        """YAML file, then ``SKYRL_*`` variables over it, then explicit overrides over both."""
+        """YAML file, then ``SKYRL_*`` variables over it, then explicit overrides over both; key by key inside
+        a section, so ``SKYRL_SERVER__MAX_LORAS`` or ``server={"max_loras": 4}`` leaves the file's other
+        server settings standing."""
         import os
 
         values: dict[str, Any] = {}
@@ -109,13 +175,12 @@ class SkyrlConfig(BaseSettings):
             loaded = yaml.safe_load(p.read_text()) or {}
             if not isinstance(loaded, dict):
                 raise ConfigError(f"config: '{p}' must hold a mapping of settings", "config")
-            values.update(loaded)
-        env_keys = {k[len("SKYRL_"):].lower() for k in os.environ if k.startswith("SKYRL_")}
-        for key in env_keys & set(values):  # the environment wins over the file
-            values.pop(key)
-        values.update(overrides)
+            values = loaded
+        stale = [f"{env_name(old)} is now {env_name(new)}" for old, new in MOVED.items() if env_name(old) in os.environ]
+        if stale:
+            raise ConfigError(f"config: settings moved into sections: {', '.join(stale)}", "config")
         try:
-            return cls(**values)
+            return cls(**_merged(_merged(values, EnvSettingsSource(cls)()), overrides))
         except Exception as exc:  # pydantic's message names the field
             raise ConfigError(f"config: {exc}", "config") from exc
 
@@ -129,33 +194,35 @@ class SkyrlConfig(BaseSettings):
         return self.base_model
 
     def server_host(self) -> str | None:
-        if self.server_bind_host is not None:
-            return self.server_bind_host
+        """Where servers bind: a Ray of this process's own ('local') has no other node to be reached from."""
+        if self.server.host is not None:
+            return self.server.host
         return "127.0.0.1" if self.ray_address == "local" else None
 
     def check(self, cluster_resources: dict[str, float] | None = None) -> None:
         """Refuse a configuration that cannot work, before anything is started."""
         if self.base_model is not None and not (Path(self.base_model) / "config.json").is_file():
             raise ConfigError(f"base_model: no HF model at '{self.base_model}' (config.json missing)", "base_model")
-        if self.trainer_base_weights == "shared":
+        if self.trainer.base_weights == "shared":
             self._check_sharing()
         if cluster_resources is not None:
-            need = self.num_inference_servers * self.gpus_per_server + self.trainer_gpus
+            server, trainer = self.server, self.trainer
+            need = server.count * server.gpus + trainer.gpus
             have = float(cluster_resources.get("GPU", 0))
             if need > have:
-                raise ConfigError(f"gpus_per_server: {self.num_inference_servers} server(s) × {self.gpus_per_server} GPU + "
-                                  f"trainer {self.trainer_gpus} GPU = {need} GPUs, but the cluster has {have}",
-                                  "gpus_per_server")
+                raise ConfigError(f"server.gpus: {server.count} server(s) × {server.gpus} GPU + trainer "
+                                  f"{trainer.gpus} GPU = {need} GPUs, but the cluster has {have}", "server.gpus")
 
     def _check_sharing(self) -> None:
         """Refuse 'shared' base weights where they cannot be shared, before anything starts."""
-        field = "trainer_base_weights"
-        if self.gpus_per_server <= 0 or self.trainer_gpus <= 0:
+        field = "trainer.base_weights"
+        server_gpus, trainer_gpus = self.server.gpus, self.trainer.gpus
+        if server_gpus <= 0 or trainer_gpus <= 0:
             raise ConfigError(f"{field}: 'shared' needs GPU memory to share: the servers and the trainer run on the "
-                              f"CPU (gpus_per_server={self.gpus_per_server}, trainer_gpus={self.trainer_gpus})", field)
-        if self.gpus_per_server + self.trainer_gpus > 1:
-            raise ConfigError(f"{field}: 'shared' puts the trainer on server 0's GPU: gpus_per_server + trainer_gpus "
-                              f"must be at most 1 (got {self.gpus_per_server} + {self.trainer_gpus})", field)
+                              f"CPU (server.gpus={server_gpus}, trainer.gpus={trainer_gpus})", field)
+        if server_gpus + trainer_gpus > 1:
+            raise ConfigError(f"{field}: 'shared' puts the trainer on server 0's GPU: server.gpus + trainer.gpus "
+                              f"must be at most 1 (got {server_gpus} + {trainer_gpus})", field)
         from transformers import AutoConfig
 
         from skyrl_lora.training.shared_base import SharingImpossible, check_shareable
@@ -167,3 +234,16 @@ class SkyrlConfig(BaseSettings):
 
     def roots(self) -> tuple[str, ...]:
         return self.adapter_roots or (str(Path(self.data_dir).resolve()),)
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` on ``base``, key by key inside a section (a section given in both keeps ``base``'s other keys);
+    any other value, a dict-valued setting too, is replaced whole."""
+    out = dict(base)
+    for key, value in over.items():
+        old = out.get(key)
+        if key in SECTIONS and isinstance(old, dict) and isinstance(value, dict):
+            out[key] = {**old, **value}
+        else:
+            out[key] = value
+    return out

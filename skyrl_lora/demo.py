@@ -57,11 +57,10 @@ async def _progress(label: str, seconds: float) -> None:
             bar.update(1)
 
 
-async def run(cfg: DemoConfig, fixtures: TinyFixtures, urls: list[str]) -> list[PhaseResult]:
+async def run(cfg: DemoConfig, fixtures: TinyFixtures, client: RemoteInferenceClient) -> list[PhaseResult]:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(fixtures.base)
-    client = RemoteInferenceClient(urls)
     prompt = tok("def greet(name):\n    return")["input_ids"]
     logger.info("warming up the server (the first request compiles kernels)")
     for tenant in ("tenant-a", "tenant-b", None):
@@ -134,7 +133,7 @@ def main(cfg: DemoConfig = DemoConfig()) -> list[PhaseResult]:
     loras = {"tenant-a": str(fixtures.loras["meow"]), "tenant-b": str(fixtures.loras["woof"])}
     logger.info("starting a vLLM server in a Ray actor (about a minute on 2 CPU cores)")
     with inference_servers(str(fixtures.base), loras, max_loras=4, max_lora_rank=16) as cluster:
-        results = asyncio.run(run(cfg, fixtures, cluster.urls))
+        results = asyncio.run(run(cfg, fixtures, cluster.client()))
     print("\nTenant B's tokens/s while tenant A syncs its LoRA every second (same run, same server):")
     print(f"{'phase':<28}{'B tok/s':>9}{'B/alone':>9}{'B/no-sync':>11}{'A tok/s':>9}{'syncs':>7}{'median sync':>13}")
     for r in results:

@@ -135,12 +135,13 @@ async def _measure_isolation(tenants: tuple[DemoTenant, ...], trainer: Any, clie
                            for k, v in ratios.items()}, "windows": windows}
 
 
-async def run_rl_demo(tenants: tuple[DemoTenant, ...], trainer: Any, urls: list[str], model_path: str,
+async def run_rl_demo(tenants: tuple[DemoTenant, ...], trainer: Any, client: RemoteInferenceClient, model_path: str,
                       cfg: RlDemoConfig) -> dict[str, Any]:
+    """The demo on a running system; ``client`` (``InferenceCluster.client()``, which carries the servers'
+    token) is closed at the end."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_path)
-    client = RemoteInferenceClient(urls)
     engine = LocalTrainingEngine(trainer)
     runs = [TenantRun(t.name, t.target) for t in tenants]
     t_start = time.monotonic()

@@ -52,13 +52,13 @@ def test_bad_configuration_is_refused_before_anything_starts(tmp_path: Path) -> 
         SkyrlConfig.load(None, max_lora_rank=4)
     assert "max_lora_rank" in err.value.message
     with pytest.raises(ConfigError) as err:
-        SkyrlConfig.load(None, num_inference_servers=2, gpus_per_server=1).check({"CPU": 4.0})
-    assert err.value.field == "gpus_per_server" and "cluster has 0" in err.value.message
+        SkyrlConfig.load(None, server={"count": 2, "gpus": 1}).check({"CPU": 4.0})
+    assert err.value.field == "server.gpus" and "cluster has 0" in err.value.message
     bad_yaml = tmp_path / "bad.yaml"
-    bad_yaml.write_text("max_loras: -3\n")
+    bad_yaml.write_text("server:\n  max_loras: -3\n")
     with pytest.raises(ConfigError) as err:
         SkyrlConfig.load(bad_yaml)
-    assert "max_loras" in err.value.message
+    assert "server.max_loras" in err.value.message
     # through the command line: exit 2 with the field named, quickly, and nothing started
     t0 = time.monotonic()
     run = subprocess.run([str(BIN / "skyrl-lora"), "serve"], env={**os.environ, "SKYRL_BASE_MODEL": str(tmp_path / "nope")},
@@ -70,11 +70,11 @@ def test_bad_configuration_is_refused_before_anything_starts(tmp_path: Path) -> 
 def test_more_gpus_than_the_cluster_has_fails_before_any_actor(tiny, ray_local) -> None:
     from skyrl_lora.cluster import server_name, skyrl_system
 
-    config = SkyrlConfig.load(None, base_model=str(tiny.base), gpus_per_server=8, data_dir="/tmp/skyrl-gpu-check")
+    config = SkyrlConfig.load(None, base_model=str(tiny.base), server={"gpus": 8}, data_dir="/tmp/skyrl-gpu-check")
     with pytest.raises(ConfigError) as err:
         with skyrl_system(config):
             pass
-    assert err.value.field == "gpus_per_server"
+    assert err.value.field == "server.gpus"
     with pytest.raises(ValueError):
         ray.get_actor(server_name(0))
 
@@ -97,7 +97,7 @@ def test_serve_answers_health_and_stops_cleanly_on_sigterm(tiny, tmp_path: Path)
     port = _free_port()
     key = "tml-serve-test-0000001"
     env = {**os.environ, "SKYRL_RAY_ADDRESS": "local", "SKYRL_DATA_DIR": str(tmp_path / "data"),
-           "SKYRL_BASE_MODEL": str(tiny.base), "SKYRL_API_KEYS": json.dumps({key: "tester"}),
+           "SKYRL_BASE_MODEL": str(tiny.base), "SKYRL_API__API_KEYS": json.dumps({key: "tester"}),
            "RAY_AUTH_MODE": "disabled", "SKYRL_MAX_MODEL_LEN": "512"}
     proc = subprocess.Popen([str(BIN / "skyrl-lora"), "serve", "--port", str(port)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -142,6 +142,7 @@ def test_serve_answers_health_and_stops_cleanly_on_sigterm(tiny, tmp_path: Path)
 @pytest.mark.vllm
 def test_rl_demo_runs_end_to_end(tiny, vllm_server, tmp_path: Path) -> None:
     from skyrl_lora.config import DEFAULT_TENANTS
+    from skyrl_lora.inference.client import RemoteInferenceClient
     from skyrl_lora.rl_demo import RlDemoConfig, run_rl_demo, summary_lines, write
     from skyrl_lora.training.actor import start_trainer_actor
     from skyrl_lora.training.config import TrainerConfig
@@ -151,9 +152,9 @@ def test_rl_demo_runs_end_to_end(tiny, vllm_server, tmp_path: Path) -> None:
                                                 max_lora_rank=16, num_threads=1), num_gpus=0)
     try:
         t0 = time.monotonic()
-        result = asyncio.run(run_rl_demo(DEFAULT_TENANTS, trainer, [vllm_server.url], str(tiny.base),
-                                         RlDemoConfig(steps=3, group_size=32, window_s=1.5, window_pairs=3,
-                                                      out_dir=tmp_path)))
+        demo = RlDemoConfig(steps=3, group_size=32, window_s=1.5, window_pairs=3, out_dir=tmp_path)
+        result = asyncio.run(run_rl_demo(DEFAULT_TENANTS, trainer, RemoteInferenceClient(vllm_server.url),
+                                         str(tiny.base), demo))
         elapsed = time.monotonic() - t0
     finally:
         ray.kill(trainer)

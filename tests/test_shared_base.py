@@ -118,17 +118,18 @@ def test_the_trainer_actor_on_cpu_falls_back_or_refuses(tiny, tmp_path, ray_loca
 def test_a_configuration_asking_for_impossible_sharing_is_refused_before_start(tiny, tmp_path) -> None:
     model = str(tiny.base)
     with pytest.raises(ConfigError) as cpu:
-        SkyrlConfig(base_model=model, trainer_base_weights="shared").check()
-    assert cpu.value.field == "trainer_base_weights" and "CPU" in cpu.value.message
+        SkyrlConfig(base_model=model, trainer={"base_weights": "shared"}).check()
+    assert cpu.value.field == "trainer.base_weights" and "CPU" in cpu.value.message
     with pytest.raises(ConfigError, match="at most 1"):
-        SkyrlConfig(base_model=model, trainer_base_weights="shared", gpus_per_server=0.6, trainer_gpus=0.6).check()
+        SkyrlConfig(base_model=model, server={"gpus": 0.6}, trainer={"base_weights": "shared", "gpus": 0.6}).check()
     other = tmp_path / "gpt2"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(ConfigError, match="GPT2LMHeadModel"):
-        SkyrlConfig(base_model=str(other), trainer_base_weights="shared", gpus_per_server=0.5, trainer_gpus=0.4).check()
-    SkyrlConfig(base_model=model, trainer_base_weights="shared", gpus_per_server=0.5, trainer_gpus=0.4).check()
-    SkyrlConfig(base_model=model, trainer_base_weights="shared_or_own").check()  # falls back at run time
+        SkyrlConfig(base_model=str(other), server={"gpus": 0.5},
+                    trainer={"base_weights": "shared", "gpus": 0.4}).check()
+    SkyrlConfig(base_model=model, server={"gpus": 0.5}, trainer={"base_weights": "shared", "gpus": 0.4}).check()
+    SkyrlConfig(base_model=model, trainer={"base_weights": "shared_or_own"}).check()  # falls back at run time
 
 
 @pytest.mark.vllm

@@ -279,16 +279,17 @@ async def test_a_version_sent_as_files_is_served_from_the_servers_own_memory(vll
         await wait_for(freed, 30, "the replaced upload freed")
         refusals = [
             (client._request("PUT", url, "/skyrl/v1/uploads/u1/model.bin", content=b"x"), 400, "filename"),
-            (client._request("PUT", url, "/skyrl/v1/uploads/..%2Fx/adapter_config.json", content=b"x"), 400, None),
+            (client._request("PUT", url, "/skyrl/v1/uploads/..%2Fx/adapter_config.json", content=b"x"), None, None),
             (client._post(url, "/skyrl/v1/stage_lora", {"lora_name": name, "lora_path": "/x", "upload_id": "nope"}),
              400, "upload_id"),
             (client._post(url, "/skyrl/v1/stage_lora", {"lora_name": name, "lora_path": "/x", "upload_id": "nope",
-                                                        "load_from": "/y"}), 400, None),
+                                                        "load_from": "/y"}), None, None),
         ]
         for call, status, field in refusals:
             with pytest.raises(InferenceError) as err:
                 await call
-            assert 400 <= err.value.status < 500 and (field is None or err.value.field == field), err.value
+            assert 400 <= err.value.status < 500 and status in (None, err.value.status), err.value
+            assert field is None or err.value.field == field, err.value
         (state,) = await client.state()
         assert state.staged == 0 and state.node
     finally:

@@ -97,8 +97,8 @@ class RemoteInferenceClient:
         if not self.urls:
             raise ValueError("urls: at least one server URL is needed")
         self.timeout_s = timeout_s
-        # the deployment's bearer token for servers that require one (default: $SKYRL_INFERENCE_TOKEN)
-        token = token if token is not None else os.environ.get("SKYRL_INFERENCE_TOKEN")
+        # the deployment's bearer token for servers that require one, always handed in (``InferenceCluster.client``),
+        # never read from the environment: a variable one process set would be a side channel to the next
         self._auth = {"Authorization": f"Bearer {token}"} if token else {}
         self.owner = owner or default_owner()
         self.transport_retries = transport_retries

@@ -34,22 +34,19 @@ SERVER_KEEP_ALIVE_S = 30
 UPLOAD_TTL_S = 600.0  # an upload never staged (its sender gave up) is swept after this
 
 
-class ServerConfig(BaseModel):
-    """How to start one inference server. Crosses the Ray boundary, hence frozen and plain."""
+class ServerSettings(BaseModel):
+    """What an operator tunes about a server. ``SkyrlConfig.server`` is one of these, handed on as it is:
+    ``ServerConfig`` adds only what one deployment decides (model, ranks, token, directories)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    model: str
     served_model_name: str = "base"
     host: str | None = Field(None, description="address to bind; None = this node's IP as Ray knows it (what "
                              "other nodes reach it by), '0.0.0.0' = every interface")
     advertise_host: str | None = Field(None, description="address put in the server's URL for clients; None = the "
                                        "bound address, or this node's IP when bound to every interface")
-    port: int = Field(0, ge=0, le=65535, description="0 picks a free port")
     max_loras: int = Field(4, ge=1)
     max_cpu_loras: int | None = Field(None, ge=1)
-    max_lora_rank: int = Field(16, ge=1)
-    max_model_len: int = Field(1024, ge=16)
     dtype: str = "bfloat16"
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     enforce_eager: bool = True
@@ -57,14 +54,6 @@ class ServerConfig(BaseModel):
     seed: int = 0
     cpu_kv_cache_gib: int = Field(1, ge=1)
     extra_args: tuple[str, ...] = ()
-    loras: dict[str, str] = Field(default_factory=dict, description="LoRAs to load at start, name -> path")
-    adapter_roots: tuple[str, ...] = ()
-    control_token: str | None = Field(None, description="when set, every /skyrl and /v1 route needs "
-                                      "'Authorization: Bearer <token>': only the trainer, the API service and operators "
-                                      "can sample, pause or load adapters; tenants go through the API with their keys")
-    state_dir: str | None = Field(None, description="where the server keeps its port and adapter manifest, so that a "
-                                  "restarted server comes back at the same address serving every tenant's current "
-                                  "adapter; the servers of one deployment may share it")
     drain_timeout_s: float = 30.0
     engine_check_s: float = Field(1.0, gt=0, description="how often the server checks that its engine is alive")
     stage_off_loop: bool = Field(True, description="load a new adapter version on a worker thread before the flip; "
@@ -76,6 +65,24 @@ class ServerConfig(BaseModel):
                                "the engine process's interpreter lock with its step loop, so more is not faster "
                                "(8B on an H200, 8 tenants syncing: 0.85 of no-sync tokens/s with 1, 0.65 with 2)")
     startup_timeout_s: float = 600.0
+
+
+class ServerConfig(ServerSettings):
+    """How to start one inference server. Crosses the Ray boundary, hence frozen and plain."""
+
+    model: str
+    port: int = Field(0, ge=0, le=65535, description="0 picks a free port")
+    max_lora_rank: int = Field(16, ge=1)
+    max_model_len: int = Field(1024, ge=16)
+    loras: dict[str, str] = Field(default_factory=dict, description="LoRAs to load at start, name -> path")
+    adapter_roots: tuple[str, ...] = ()
+    control_token: str | None = Field(None, description="when set, every /skyrl and /v1 route needs "
+                                      "'Authorization: Bearer <token>': only the trainer, the API service and "
+                                      "operators can sample, pause or load adapters; tenants go through the API with "
+                                      "their keys")
+    state_dir: str | None = Field(None, description="where the server keeps its port and adapter manifest, so that a "
+                                  "restarted server comes back at the same address serving every tenant's current "
+                                  "adapter; the servers of one deployment may share it")
 
     def vllm_argv(self, port: int) -> list[str]:
         argv = [

@@ -12,17 +12,31 @@ from skyrl_lora.inference.protocol import SyncMode
 MiB = 1 << 20
 
 
-class TrainerConfig(BaseModel):
+class TrainerSettings(BaseModel):
+    """What an operator tunes about the trainer. ``SkyrlConfig.trainer`` is one of these: ``TrainerConfig``
+    adds only what one deployment decides (model, rank cap, directories, servers, token)."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    base_model: str = Field(description="local path of the HF base model (the one the inference servers serve)")
     device: str = Field("auto", description="'auto' = cuda when present, else cpu")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    max_lora_rank: int = Field(64, ge=1, description="cap on a tenant's rank; match the inference servers' --max-lora-rank")
     max_seq_len: int = Field(4096, ge=2)
     resident_budget_bytes: int = Field(512 * MiB, ge=0, description="adapters+optimizer resident in the model")
     cpu_budget_bytes: int = Field(2048 * MiB, ge=0)
     disk_budget_bytes: int | None = Field(None, ge=0, description="None = unbounded")
+    sync_mode: SyncMode = "abort"
+    sync_timeout_s: float = Field(120.0, gt=0)
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads (None = torch default)")
+    base_weights: Literal["own", "shared", "shared_or_own"] = Field(
+        "own", description="'own': load a copy of the base model; 'shared': build it on views of the inference "
+        "server's GPU weights (share_from), refusing to start where that is impossible; 'shared_or_own': share where "
+        "possible, else load a copy and say why once in the log")
+
+
+class TrainerConfig(TrainerSettings):
+    base_model: str = Field(description="local path of the HF base model (the one the inference servers serve)")
+    max_lora_rank: int = Field(64, ge=1, description="cap on a tenant's rank; match the inference servers' "
+                               "--max-lora-rank")
     state_dir: Path = Field(description="disk tier, checkpoints (save_state) live under it")
     sampler_root: Path = Field(description="adapter directories for vLLM; must lie inside the servers' adapter roots")
     publish_root: Path | None = Field(None, description="shared memory (e.g. /dev/shm/...) where a new version is "
@@ -32,13 +46,6 @@ class TrainerConfig(BaseModel):
     keep_sampler_versions: int = Field(4, ge=1, description="older exported adapter directories of a tenant are deleted")
     inference_urls: tuple[str, ...] = Field((), description="servers that save_weights_for_sampler syncs into")
     inference_token: str | None = Field(None, description="the servers' bearer token, when they require one")
-    sync_mode: SyncMode = "abort"
-    sync_timeout_s: float = Field(120.0, gt=0)
-    num_threads: int | None = Field(None, ge=1, description="torch CPU threads (None = torch default)")
-    base_weights: Literal["own", "shared", "shared_or_own"] = Field(
-        "own", description="'own': load a copy of the base model; 'shared': build it on views of the inference "
-        "server's GPU weights (share_from), refusing to start where that is impossible; 'shared_or_own': share where "
-        "possible, else load a copy and say why once in the log")
     share_from: str | None = Field(None, description="Ray actor name of the inference server on the trainer's GPU "
                                    "whose weights are shared")
 
