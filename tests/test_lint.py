@@ -1,5 +1,5 @@
-"""The code passes ruff (every package of the repository) and mypy --strict (the modules listed under
-[tool.mypy] in pyproject.toml, a list that grows). Both read their settings from pyproject.toml."""
+"""The code passes ruff (every package of the repository) and mypy --strict (the whole skyrl_lora
+package). Both read their settings from pyproject.toml."""
 
 from __future__ import annotations
 
