@@ -44,6 +44,10 @@ async def test_bad_uploads_are_refused_and_leave_nothing(tmp_path: Path) -> None
     assert list((tmp_path / "up" / "v1").iterdir()) == []  # no partial file
     with pytest.raises(UploadError):
         store.path("../up")
+    with pytest.raises(UploadError) as err:  # an id that would leave the store, before anything is written
+        await store.receive("../outside", ADAPTER_FILES[0], _chunks(b"{}"), in_use=())
+    assert err.value.status == 400 and err.value.field == "upload_id"
+    assert not (tmp_path / "outside").exists()
 
 
 async def test_old_uploads_nobody_uses_are_swept(tmp_path: Path) -> None:

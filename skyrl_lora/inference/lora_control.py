@@ -124,8 +124,8 @@ class LoraController:
         self._by_engine_name: dict[str, str] = {}
         self._runtime: dict[str | None, _TenantRuntime] = {}
         self._by_request: dict[str, Admission] = {}
-        self._retiring: dict[int, str] = {}  # engine lora id -> tenant, of versions replaced but maybe in use
-        self._retired_paths: dict[int, str] = {}  # engine lora id -> where that replaced version was read from
+        # engine lora id -> a version replaced but maybe still in use (its tenant, and its path to free)
+        self._retiring: dict[int, TenantAdapter] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._serving_models: Any = None
         self._inner_generate = engine.generate
@@ -319,10 +319,8 @@ class LoraController:
         where it is kept for good, which the engine (after an eviction) and the manifest use.
         ``upload_id``: files sent to this server (``uploads.py``); this server keeps the version there."""
         if upload_id is not None:
-            if self.uploads is None:
-                raise LoraError(400, "upload_id: this server takes no uploads", "upload_id")
             try:
-                path = str(self.uploads.path(upload_id))
+                path = str(self._upload_store().path(upload_id))
             except SkyrlError as exc:
                 raise LoraError(exc.status, exc.message, exc.field) from exc
         real = self._check_path(path, must_exist=load_from is None)
@@ -398,19 +396,22 @@ class LoraController:
 
     def paths_in_use(self) -> set[str]:
         return ({a.path for a in self.tenants.values()} | {s.path for s in self._staged.values()}
-                | set(self._retired_paths.values()))
+                | {a.path for a in self._retiring.values()})
 
-    async def receive_upload(self, upload_id: str, filename: str, chunks: AsyncIterator[bytes]) -> int:
+    def _upload_store(self) -> UploadStore:
         if self.uploads is None:
             raise LoraError(400, "upload_id: this server takes no uploads", "upload_id")
-        return await self.uploads.receive(upload_id, filename, chunks, self.paths_in_use())
+        return self.uploads
+
+    async def receive_upload(self, upload_id: str, filename: str, chunks: AsyncIterator[bytes]) -> int:
+        return await self._upload_store().receive(upload_id, filename, chunks, self.paths_in_use())
 
     async def _remove_engine_lora(self, lora_id: int) -> None:
-        tenant = self._retiring.pop(lora_id, None)
-        self._free_upload(self._retired_paths.pop(lora_id, None))
-        if tenant is None:
+        retired = self._retiring.pop(lora_id, None)
+        if retired is None:
             return
-        self._by_engine_name.pop(self._engine_name(tenant, lora_id), None)
+        self._free_upload(retired.path)
+        self._by_engine_name.pop(retired.engine_name, None)
         try:
             await self.engine.remove_lora(lora_id)
         except Exception:  # an engine that already evicted it is fine
@@ -473,8 +474,7 @@ class LoraController:
             self.tenants[name] = new
             aborted = 0
             if old is not None:
-                self._retiring[old.lora_id] = name
-                self._retired_paths[old.lora_id] = old.path
+                self._retiring[old.lora_id] = old
                 ids = self._abort_sweep(name, old.lora_id)
                 aborted = len(ids)
                 # ---
@@ -499,9 +499,10 @@ class LoraController:
             await self._unlist_name(name)
             for engine_name in [n for n, t in self._by_engine_name.items() if t == name]:
                 del self._by_engine_name[engine_name]
-            for lora_id in [i for i, t in self._retiring.items() if t == name] + [adapter.lora_id]:
-                self._retiring.pop(lora_id, None)
-                self._free_upload(self._retired_paths.pop(lora_id, None))
+            for lora_id in [i for i, a in self._retiring.items() if a.name == name] + [adapter.lora_id]:
+                retired = self._retiring.pop(lora_id, None)
+                if retired is not None:
+                    self._free_upload(retired.path)
                 try:
                     await self.engine.remove_lora(lora_id)
                 except Exception:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 
@@ -41,7 +40,6 @@ from skyrl_lora.inference.protocol import (
     VllmLoadLoraRequest,
 )
 from skyrl_lora.inference.stitching import find_seam_stop
-from skyrl_lora.inference.uploads import UPLOAD_ID_PATTERN
 
 logger = logging.getLogger(__name__)
 
@@ -275,9 +273,6 @@ def build_router() -> APIRouter:
     @router.put("/uploads/{upload_id}/{filename}", response_model=UploadResponse)
     async def upload(upload_id: str, filename: str, raw: Request) -> Any:
         """One file of an adapter version, as the request body (for a server on another node)."""
-        if re.fullmatch(UPLOAD_ID_PATTERN, upload_id) is None:
-            return lora_error_response(SkyrlError(400, f"upload_id: '{upload_id[:64]}' does not match "
-                                                       f"{UPLOAD_ID_PATTERN}", "upload_id"))
         try:
             size = await _controller(raw).receive_upload(upload_id, filename, raw.stream())
         except SkyrlError as exc:

@@ -11,8 +11,10 @@ the version is replaced or unloaded; an upload that is never staged is swept aft
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
+import re
 import shutil
 import tempfile
 import time
@@ -47,10 +49,16 @@ class UploadStore:
         self.ttl_s = ttl_s
         self.root.mkdir(parents=True, exist_ok=True)
 
+    def _folder(self, upload_id: str) -> Path:
+        """Where an upload's files go; an id that could name anything outside the store is a 400."""
+        if re.fullmatch(UPLOAD_ID_PATTERN, upload_id) is None:
+            raise UploadError(400, f"upload_id: '{upload_id[:64]}' does not match {UPLOAD_ID_PATTERN}", "upload_id")
+        return self.root / upload_id
+
     def path(self, upload_id: str) -> Path:
         """The directory of a complete upload (both adapter files), or a 400 naming ``upload_id``."""
-        folder = self.root / upload_id
-        if Path(upload_id).name != upload_id or not all((folder / f).is_file() for f in ADAPTER_FILES):
+        folder = self._folder(upload_id)
+        if not all((folder / f).is_file() for f in ADAPTER_FILES):
             raise UploadError(400, f"upload_id: no complete upload '{upload_id}' on this server (send "
                                    f"{' and '.join(ADAPTER_FILES)} first)", "upload_id")
         return folder
@@ -62,12 +70,10 @@ class UploadStore:
                       in_use: Iterable[str]) -> int:
         """Write one adapter file of an upload; returns its size. Refuses names other than the
         adapter's two files (400) and bodies over ``max_bytes`` (413), leaving nothing behind."""
-        import asyncio
-
+        folder = self._folder(upload_id)
         if filename not in ADAPTER_FILES:
             raise UploadError(400, f"filename: '{filename}' is not one of {list(ADAPTER_FILES)}", "filename")
         await asyncio.to_thread(self.sweep, in_use)
-        folder = self.root / upload_id
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / filename
         partial = folder / f".{filename}.partial"

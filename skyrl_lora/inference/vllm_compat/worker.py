@@ -43,7 +43,7 @@ from skyrl_lora.inference.vllm_compat import FUSED_PROJECTIONS, make_lora_reques
 
 logger = logging.getLogger(__name__)
 
-STAGE_THREADS = 1  # until the server configures it (ServerConfig.stage_threads)
+STAGE_THREADS = 1  # until the server configures it (ServerSettings.stage_threads)
 # Staging threads share the engine process's interpreter lock with the step loop. With Python's default
 # 5 ms switch interval, each time the step loop wants the lock back while a staging thread runs Python
 # it may wait that long, many times a step; 8 tenants each syncing once a second on the H200 (8B)
@@ -63,6 +63,11 @@ def _record(state: dict[str, Any], what: str, since: float) -> float:
     return now
 
 
+def _slot_tensors(modules: Any) -> list[Any]:
+    """Every LoRA layer's stacked slot tensors (A then B, slice by slice), in the layers' order."""
+    return [t for m in modules for t in (*m.lora_a_stacked, *m.lora_b_stacked)]
+
+
 @dataclass
 class SlotImage:
     """One adapter version laid out as one adapter slot of every LoRA layer, on the serving device."""
@@ -77,7 +82,9 @@ class _SlotLayout:
 
     def __init__(self, adapter_manager: Any) -> None:
         self.layers: list[tuple[str, Any]] = list(adapter_manager.modules.items())
-        self.tensors: list[Any] = [t for _, m in self.layers for t in (*m.lora_a_stacked, *m.lora_b_stacked)]
+        self.tensors: list[Any] = _slot_tensors(m for _, m in self.layers)
+        self._slot_shapes: list[tuple[int, ...]] = [tuple(t.shape[1:]) for t in self.tensors]  # one slot of each
+        self._slot_numel: list[int] = [t[0].numel() for t in self.tensors]
         self._targets: dict[int, list[Any]] = {}
         first = self.tensors[0]
         # one side stream for every image: the caching allocator reuses a freed image's memory only for
@@ -97,8 +104,7 @@ class _SlotLayout:
             stacks = (getattr(module, "lora_a_stacked", None), getattr(module, "lora_b_stacked", None))
             if not all(isinstance(s, tuple) and s for s in stacks):
                 return f"{name} ({type(module).__name__}) does not keep its slots as tuples of tensors"
-        tensors = [t for m in modules.values() for t in (*m.lora_a_stacked, *m.lora_b_stacked)]
-        if len({(t.device, t.dtype) for t in tensors}) != 1:
+        if len({(t.device, t.dtype) for t in _slot_tensors(modules.values())}) != 1:
             return "the LoRA slots are not all of one device and dtype"
         for attr in ("lora_index_to_id", "_registered_adapters", "_active_adapters", "_get_lora_layer_weights"):
             if not hasattr(adapter_manager, attr):
@@ -118,12 +124,11 @@ class _SlotLayout:
         first = self.tensors[0]
         stream = self._stream
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            buffer = torch.empty(sum(t[0].numel() for t in self.tensors), dtype=first.dtype, device=first.device)
+            buffer = torch.empty(sum(self._slot_numel), dtype=first.dtype, device=first.device)
             slots: list[Any] = []
             offset = 0
-            for t in self.tensors:
-                n = t[0].numel()
-                slots.append(buffer[offset:offset + n].view(1, *t.shape[1:]))
+            for n, shape in zip(self._slot_numel, self._slot_shapes):
+                slots.append(buffer[offset:offset + n].view(1, *shape))
                 offset += n
             k = 0
             for name, module in self.layers:
@@ -171,7 +176,6 @@ class LoraStagingWorkerExtension:
         why_not = _SlotLayout.supports(adapter_manager)
         if why_not is not None:
             logger.warning("LoRA flips copy module by module (vLLM's own way): %s", why_not)
-        # several tenants stage at once (8 syncing each second staged one after another in ~1 s on one thread)
         state = {"jobs": {}, "images": {}, "original": original,
                  "pool": concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="skyrl-stage"),
                  "layout": _SlotLayout(adapter_manager) if why_not is None else None,
@@ -283,9 +287,8 @@ class LoraStagingWorkerExtension:
             return None
         index = adapter_manager.lora_index_to_id.index(lora_int_id)
         digest = hashlib.sha256()
-        for _, module in adapter_manager.modules.items():
-            for t in (*module.lora_a_stacked, *module.lora_b_stacked):
-                digest.update(t[index].contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes())
+        for t in _slot_tensors(adapter_manager.modules.values()):
+            digest.update(t[index].contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes())
         return digest.hexdigest()
 
     def skyrl_share_weights(self, path: str) -> dict[str, Any]:
