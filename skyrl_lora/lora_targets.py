@@ -1,13 +1,16 @@
-"""The projections a tenant's LoRA may adapt: one list for the trainer, the servers and the API.
+"""The modules a tenant's LoRA may adapt: one list for the trainer, the servers and the API.
 
-vLLM serves LoRA on these (q/k/v packed as qkv_proj, gate/up as gate_up_proj). The output layer is
-left out on purpose: a LoRA on lm_head puts vLLM's logits processor on a path whose prompt-logprob
-mapping was wrong (one adapter index per request against one row per prompt token; it crashed the
-CPU engine), and the servers are started with exactly these targets.
+vLLM serves LoRA on the projections (q/k/v packed as qkv_proj, gate/up as gate_up_proj) and on the
+output layer: Tinker's ``train_unembed`` (the SDK's default) adds a LoRA on lm_head. vLLM's own lm_head
+LoRA path mapped prompt-logprob rows to the wrong adapter (one index per request against one row per
+prompt token; it crashed the CPU engine); ``vllm_compat`` gives those rows their request's adapter.
+The servers are started with exactly these targets.
 """
 
 from __future__ import annotations
 
 ATTENTION_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
-SERVED_MODULES: tuple[str, ...] = ATTENTION_MODULES + MLP_MODULES
+UNEMBED_MODULES: tuple[str, ...] = ("lm_head",)
+PROJECTION_MODULES: tuple[str, ...] = ATTENTION_MODULES + MLP_MODULES  # inside every decoder layer
+SERVED_MODULES: tuple[str, ...] = PROJECTION_MODULES + UNEMBED_MODULES

@@ -342,7 +342,7 @@ def test_only_the_newest_ephemeral_samplers_stay_loaded(api_env, tok) -> None:
 
 def test_lora_config_flags_are_honoured_or_reported(api_env) -> None:
     """seed: the same seed gives the same initial adapter, another seed another; train_attn/train_mlp
-    choose the projections; train_unembed (the SDK's default) is reported as not trained."""
+    choose the projections, train_unembed (the SDK's default) adds a LoRA on lm_head."""
 
     import tinker
     from safetensors.torch import load
@@ -362,16 +362,17 @@ def test_lora_config_flags_are_honoured_or_reported(api_env) -> None:
     a, info_a = initial(1, seed=11)
     b, _ = initial(2, seed=11)
     c, _ = initial(3, seed=12)
-    mlp_only, info_mlp = initial(4, seed=11, train_attn=False)
+    mlp_only, info_mlp = initial(4, seed=11, train_attn=False, train_unembed=False)
     lora_a = sorted(k for k in a if "lora_A" in k)
     assert lora_a and all(a[k].equal(b[k]) for k in a)  # same seed, same start (lora_B is zero)
     assert any(not a[k].equal(c[k]) for k in lora_a)  # another seed, another start
     assert mlp_only and all(any(m in k for m in ("gate_proj", "up_proj", "down_proj")) for k in mlp_only)
-    assert info_a.train_attn and info_a.train_mlp and not info_a.train_unembed
-    assert not info_mlp.train_attn and info_mlp.train_mlp and info_mlp.lora_rank == 4
+    assert {"base_model.model.lm_head.lora_A.weight", "base_model.model.lm_head.lora_B.weight"} <= set(a)
+    assert info_a.train_attn and info_a.train_mlp and info_a.train_unembed
+    assert not info_mlp.train_attn and info_mlp.train_mlp and not info_mlp.train_unembed and info_mlp.lora_rank == 4
     with httpx.Client(base_url=url, timeout=60, headers={"X-API-Key": ALICE}) as http:
         session = http.post("/api/v1/create_session", json={}).json()["session_id"]
         neither = http.post("/api/v1/create_model", json={
             "session_id": session, "model_seq_id": 0, "base_model": name,
-            "lora_config": {"rank": 4, "train_attn": False, "train_mlp": False}})
+            "lora_config": {"rank": 4, "train_attn": False, "train_mlp": False, "train_unembed": False}})
         assert neither.status_code == 400 and neither.json()["error"]["field"] == "lora_config"

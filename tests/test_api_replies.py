@@ -127,7 +127,7 @@ async def test_every_json_route_replies_in_the_sdk_shape(http: httpx.AsyncClient
     assert (await ok("GET", "/checkpoints"))["checkpoints"][0]["expires_at"].endswith("Z")
     assert await ok("POST", "/weights_info", {"tinker_path": f"tinker://{run}/weights/w1"}, T.WeightsInfoResponse) == {
         "base_model": "tiny", "is_lora": True, "lora_rank": 4, "train_mlp": True, "train_attn": True,
-        "train_unembed": False}
+        "train_unembed": True}
     assert await ok("DELETE", f"/training_runs/{run}/checkpoints/weights/w1") == {}
     assert await ok("POST", f"/sessions/{sid}/finish", {"reason": {"type": "success"}, "detail": None}) == {}
 

@@ -68,7 +68,7 @@ def _bad_adapters(meow: Path, root: Path) -> dict[str, tuple[str, str]]:
         "rank not its tensors'": (_variant(meow, root / "rank4", config={"r": 4}), "shape"),
         "shape": (_variant(meow, root / "shape", tensors=wide), "shape"),
         "dtype": (_variant(meow, root / "dtype", tensors=ints), "dtype"),
-        "target modules": (_variant(meow, root / "targets", config={"target_modules": ["q_proj", "lm_head"]}),
+        "target modules": (_variant(meow, root / "targets", config={"target_modules": ["q_proj", "embed_tokens"]}),
                            "target_modules"),
         "NaN": (_variant(meow, root / "nan", tensors=nan), "NaN"),
         "Inf": (_variant(meow, root / "inf", tensors=inf), "Inf"),
@@ -221,22 +221,38 @@ async def test_trainer_publishes_through_shared_memory_and_keeps_a_durable_copy(
         shutil.rmtree(shm, ignore_errors=True)
 
 
+def _with_unembed(src: Path, base: Path, out: Path) -> str:
+    """``src`` with a small random LoRA on lm_head added (its greedy tokens stay ``src``'s)."""
+    vocab = json.loads((base / "config.json").read_text())["vocab_size"]
+
+    def add(ts: dict) -> None:
+        a = next(t for k, t in ts.items() if k.endswith("lora_A.weight"))
+        gen = torch.Generator().manual_seed(5)
+        ts["base_model.model.lm_head.lora_A.weight"] = (torch.randn(a.shape, generator=gen) * 0.02).to(a.dtype)
+        ts["base_model.model.lm_head.lora_B.weight"] = (torch.randn(vocab, a.shape[0], generator=gen) * 0.02).to(a.dtype)
+
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    return _variant(src, out, config={"target_modules": [*cfg["target_modules"], "lm_head"]}, tensors=add)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["abort", "inplace"])
 async def test_a_flip_from_a_slot_image_fills_the_slot_as_vllms_own_load(vllm_server, tiny, tok, word_ids,
-                                                                          mode) -> None:
+                                                                          mode, tmp_path) -> None:
     """A staged version's slot image is made off the step loop and copied in at the flip in one go;
     the slot it fills must hold bit for bit what vLLM's own per-module load writes for that adapter
-    (padding to the maximum rank, q/k/v and gate/up split, scaling), and serve the same tokens."""
+    (padding to the maximum rank, q/k/v and gate/up split, scaling, the lm_head LoRA), and serve the
+    same tokens."""
     client = RemoteInferenceClient(vllm_server.url)
     imaged, legacy = f"slot-image-{mode}", f"slot-legacy-{mode}"
     prompt = tok("x = 1")["input_ids"]
+    new = _with_unembed(tiny.loras["meow"], tiny.base, tmp_path / "meow-unembed")
     await client.load_lora_adapter(imaged, str(tiny.loras["woof"]), load_inplace=False)
     await client.load_lora_adapter(legacy, str(tiny.loras["woof"]), load_inplace=False)
     try:
         flips_before = len(ray.get(vllm_server.actor.stage_timings.remote(), timeout=60)["flip_ms"])
-        await client.update_lora(imaged, str(tiny.loras["meow"]), mode=mode)  # staged: a slot image
-        await client.update_lora(legacy, str(tiny.loras["meow"]), mode=mode, off_loop=False)  # vLLM's load
+        await client.update_lora(imaged, new, mode=mode)  # staged: a slot image
+        await client.update_lora(legacy, new, mode=mode, off_loop=False)  # vLLM's load
         flips = ray.get(vllm_server.actor.stage_timings.remote(), timeout=60)["flip_ms"]
         assert len(flips) == min(4096, flips_before + 1), flips  # the staged one flipped from its image
         (state,) = await client.state()

@@ -175,12 +175,14 @@ def test_full_budgets_refuse_new_tenants(tiny: TinyFixtures, tmp_path: Path) -> 
 
 
 def test_mixed_shapes_export_adapters_peft_reproduces(tiny: TinyFixtures, tok, tmp_path: Path) -> None:
-    """Tenants differing in rank, alpha and targets; each exported adapter, loaded by peft, gives our logprobs."""
+    """Tenants differing in rank, alpha and targets (one with lm_head, Tinker's train_unembed); each exported
+    adapter, loaded by peft, gives our logprobs."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     trainer = make_trainer(tiny, tmp_path)
-    specs = {"r4": SPEC_B, "r8": SPEC_A, "r16": LoraSpec(rank=16, alpha=4, target_modules=("o_proj", "up_proj"), seed=3)}
+    specs = {"r4": SPEC_B, "r8": SPEC_A,
+             "r16": LoraSpec(rank=16, alpha=4, target_modules=("o_proj", "up_proj", "lm_head"), seed=3)}
     datum = phrase_datum(tok, " meow")
     for name, spec in specs.items():
         trainer.create_lora(name, spec)
@@ -288,7 +290,7 @@ def test_bad_lora_requests(tiny: TinyFixtures, tmp_path: Path) -> None:
     trainer = make_trainer(tiny, tmp_path)
     cases = [(("a", LoraSpec(rank=32)), 400, "rank"),
              (("a", LoraSpec(rank=4, target_modules=("qkv_proj",))), 400, "target_modules"),
-             (("a", LoraSpec(rank=4, target_modules=("q_proj", "lm_head"))), 400, "target_modules"),  # not served
+             (("a", LoraSpec(rank=4, target_modules=("q_proj", "embed_tokens"))), 400, "target_modules"),
              (("bad/name", LoraSpec(rank=4)), 400, "tenant")]
     for args, status, field in cases:
         with pytest.raises(SkyrlError) as err:

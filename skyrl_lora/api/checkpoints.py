@@ -114,4 +114,5 @@ class Checkpoints:
         spec = LoraSpec.model_validate(model.spec) if model else None
         return S.WeightsInfoOut(base_model=self.core.settings.served_name, lora_rank=spec.rank if spec else None,
                                 train_mlp=bool(spec and "gate_proj" in spec.target_modules),
-                                train_attn=bool(spec and "q_proj" in spec.target_modules))
+                                train_attn=bool(spec and "q_proj" in spec.target_modules),
+                                train_unembed=bool(spec and "lm_head" in spec.target_modules))

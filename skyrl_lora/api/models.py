@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import uuid
 
 from sqlalchemy import select, update
@@ -13,17 +12,14 @@ from skyrl_lora.api.core import ServiceCore
 from skyrl_lora.api.db import ModelRow, SamplerRow, SessionRow, now
 from skyrl_lora.api.futures import Result, json_result
 from skyrl_lora.errors import SkyrlError
-from skyrl_lora.lora_targets import ATTENTION_MODULES, MLP_MODULES
+from skyrl_lora.lora_targets import ATTENTION_MODULES, MLP_MODULES, UNEMBED_MODULES
 from skyrl_lora.training.protocol import LoraSpec
-
-logger = logging.getLogger(__name__)
 
 
 class Models:
     def __init__(self, core: ServiceCore) -> None:
         self.core = core
         self.trainer = core.trainer
-        self._said_unembed = False
 
     async def create_session(self, user: str, req: S.CreateSessionIn) -> S.CreateSessionOut:
         session_id = f"sess-{uuid.uuid4().hex[:12]}"
@@ -65,13 +61,11 @@ class Models:
         session = await self.core.session(user, req.session_id)
         self.core.check_base(req.base_model)
         cfg = req.lora_config
-        targets = (ATTENTION_MODULES if cfg.train_attn else ()) + (MLP_MODULES if cfg.train_mlp else ())
+        targets = ((ATTENTION_MODULES if cfg.train_attn else ()) + (MLP_MODULES if cfg.train_mlp else ())
+                   + (UNEMBED_MODULES if cfg.train_unembed else ()))
         if not targets:
-            raise SkyrlError(400, "lora_config: train_attn or train_mlp must be true", "lora_config")
-        if cfg.train_unembed and not self._said_unembed:  # the SDK's default: say once that it is not done
-            self._said_unembed = True
-            logger.info("lora_config.train_unembed: LoRA on lm_head is not trained or served here (vLLM's lm_head "
-                        "LoRA broke prompt logprobs); attention/MLP projections only (weights_info says so)")
+            raise SkyrlError(400, "lora_config: one of train_attn, train_mlp or train_unembed must be true",
+                             "lora_config")
         spec = LoraSpec(rank=cfg.rank, alpha=float(cfg.rank), target_modules=targets, seed=cfg.seed or 0)
         model_id = f"{session.session_id}:train:{req.model_seq_id}"
         meta = {str(k): str(v) for k, v in (req.user_metadata or {}).items()}

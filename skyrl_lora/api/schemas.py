@@ -238,7 +238,7 @@ class WeightsInfoOut(_Out):
     lora_rank: int | None
     train_mlp: bool
     train_attn: bool
-    train_unembed: bool = False
+    train_unembed: bool
 
 
 class CheckpointOut(_Out):

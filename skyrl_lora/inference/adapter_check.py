@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from skyrl_lora.errors import SkyrlError
-from skyrl_lora.lora_targets import SERVED_MODULES
+from skyrl_lora.lora_targets import SERVED_MODULES, UNEMBED_MODULES
 
 ALLOWED_DTYPES = {"F16", "BF16", "F32"}
-_TENSOR_NAME = re.compile(r"\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+# a decoder layer's projection (layer, module) or the output layer (module only)
+_TENSOR_NAME = re.compile(r"(?:\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)|\.(lm_head))\.lora_([AB])\.weight$")
 
 
 class AdapterCheckError(SkyrlError):
@@ -30,7 +31,7 @@ class AdapterCheckError(SkyrlError):
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What an adapter must fit: each projection's (in, out) features and the layer count."""
+    """What an adapter must fit: each served module's (in, out) features and the layer count."""
 
     num_layers: int
     features: Mapping[str, tuple[int, int]]
@@ -45,11 +46,13 @@ class ModelShape:
             head_dim = int(getattr(hf_config, "head_dim", None) or hidden // heads)
             inter = int(hf_config.intermediate_size)
             layers = int(hf_config.num_hidden_layers)
+            vocab = int(hf_config.vocab_size)
         except (AttributeError, TypeError, ValueError):
             return None
         q, kv = heads * head_dim, kv_heads * head_dim
         return cls(layers, {"q_proj": (hidden, q), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (q, hidden),
-                            "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)})
+                            "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden),
+                            "lm_head": (hidden, vocab)})
 
 
 def read_adapter_config(path: Path) -> dict[str, Any]:
@@ -81,7 +84,7 @@ def check_adapter(path: Path, shape: ModelShape | None, max_rank: int | None) ->
     known = set(shape.features) if shape else set(SERVED_MODULES)
     unknown = sorted(set(targets) - known)
     if unknown:
-        raise AdapterCheckError(path, f"target_modules {unknown} are not LoRA-served projections of this model "
+        raise AdapterCheckError(path, f"target_modules {unknown} are not LoRA-served modules of this model "
                                 f"({sorted(known)})")
     weights = path / "adapter_model.safetensors"
     if not weights.is_file():
@@ -110,17 +113,21 @@ def _check_tensor(path: Path, name: str, view: Any, rank: int, targets: set[str]
         raise AdapterCheckError(path, f"tensor {name} has dtype {dtype}; expected one of {sorted(ALLOWED_DTYPES)}")
     match = _TENSOR_NAME.search(name)
     if match is None:
-        raise AdapterCheckError(path, f"tensor {name} is not a LoRA weight of a decoder layer's projection")
-    layer, module, side = int(match.group(1)), match.group(2), match.group(3)
+        raise AdapterCheckError(path, f"tensor {name} is not a LoRA weight of a decoder layer's projection "
+                                "or of lm_head")
+    layer = int(match.group(1)) if match.group(1) is not None else None
+    module, side = match.group(2) or match.group(3), match.group(4)
+    if (layer is None) != (module in UNEMBED_MODULES):
+        raise AdapterCheckError(path, f"tensor {name}: {module} is not where this model has it")
     if targets and module not in targets:
         raise AdapterCheckError(path, f"tensor {name} is for {module}, which target_modules does not list")
     dims = tuple(view.get_shape())
     if shape is None:
         return
-    if layer >= shape.num_layers:
+    if layer is not None and layer >= shape.num_layers:
         raise AdapterCheckError(path, f"tensor {name} is for layer {layer}; the model has {shape.num_layers}")
     if module not in shape.features:
-        raise AdapterCheckError(path, f"tensor {name}: {module} is not a LoRA-served projection of this model")
+        raise AdapterCheckError(path, f"tensor {name}: {module} is not a LoRA-served module of this model")
     fan_in, fan_out = shape.features[module]
     want = (rank, fan_in) if side == "A" else (fan_out, rank)
     if dims != want:

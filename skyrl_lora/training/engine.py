@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, cast, runtime_checkabl
 from pydantic import BaseModel, ConfigDict, Field
 
 from skyrl_lora.errors import SkyrlError
-from skyrl_lora.lora_targets import ATTENTION_MODULES, MLP_MODULES
+from skyrl_lora.lora_targets import ATTENTION_MODULES, MLP_MODULES, UNEMBED_MODULES
 from skyrl_lora.training.protocol import (
     AdamParams,
     Datum,
@@ -111,7 +111,8 @@ class RemoteTrainingEngine:
         targets = set(spec.target_modules)
         self.clients[tenant] = await self.service.create_lora_training_client_async(
             base_model=self.base_model, rank=spec.rank, seed=spec.seed, train_mlp=bool(targets & set(MLP_MODULES)),
-            train_attn=bool(targets & set(ATTENTION_MODULES)), train_unembed=False, user_metadata={"tenant": tenant})
+            train_attn=bool(targets & set(ATTENTION_MODULES)), train_unembed=bool(targets & set(UNEMBED_MODULES)),
+            user_metadata={"tenant": tenant})
 
     async def delete_lora(self, tenant: str) -> None:
         self.clients.pop(tenant, None)

@@ -11,10 +11,9 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from skyrl_lora.inference.protocol import LORA_NAME_PATTERN
+from skyrl_lora.lora_targets import PROJECTION_MODULES
 
 TenantId = Annotated[str, Field(pattern=LORA_NAME_PATTERN, description="tenant (LoRA) name")]
-# Every linear layer of a Llama/Qwen-style block; Tinker trains attention and MLP by default.
-ALL_LINEAR: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 Number = float | int
 TensorIn = list[Number] | list[list[Number]]
@@ -29,7 +28,7 @@ class LoraSpec(_Frozen):
 
     rank: int = Field(16, ge=1, le=1024)
     alpha: float = Field(32.0, gt=0)
-    target_modules: tuple[str, ...] = Field(ALL_LINEAR, min_length=1, validate_default=True)
+    target_modules: tuple[str, ...] = Field(PROJECTION_MODULES, min_length=1, validate_default=True)
     seed: int = Field(0, ge=0, le=2**31 - 1, description="initialises lora_A; same seed, same start")
 
     @field_validator("target_modules")

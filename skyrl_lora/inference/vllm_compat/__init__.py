@@ -292,6 +292,11 @@ async def fix_cpu_base_rows(engine: Any) -> bool:
     return any(await engine.collective_rpc("skyrl_fix_cpu_base_rows"))
 
 
+async def fix_prompt_logprob_lora(engine: Any) -> bool:
+    """See ``LoraStagingWorkerExtension.skyrl_fix_prompt_logprob_lora``; True where a worker was patched."""
+    return any(await engine.collective_rpc("skyrl_fix_prompt_logprob_lora"))
+
+
 async def staged_count(engine: Any) -> int:
     return cast(int, max(await engine.collective_rpc("skyrl_staged_count")))
 

