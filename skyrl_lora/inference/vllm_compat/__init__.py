@@ -267,9 +267,10 @@ def hf_config(engine: Any) -> Any:
 STAGE_WORKER_EXTENSION = "skyrl_lora.inference.vllm_compat.worker.LoraStagingWorkerExtension"
 
 
-async def configure_staging(engine: Any, threads: int) -> None:
-    """Set up staging on every worker: ``threads`` staging threads (see ``worker.py``)."""
-    await engine.collective_rpc("skyrl_configure_staging", args=(threads,))
+async def configure_staging(engine: Any, threads: int, out_of_process: bool = True) -> None:
+    """Set up staging on every worker: ``threads`` staging threads, slot images built by as many
+    builder processes or on the threads themselves (see ``worker.py`` and ``slot_builder``)."""
+    await engine.collective_rpc("skyrl_configure_staging", args=(threads, out_of_process))
 
 
 async def stage_lora(engine: Any, lora_int_id: int, lora_name: str, lora_path: str, source: str) -> None:

