@@ -209,9 +209,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--window-s", type=float, default=8.0)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--stage-threads", type=int, default=2, help="the server's staging threads")
-    parser.add_argument("--slot-builders", action=argparse.BooleanOptionalAction, default=True,
-                        help="slot images built in builder processes (the default) or on the staging threads")
+    parser.add_argument("--stage-threads", type=int, default=1, help="the server's staging threads")
+    parser.add_argument("--slot-builders", action=argparse.BooleanOptionalAction, default=False,
+                        help="slot images built in builder processes, or on the staging threads (the default)")
     parser.add_argument("--all-period", type=float, default=1.0, help="each tenant's sync period in the 'all' window")
     parser.add_argument("--windows", nargs="+", default=["nosync", "one", "legacy", "all", "all-inplace", "engine-wide"])
     args = parser.parse_args()

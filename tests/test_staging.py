@@ -235,14 +235,33 @@ def _with_unembed(src: Path, base: Path, out: Path) -> str:
     return _variant(src, out, config={"target_modules": [*cfg["target_modules"], "lm_head"]}, tensors=add)
 
 
+@pytest.fixture(scope="module")
+def builder_server(tiny, vllm_server):
+    """A server whose slot images are built by builder processes (``slot_builders``)."""
+    import types
+
+    import torch as _torch
+
+    config = ServerConfig(model=str(tiny.base), max_loras=8, max_lora_rank=16, slot_builders=True,
+                          gpu_memory_utilization=0.3)
+    actor, url = start_server_actor(config, num_cpus=1, num_gpus=1 if _torch.cuda.is_available() else 0)
+    yield types.SimpleNamespace(actor=actor, url=url)
+    try:
+        ray.get(actor.shutdown.remote(), timeout=60)
+    finally:
+        ray.kill(actor)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["abort", "inplace"])
-async def test_a_flip_from_a_slot_image_fills_the_slot_as_vllms_own_load(vllm_server, tiny, tok, word_ids,
-                                                                          mode, tmp_path) -> None:
-    """A staged version's slot image is made off the step loop and copied in at the flip in one go;
-    the slot it fills must hold bit for bit what vLLM's own per-module load writes for that adapter
-    (padding to the maximum rank, q/k/v and gate/up split, scaling, the lm_head LoRA), and serve the
-    same tokens."""
+@pytest.mark.parametrize("built_by", ["threads", "builders"])
+async def test_a_flip_from_a_slot_image_fills_the_slot_as_vllms_own_load(request, tiny, tok, word_ids,
+                                                                          mode, built_by, tmp_path) -> None:
+    """A staged version's slot image is made off the step loop (on a staging thread, or by a builder
+    process) and copied in at the flip in one go; the slot it fills must hold bit for bit what vLLM's
+    own per-module load writes for that adapter (padding to the maximum rank, q/k/v and gate/up
+    split, scaling, the lm_head LoRA), and serve the same tokens."""
+    vllm_server = request.getfixturevalue("vllm_server" if built_by == "threads" else "builder_server")
     client = RemoteInferenceClient(vllm_server.url)
     imaged, legacy = f"slot-image-{mode}", f"slot-legacy-{mode}"
     prompt = tok("x = 1")["input_ids"]
@@ -251,11 +270,13 @@ async def test_a_flip_from_a_slot_image_fills_the_slot_as_vllms_own_load(vllm_se
     await client.load_lora_adapter(legacy, str(tiny.loras["woof"]), load_inplace=False)
     try:
         before = ray.get(vllm_server.actor.stage_timings.remote(), timeout=60)
-        await client.update_lora(imaged, new, mode=mode)  # staged: a slot image, made by a builder process
+        await client.update_lora(imaged, new, mode=mode)  # staged: a slot image
         await client.update_lora(legacy, new, mode=mode, off_loop=False)  # vLLM's load
         after = ray.get(vllm_server.actor.stage_timings.remote(), timeout=60)
-        for kind in ("flip_ms", "build_ms"):  # the staged one was built out of process and flipped from its image
-            assert len(after[kind]) == min(4096, len(before[kind]) + 1), (kind, after)
+        made = {"threads": ("load_ms", "build_ms"), "builders": ("build_ms", "load_ms")}[built_by]
+        # the staged one was made where asked (and only there) and flipped from its image
+        for kind, more in (("flip_ms", 1), (made[0], 1), (made[1], 0)):
+            assert len(after[kind]) == min(4096, len(before[kind]) + more), (kind, after)
         (state,) = await client.state()
         assert state.staged_on_workers == 0  # the image was consumed by its flip
         digests = {name: ray.get(vllm_server.actor.slot_digest.remote(name), timeout=60) for name in (imaged, legacy)}

@@ -61,12 +61,14 @@ class ServerSettings(BaseModel):
     upload_root: str | None = Field(None, description="where versions sent to this server land (a trainer on another "
                                     "node sends them); default: node memory under /dev/shm, stable per state_dir")
     max_upload_bytes: int = Field(16 << 30, ge=1, description="largest adapter file this server accepts")
-    stage_threads: int = Field(2, ge=1, le=16, description="adapter versions staged at once (worker threads, and "
-                               "as many slot builder processes with slot_builders)")
-    slot_builders: bool = Field(True, description="build slot images in processes of their own (slot_builder), so "
-                                "loading adapters holds none of the interpreter lock the engine's step loop needs; "
-                                "False: on the staging threads (8B on an H200, 8 tenants syncing: 0.85 of no-sync "
-                                "tokens/s with one thread, 0.65 with two)")
+    stage_threads: int = Field(1, ge=1, le=16, description="adapter versions staged at once (worker threads, and "
+                               "as many slot builder processes with slot_builders). In the engine's process they "
+                               "share its interpreter lock with the step loop, so more is not faster (8B on an "
+                               "H200, 8 tenants syncing: 0.85 of no-sync tokens/s with 1, 0.65 with 2)")
+    slot_builders: bool = Field(False, description="build slot images in processes of their own (slot_builder) "
+                                "instead of on the staging threads. Off by default: on the H200 at 8B it was slower "
+                                "(8 tenants syncing: 0.52 of no-sync tokens/s against 0.81-0.85), as the image "
+                                "crosses to the GPU from pageable shared memory (see slot_builder)")
     startup_timeout_s: float = 600.0
 
 

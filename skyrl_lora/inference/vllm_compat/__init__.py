@@ -267,7 +267,7 @@ def hf_config(engine: Any) -> Any:
 STAGE_WORKER_EXTENSION = "skyrl_lora.inference.vllm_compat.worker.LoraStagingWorkerExtension"
 
 
-async def configure_staging(engine: Any, threads: int, out_of_process: bool = True) -> None:
+async def configure_staging(engine: Any, threads: int, out_of_process: bool = False) -> None:
     """Set up staging on every worker: ``threads`` staging threads, slot images built by as many
     builder processes or on the threads themselves (see ``worker.py`` and ``slot_builder``)."""
     await engine.collective_rpc("skyrl_configure_staging", args=(threads, out_of_process))

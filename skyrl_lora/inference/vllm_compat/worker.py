@@ -359,7 +359,7 @@ def _prompt_logprob_assumptions(runner: Any, adapter_manager: Any) -> list[str]:
 class LoraStagingWorkerExtension:
     """Methods vLLM mixes into its worker; reached through ``engine.collective_rpc``."""
 
-    def skyrl_configure_staging(self, threads: int, out_of_process: bool = True) -> None:
+    def skyrl_configure_staging(self, threads: int, out_of_process: bool = False) -> None:
         """Called once by the server after start: the staging pool's size, and whether slot images
         are built by builder processes (``slot_builder``) or on the staging threads themselves."""
         self._skyrl_stage_threads = threads
