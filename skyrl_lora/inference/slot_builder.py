@@ -20,9 +20,10 @@ Measured, and why it is off by default (``ServerSettings.slot_builders``): on th
 8B-shaped model, rank-32 adapters, 8 tenants each syncing once a second) it delivered 0.52 of no-sync
 tokens/s against 0.81-0.85 for images made on one staging thread, and one tenant syncing put the
 watching stream's p99 gap at 1.89x against 1.12-1.23x. The child took 226-251 ms per version (page
-faults of a fresh shared-memory file), and the image reaches the GPU from *pageable* memory: a
-synchronous ~30 ms copy per version, the likeliest cause of the stalls. Next: a pool of shared
-buffers registered once as pinned memory, written by the children and copied by DMA.
+faults of a fresh shared-memory file), and the image reached the GPU from *pageable* memory: a
+synchronous ~30 ms copy per version, the likeliest cause of the stalls. The worker now copies the
+mapping into a reused pinned buffer first and sends that by DMA (``_SlotLayout.image_from``); that
+version is not measured on the GPU yet.
 
 Run as ``python -m skyrl_lora.inference.slot_builder``: the first line on stdin is the
 :class:`BuildPlan`, then one :class:`BuildJob` per line; one :class:`BuildReply` per job on stdout.

@@ -33,6 +33,7 @@ import concurrent.futures
 import contextlib
 import copy
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -106,6 +107,8 @@ class _SlotLayout:
         self._slot_shapes: list[tuple[int, ...]] = [tuple(t.shape[1:]) for t in self.tensors]  # one slot of each
         self._slot_numel: list[int] = [t[0].numel() for t in self.tensors]
         self._targets: dict[int, list[Any]] = {}
+        self._spare: list[Any] = []  # pinned host buffers for images from builder processes (CUDA)
+        self._spare_lock = threading.Lock()
         first = self.tensors[0]
         # one side stream for every image: the caching allocator reuses a freed image's memory only for
         # allocations on the stream it was made on (a new stream per image grew the cache until it had
@@ -159,16 +162,28 @@ class _SlotLayout:
         return BuildPlan(dtype=dtype, numel=offset, entries=entries), None
 
     def image_from(self, mapped: Any) -> Any:
-        """The flat image (mapped from the builder's file) on the serving device: one copy on the side
-        stream (the mapped memory itself on a CPU engine)."""
+        """The flat image (mapped from the builder's file) on the serving device (the mapped memory
+        itself on a CPU engine). The mapping is first copied into a pinned buffer on this thread, then
+        to the GPU by DMA on the side stream: a copy straight from pageable memory is done by the
+        driver synchronously through its own staging buffers, and the step loop stalled beside it
+        (the first builder run on the H200). Pinned buffers are allocated once each and reused."""
         first = self.tensors[0]
         if first.device.type != "cuda":
             return mapped
-        with torch.cuda.stream(self._stream):
-            buffer = torch.empty(mapped.numel(), dtype=first.dtype, device=first.device)
-            buffer.copy_(mapped, non_blocking=True)
-            assert self._stream is not None
-            self._stream.synchronize()
+        with self._spare_lock:
+            pinned = self._spare.pop() if self._spare else None
+        if pinned is None or pinned.numel() != mapped.numel():
+            pinned = torch.empty(mapped.numel(), dtype=mapped.dtype, pin_memory=True)
+        try:
+            pinned.copy_(mapped)  # host memory to host memory; faults in the mapping's pages here
+            with torch.cuda.stream(self._stream):
+                buffer = torch.empty(mapped.numel(), dtype=first.dtype, device=first.device)
+                buffer.copy_(pinned, non_blocking=True)
+                assert self._stream is not None
+                self._stream.synchronize()  # the pinned buffer is free again after this
+        finally:
+            with self._spare_lock:
+                self._spare.append(pinned)
         return buffer
 
     def sources(self, buffer: Any) -> list[Any]:
@@ -193,11 +208,8 @@ class _SlotLayout:
         stream = self._stream
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             buffer = torch.empty(sum(self._slot_numel), dtype=first.dtype, device=first.device)
-            slots: list[Any] = []
-            offset = 0
-            for n, shape in zip(self._slot_numel, self._slot_shapes):
-                slots.append(buffer[offset:offset + n].view(1, *shape))
-                offset += n
+            sources = self.sources(buffer)
+            slots = [v.unsqueeze(0) for v in sources]  # each a stack of one slot, as set_lora indexes it
             k = 0
             for name, module in self.layers:
                 na, nb = len(_stacks(module.lora_a_stacked)), len(_stacks(module.lora_b_stacked))
@@ -212,7 +224,7 @@ class _SlotLayout:
                     ghost.reset_lora(0)
             if stream is not None:
                 stream.synchronize()
-        return SlotImage(lora, buffer, [s[0] for s in slots])
+        return SlotImage(lora, buffer, sources)
 
     def flip(self, index: int, image: SlotImage) -> None:
         """Copy ``image`` into slot ``index`` on the engine's stream: one multi-tensor copy."""
@@ -234,7 +246,8 @@ def _build_out_of_process(state: dict[str, Any], adapter_manager: Any, lora_int_
     import tempfile
     import uuid
 
-    config = json.loads(open(os.path.join(source, "adapter_config.json")).read())
+    with open(os.path.join(source, "adapter_config.json")) as f:
+        config = json.load(f)
     if config.get("rank_pattern") or config.get("alpha_pattern") or "lora_alpha" not in config:
         return None
     rank, alpha = int(config["r"]), float(config["lora_alpha"])
