@@ -19,6 +19,7 @@ from skyrl_lora.inference.slot_builder import (
     PlanEntry,
     UnplannedAdapter,
     build_image,
+    read_image,
 )
 
 A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
@@ -56,6 +57,22 @@ def test_an_image_is_each_tensor_cast_scaled_and_padded_into_its_slot(tmp_path: 
     assert image[:48].view(8, 6)[4:].eq(0).all()  # rank padding
     assert image[48:88].view(5, 8)[:, :4].equal(want_b) and image[48:88].view(5, 8)[:, 4:].eq(0).all()
     assert image[88:].eq(0).all()  # a module the adapter leaves out: zeros, as vLLM's reset_lora
+
+
+def test_a_builders_kept_memory_leaves_nothing_of_the_last_version(tmp_path: Path) -> None:
+    """A builder assembles every image in one tensor it keeps; a slice the next adapter leaves out
+    must be zeros again, not the previous version's weights. The worker reads the file back whole."""
+    scratch = torch.empty(PLAN.numel, dtype=torch.bfloat16)
+    full = _adapter(tmp_path / "full", {A: torch.ones(4, 6), B: torch.ones(5, 4), ABSENT: torch.ones(8, 6)})
+    part = _adapter(tmp_path / "part", {A: torch.ones(4, 6), B: torch.ones(5, 4)})
+    build_image(PLAN, BuildJob(adapter_dir=str(full), out_path=str(tmp_path / "i1"), scaling=1.0), scratch)
+    assert _read(tmp_path / "i1")[88:].eq(1).all()
+    build_image(PLAN, BuildJob(adapter_dir=str(part), out_path=str(tmp_path / "i2"), scaling=1.0), scratch)
+    back = torch.full((PLAN.numel,), 7.0, dtype=torch.bfloat16)
+    read_image(str(tmp_path / "i2"), back)
+    assert back.equal(_read(tmp_path / "i2")) and back[88:].eq(0).all()
+    with pytest.raises(ValueError, match="shorter"):
+        read_image(str(tmp_path / "i2"), torch.empty(PLAN.numel + 1, dtype=torch.bfloat16))
 
 
 def test_adapters_the_plan_cannot_place_are_refused(tmp_path: Path) -> None:

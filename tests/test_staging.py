@@ -222,7 +222,8 @@ async def test_trainer_publishes_through_shared_memory_and_keeps_a_durable_copy(
 
 
 def _with_unembed(src: Path, base: Path, out: Path) -> str:
-    """``src`` with a small random LoRA on lm_head added (its greedy tokens stay ``src``'s)."""
+    """``src`` with a small random LoRA on lm_head added and its scaling changed a little (its greedy
+    tokens stay ``src``'s)."""
     vocab = json.loads((base / "config.json").read_text())["vocab_size"]
 
     def add(ts: dict) -> None:
@@ -232,7 +233,9 @@ def _with_unembed(src: Path, base: Path, out: Path) -> str:
         ts["base_model.model.lm_head.lora_B.weight"] = (torch.randn(vocab, a.shape[0], generator=gen) * 0.02).to(a.dtype)
 
     cfg = json.loads((src / "adapter_config.json").read_text())
-    return _variant(src, out, config={"target_modules": [*cfg["target_modules"], "lm_head"]}, tensors=add)
+    # alpha 15 for r=8: a scaling (1.875) that is not a power of two, so B's rounding is compared too
+    return _variant(src, out, config={"target_modules": [*cfg["target_modules"], "lm_head"], "lora_alpha": 15},
+                    tensors=add)
 
 
 @pytest.fixture(scope="module")

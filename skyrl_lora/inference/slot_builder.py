@@ -21,9 +21,10 @@ Measured, and why it is off by default (``ServerSettings.slot_builders``): on th
 tokens/s against 0.81-0.85 for images made on one staging thread, and one tenant syncing put the
 watching stream's p99 gap at 1.89x against 1.12-1.23x. The child took 226-251 ms per version (page
 faults of a fresh shared-memory file), and the image reached the GPU from *pageable* memory: a
-synchronous ~30 ms copy per version, the likeliest cause of the stalls. The worker now copies the
-mapping into a reused pinned buffer first and sends that by DMA (``_SlotLayout.image_from``); that
-version is not measured on the GPU yet.
+synchronous ~30 ms copy per version, the likeliest cause of the stalls. Since then the child
+assembles the image in memory it keeps and writes it with one call, and the worker reads it with one
+call into a reused pinned buffer and sends that by DMA (``_SlotLayout.image_from``); that version is
+not measured on the GPU yet (``bench/slot_build.py`` times the CPU side).
 
 Run as ``python -m skyrl_lora.inference.slot_builder``: the first line on stdin is the
 :class:`BuildPlan`, then one :class:`BuildJob` per line; one :class:`BuildReply` per job on stdout.
@@ -83,17 +84,19 @@ class BuilderUnavailable(RuntimeError):
     """A builder process exited or hung (it is replaced); the job is not the adapter's fault."""
 
 
-def build_image(plan: BuildPlan, job: BuildJob) -> list[list[int]]:
+def build_image(plan: BuildPlan, job: BuildJob, scratch: Any = None) -> list[list[int]]:
     """Write ``job``'s adapter into ``job.out_path`` as the plan lays it out; returns each entry's
-    source shape. Raises ValueError for an adapter the plan cannot place."""
+    source shape. Raises ValueError for an adapter the plan cannot place.
+
+    The image is assembled in ``scratch`` (a flat tensor of the plan's size and dtype that a builder
+    process keeps, so its pages are faulted in once) and then written with one ``write``: filling a
+    fresh shared-memory mapping instead cost a page fault per 4 KiB."""
     import torch
     from safetensors import safe_open
 
     dtype = getattr(torch, plan.dtype)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    with open(job.out_path, "wb") as f:  # a sparse file of zeros: the padding and absent slices
-        f.truncate(plan.numel * itemsize)
-    image = torch.from_file(job.out_path, shared=True, size=plan.numel, dtype=dtype)
+    image = scratch if scratch is not None else torch.empty(plan.numel, dtype=dtype)
+    image.zero_()  # the padding and absent slices
     shapes: list[list[int]] = []
     with safe_open(os.path.join(job.adapter_dir, "adapter_model.safetensors"), framework="pt") as handle:
         names = set(handle.keys())
@@ -108,12 +111,32 @@ def build_image(plan: BuildPlan, job: BuildJob) -> list[list[int]]:
             if tensor.dim() != 2 or tensor.shape[0] > entry.rows or tensor.shape[1] > entry.cols:
                 raise ValueError(f"{entry.source} has shape {list(tensor.shape)}; its slot is "
                                  f"[{entry.rows}, {entry.cols}]")
-            if entry.scaled and job.scaling != 1:
-                tensor *= job.scaling  # in the slot dtype, exactly as vLLM's optimize() does
             slot = image[entry.offset:entry.offset + entry.rows * entry.cols].view(entry.rows, entry.cols)
-            slot[:tensor.shape[0], :tensor.shape[1]].copy_(tensor)
+            slot = slot[:tensor.shape[0], :tensor.shape[1]]
+            if entry.scaled and job.scaling != 1:
+                # vLLM's optimize() multiplies lora_B in place in the slot dtype; the same multiply
+                # written straight into the slot gives the same bits. In place on the tensor safetensors
+                # returned wrote into its file mapping page by page (~300 ms of copy-on-write per 8B version)
+                torch.mul(tensor, job.scaling, out=slot)
+            else:
+                slot.copy_(tensor)
             shapes.append(list(tensor.shape))
+    with open(job.out_path, "wb") as f:
+        data: Any = image.view(torch.uint8).numpy()  # the tensor's own bytes, no copy
+        f.write(memoryview(data))
     return shapes
+
+
+def read_image(path: str, into: Any) -> None:
+    """Read an image file into ``into`` (a flat CPU tensor of its size: a pinned buffer on a GPU
+    server) with one ``readinto``: the kernel copies straight into memory that is already mapped."""
+    import torch
+
+    with open(path, "rb") as f:
+        data: Any = into.view(torch.uint8).numpy()
+        view = memoryview(data)
+        if f.readinto(view) != len(view):
+            raise ValueError(f"slot image {path} is shorter than the plan")
 
 
 class BuilderPool:
@@ -191,12 +214,13 @@ def main() -> None:
 
     torch.set_num_threads(int(os.environ.get("SKYRL_SLOT_BUILDER_THREADS", "2")))
     plan = BuildPlan.model_validate_json(sys.stdin.readline())
+    scratch = torch.empty(plan.numel, dtype=getattr(torch, plan.dtype))  # reused by every job
     out = sys.stdout
     for line in sys.stdin:
         job = BuildJob.model_validate_json(line)
         reply: Any
         try:
-            reply = BuildReply(shapes=build_image(plan, job))
+            reply = BuildReply(shapes=build_image(plan, job, scratch))
         except Exception as exc:  # every failure is the caller's to report; this process serves on
             reply = BuildReply(error=f"{type(exc).__name__}: {exc}")
             if os.path.exists(job.out_path):

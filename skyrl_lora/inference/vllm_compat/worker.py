@@ -48,6 +48,7 @@ from skyrl_lora.inference.slot_builder import (
     BuildReply,
     PlanEntry,
     UnplannedAdapter,
+    read_image,
 )
 from skyrl_lora.inference.vllm_compat import FUSED_PROJECTIONS, make_lora_request
 
@@ -161,10 +162,10 @@ class _SlotLayout:
         dtype = str(self.tensors[0].dtype).removeprefix("torch.")
         return BuildPlan(dtype=dtype, numel=offset, entries=entries), None
 
-    def image_from(self, mapped: Any) -> Any:
-        """The flat image (mapped from the builder's file) on the serving device (the mapped memory
-        itself on a CPU engine). The mapping is first copied into a pinned buffer on this thread, then
-        to the GPU by DMA on the side stream: a copy straight from pageable memory is done by the
+    def image_from(self, path: str, mapped: Any) -> Any:
+        """The flat image the builder wrote to ``path`` on the serving device (on a CPU engine: its
+        mapping ``mapped`` itself). On a GPU the file is read into a pinned buffer on this thread,
+        then sent by DMA on the side stream: a copy straight from pageable memory is done by the
         driver synchronously through its own staging buffers, and the step loop stalled beside it
         (the first builder run on the H200). Pinned buffers are allocated once each and reused."""
         first = self.tensors[0]
@@ -175,7 +176,7 @@ class _SlotLayout:
         if pinned is None or pinned.numel() != mapped.numel():
             pinned = torch.empty(mapped.numel(), dtype=mapped.dtype, pin_memory=True)
         try:
-            pinned.copy_(mapped)  # host memory to host memory; faults in the mapping's pages here
+            read_image(path, pinned)
             with torch.cuda.stream(self._stream):
                 buffer = torch.empty(mapped.numel(), dtype=first.dtype, device=first.device)
                 buffer.copy_(pinned, non_blocking=True)
@@ -268,12 +269,13 @@ def _build_out_of_process(state: dict[str, Any], adapter_manager: Any, lora_int_
                 logger.info("adapter %s is loaded vLLM's own way: %s", source, reply.error)
                 return None
             raise RuntimeError(f"building the slot image failed: {reply.error}")
+        t1 = _record(state, "build_ms", t0)
+        # vLLM's CPU cache keeps views of the mapping (its pages are touched only on a re-activation)
         mapped = torch.from_file(out, shared=True, size=plan.numel, dtype=layout.tensors[0].dtype)
+        buffer = layout.image_from(out, mapped)
     finally:
         if os.path.exists(out):
             os.unlink(out)  # the mapping keeps the memory until its last view is gone
-    t1 = _record(state, "build_ms", t0)
-    buffer = layout.image_from(mapped)
     lora = _lora_model_of_views(adapter_manager, layout, plan, reply, mapped, lora_int_id, rank, alpha)
     _record(state, "image_ms", t1)
     return lora, SlotImage(lora, buffer, layout.sources(buffer))
