@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import pyspy
 from bench.common import add_common_args, machine_name, today, write_result
 from skyrl_lora.inference.client import RemoteInferenceClient
 from skyrl_lora.inference.loadgen import GapStats, run_streams, watch_gaps
@@ -91,7 +92,15 @@ async def _window(name: str, client: RemoteInferenceClient, url: str, prompt_ids
         jobs.append(_syncs(client, syncing, paths, period, args.window_s, off_loop=name != "legacy",
                            engine_wide=name == "engine-wide", mode="inplace" if name == "all-inplace" else "abort",
                            parts=parts))
+    recordings = []
+    if name in args.profile_windows and args.py_spy:
+        pids = pyspy.server_processes(await actor.engine_pids.remote())
+        recordings = pyspy.start(args.py_spy, pids, args.window_s, Path(args.out) / "profiles",
+                                 f"{args.label}-{name}-r{args.round}")
+    (state_before,) = await client.state()
     results = await asyncio.gather(*jobs)
+    (state_after,) = await client.state()
+    profile = pyspy.finish(recordings) if recordings else None
     streams = results[: len(tenants)]
     gaps: GapStats = results[len(tenants)]
     latencies = results[len(tenants) + 1] if syncing else []
@@ -112,6 +121,10 @@ async def _window(name: str, client: RemoteInferenceClient, url: str, prompt_ids
         "flip_load_max_ms": 1e3 * max(p[1] for p in parts) if parts else None,
         **{f"engine_{k[:-3]}_p50_ms": statistics.median(v) if v else None for k, v in timings.items()},
         "engine_flip_max_ms": max(timings.get("flip_ms") or [float("nan")]),
+        # status calls the engine core answered while staging (stage_notices keeps it ~1 per sync)
+        "stage_asks": state_after.stage_asks - state_before.stage_asks,
+        "stage_notices": (state_after.stage_notices or 0) - (state_before.stage_notices or 0),
+        **({"profile": profile} if profile is not None else {}),
     }
 
 
@@ -120,7 +133,7 @@ def summarize(windows: list[dict[str, Any]]) -> dict[str, Any]:
     for w in windows:
         by.setdefault(w["window"], []).append(w)
     med = {k: {m: statistics.median([w[m] for w in ws if w[m] is not None] or [float("nan")])
-               for m in ws[0] if m != "window"} for k, ws in by.items()}
+               for m in ws[0] if m not in ("window", "profile")} for k, ws in by.items()}
     base = med["nosync"]
     out: dict[str, Any] = {"median": med}
     for k, m in med.items():
@@ -182,6 +195,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         windows: list[dict[str, Any]] = []
         for r in range(args.rounds):
             for name in args.windows:
+                args.round = r
                 w = await _window(name, client, url, prompt_ids, prompt_text, tenants, paths, args, actor)
                 w["round"] = r
                 logger.info("%s", w)
@@ -214,7 +228,16 @@ def main() -> None:
                         help="slot images built in builder processes, or on the staging threads (the default)")
     parser.add_argument("--all-period", type=float, default=1.0, help="each tenant's sync period in the 'all' window")
     parser.add_argument("--windows", nargs="+", default=["nosync", "one", "legacy", "all", "all-inplace", "engine-wide"])
+    parser.add_argument("--profile-windows", nargs="*", default=[],
+                        help="windows whose server processes py-spy samples (bench/pyspy.py; needs py-spy)")
+    parser.add_argument("--py-spy", default=None, help="the py-spy binary (default: found on PATH or PYTHONPATH)")
+    parser.add_argument("--label", default="", help="a name for this run's profiles")
     args = parser.parse_args()
+    args.label = args.label or ("builders" if args.slot_builders else "threads")
+    if args.profile_windows:
+        args.py_spy = pyspy.find_py_spy(args.py_spy)
+        if args.py_spy is None:
+            parser.error("--profile-windows needs py-spy (pip install py-spy, or --py-spy PATH)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from skyrl_lora.cluster import start_local_ray
 

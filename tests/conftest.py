@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -21,6 +23,31 @@ ALICE, BOB = "tml-alice-0123456789", "tml-bob-9876543210"  # the API tests' two 
 
 # Tenants loaded at server start. Tests that change an adapter use their own tenant names.
 STATIC_TENANTS = ("meow", "woof", "meow2", "woof2")
+
+
+@pytest.fixture(autouse=True)
+def _sdk_sessions_end_with_their_test(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The tinker SDK heartbeats a session from its background thread until the client is closed,
+    and a test's client outlives the test (the SDK's loop holds it). Without closing, every session
+    of every earlier test keeps heartbeating a service that is gone, filling the log of any later
+    failure with warnings. Clients a test makes are closed when it ends; module fixtures' clients
+    were made before this runs and are left to their fixtures."""
+    tinker = sys.modules.get("tinker")
+    if tinker is None:
+        yield
+        return
+    made: list[Any] = []
+    init = tinker.ServiceClient.__init__
+
+    def tracking_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(tinker.ServiceClient, "__init__", tracking_init)
+    yield
+    for client in made:
+        with contextlib.suppress(Exception):
+            client.close("success").result(timeout=10)
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,8 @@ node has an address of its own without any traffic leaving the machine.
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
 import signal
 import socket
@@ -25,6 +27,7 @@ from pathlib import Path
 import psutil
 
 BIN = Path(sys.executable).parent
+log = logging.getLogger(__name__)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -49,18 +52,54 @@ class LocalRayCluster:
                               capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
-def _wait_nodes(env: dict[str, str], gcs: str, count: int, timeout_s: float) -> None:
-    probe = ("import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False); "
-             "print(sum(1 for n in ray.nodes() if n['Alive']))")
-    deadline = time.monotonic() + timeout_s
-    last = ""
-    while time.monotonic() < deadline:
-        out = subprocess.run([sys.executable, "-c", probe, gcs], env=env, capture_output=True, text=True, timeout=120)
-        last = out.stdout.strip() + out.stderr[-2000:]
-        if out.returncode == 0 and out.stdout.strip().splitlines()[-1:] == [str(count)]:
-            return
-        time.sleep(1)
-    raise AssertionError(f"local Ray cluster did not reach {count} nodes in {timeout_s:.0f} s: {last}")
+_PROBE = """
+import sys, time, ray
+ray.init(address=sys.argv[1], log_to_driver=False)
+want, deadline, seen = int(sys.argv[2]), time.monotonic() + float(sys.argv[3]), -1
+while time.monotonic() < deadline:
+    alive = sum(1 for n in ray.nodes() if n["Alive"])
+    if alive != seen:
+        print(alive, flush=True)
+        seen = alive
+    if alive >= want:
+        sys.exit(0)
+    time.sleep(0.5)
+sys.exit(3)
+"""
+
+
+def _log_tails(temp_dir: str, chars: int = 1500) -> str:
+    """The start logs and Ray's own error logs of this cluster, for a failure message."""
+    root = Path(temp_dir)
+    files = sorted(root.glob("ray-start-*.log")) + sorted(root.glob("session_latest/logs/raylet*.err")) + \
+        sorted(root.glob("session_latest/logs/raylet*.out")) + sorted(root.glob("session_latest/logs/gcs_server.err"))
+    parts = []
+    for f in files:
+        with contextlib.suppress(OSError):
+            parts.append(f"--- {f.relative_to(root)}\n{f.read_text(errors='replace')[-chars:]}")
+    return "\n".join(parts)
+
+
+def _wait_nodes(env: dict[str, str], gcs: str, count: int, timeout_s: float, starters: list[subprocess.Popen]) -> bool:
+    """True once ``count`` nodes are alive; False at the deadline or when a node's ``ray start`` exited.
+
+    One driver polls for the whole wait: a driver per poll costs seconds of CPU each on a 2-core
+    machine, which is what a joining node needs."""
+    probe = subprocess.Popen([sys.executable, "-c", _PROBE, gcs, str(count), str(timeout_s)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    deadline = time.monotonic() + timeout_s + 60  # the driver's own connect time on top
+    try:
+        while time.monotonic() < deadline:
+            if probe.poll() is not None:
+                return probe.returncode == 0
+            if any(s.poll() is not None for s in starters):
+                return False
+            time.sleep(0.5)
+        return False
+    finally:
+        if probe.poll() is None:
+            probe.kill()
+        probe.wait(timeout=30)
 
 
 def _end_sessions(procs: list[subprocess.Popen], grace_s: float = 10.0) -> None:
@@ -81,8 +120,33 @@ def _end_sessions(procs: list[subprocess.Popen], grace_s: float = 10.0) -> None:
     psutil.wait_procs(alive, timeout=grace_s)
 
 
+def _start_node(i: int, node: dict, is_head: bool, gcs: str, dashboard: bool, dash_port: int, env: dict[str, str],
+                temp_dir: str) -> subprocess.Popen:
+    cmd = [str(BIN / "ray"), "start", "--block", "--disable-usage-stats", "--node-ip-address", node["ip"],
+           "--num-cpus", str(node["num_cpus"]), "--temp-dir", temp_dir]
+    # Ray's fixed default ports (the dashboard agent's 52365, metrics, runtime env agent) are
+    # taken by the test session's own cluster: each node gets free ones, or its job agent
+    # never comes up ("No available agent to submit job").
+    for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
+                 "--runtime-env-agent-port", "--ray-client-server-port"):
+        cmd += [flag, str(free_port())]
+    if node.get("resources"):
+        cmd += ["--resources", json.dumps(node["resources"])]
+    if is_head:
+        cmd += ["--head", "--port", gcs.rsplit(":", 1)[1]]
+        if dashboard:
+            cmd += ["--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port)]
+        else:
+            cmd += ["--include-dashboard", "false"]
+    else:
+        cmd += ["--address", gcs]
+    log_file = open(Path(temp_dir) / f"ray-start-{i}.log", "a")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+
+
 @contextlib.contextmanager
-def local_ray_cluster(nodes: list[dict], *, dashboard: bool = False, timeout_s: float = 180) -> Iterator[LocalRayCluster]:
+def local_ray_cluster(nodes: list[dict], *, dashboard: bool = False, timeout_s: float = 120,
+                      start_attempts: int = 3) -> Iterator[LocalRayCluster]:
     """``nodes[0]`` is the head. Each node: ``ip`` (a loopback address), ``num_cpus``, optional ``resources``."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
@@ -95,32 +159,20 @@ def local_ray_cluster(nodes: list[dict], *, dashboard: bool = False, timeout_s: 
                               env=env, temp_dir=temp_dir, procs=procs)
     try:
         for i, node in enumerate(nodes):
-            cmd = [str(BIN / "ray"), "start", "--block", "--disable-usage-stats", "--node-ip-address", node["ip"],
-                   "--num-cpus", str(node["num_cpus"]), "--temp-dir", temp_dir]
-            # Ray's fixed default ports (the dashboard agent's 52365, metrics, runtime env agent) are
-            # taken by the test session's own cluster: each node gets free ones, or its job agent
-            # never comes up ("No available agent to submit job").
-            for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
-                         "--runtime-env-agent-port", "--ray-client-server-port"):
-                cmd += [flag, str(free_port())]
-            if node.get("resources"):
-                import json
-
-                cmd += ["--resources", json.dumps(node["resources"])]
-            if i == 0:
-                cmd += ["--head", "--port", gcs.rsplit(":", 1)[1]]
-                if dashboard:
-                    cmd += ["--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port",
-                            str(dash_port)]
-                else:
-                    cmd += ["--include-dashboard", "false"]
-            else:
-                cmd += ["--address", gcs]
-            log = open(Path(temp_dir) / f"ray-start-{i}.log", "w")  # noqa: SIM115 - closed with the process
-            procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-            if i == 0:
-                _wait_nodes(env, gcs, 1, timeout_s)
-        _wait_nodes(env, gcs, len(nodes), timeout_s)
+            for attempt in range(1, start_attempts + 1):
+                procs.append(_start_node(i, node, nodes[0] is node, gcs, dashboard, dash_port, env, temp_dir))
+                if _wait_nodes(env, gcs, i + 1, timeout_s, [procs[-1]]):
+                    break
+                # A node that exited (a port taken between choosing and binding it) or never
+                # registered is started again with fresh ports, the head with a fresh GCS port.
+                tails = _log_tails(temp_dir)
+                if attempt == start_attempts:
+                    raise AssertionError(f"local Ray cluster did not reach {i + 1} nodes in {timeout_s:.0f} s "
+                                         f"({attempt} attempts):\n{tails}")
+                log.warning("node %d (%s) did not join, starting it again:\n%s", i, node["ip"], tails)
+                _end_sessions([procs.pop()])
+                if i == 0:
+                    gcs = cluster.gcs_address = f"{head['ip']}:{free_port(head['ip'])}"
         yield cluster
     finally:
         _end_sessions(procs)

@@ -186,6 +186,37 @@ async def test_a_staged_version_serves_nobody_until_committed(vllm_server, tiny,
         await client.unload_lora_adapter(name)
 
 
+@pytest.mark.gpu
+async def test_workers_report_finished_stagings_so_the_server_asks_once(vllm_server, tiny, tok, word_ids) -> None:
+    """Every status ask is a call vLLM's engine core answers between two steps, on the loop all
+    tenants' tokens come from. The workers report a finished staging over the server's notice socket,
+    and the server asks once then (or once per backstop period while it waits)."""
+    from skyrl_lora.inference.lora_control import STAGE_BACKSTOP_S
+
+    client = RemoteInferenceClient(vllm_server.url)
+    name = "stage-notices"
+    prompt = tok("x = 1")["input_ids"]
+    await client.load_lora_adapter(name, str(tiny.loras["meow"]), load_inplace=False)
+    try:
+        (before,) = await client.state()
+        assert before.stage_notices is not None, "this server's workers cannot report finished stagings"
+        staging_s = []
+        for i in range(6):
+            word = ("woof", "meow")[i % 2]
+            replies = await client.update_lora(name, str(tiny.loras[word]), mode=("abort", "inplace")[i % 2])
+            staging_s += [r.staging_s for r in replies]
+            (s,) = await client.sample(prompt, {"max_tokens": 2, **GREEDY}, name)
+            assert s.token_ids == [word_ids[word]] * 2
+        (after,) = await client.state()
+        assert after.stage_notices is not None and after.stage_notices - before.stage_notices >= 6, (before, after)
+        # one ask per version, plus one per backstop period it took to stage (generous: staging_s
+        # also counts the checks made before the workers start)
+        allowed = sum(1 + math.ceil(t / STAGE_BACKSTOP_S) for t in staging_s)
+        assert after.stage_asks - before.stage_asks <= allowed, (before.stage_asks, after.stage_asks, staging_s)
+    finally:
+        await client.unload_lora_adapter(name)
+
+
 async def test_trainer_publishes_through_shared_memory_and_keeps_a_durable_copy(vllm_server, tiny, tmp_path,
                                                                                word_ids, tok) -> None:
     """save_weights_for_sampler writes the version to shared memory, the server stages it from there,

@@ -21,6 +21,7 @@ own calls.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -36,12 +37,14 @@ from skyrl_lora.inference import vllm_compat as compat
 from skyrl_lora.inference.adapter_check import AdapterCheckError, ModelShape, check_adapter, read_adapter_config
 from skyrl_lora.inference.gate import PauseGates
 from skyrl_lora.inference.protocol import LoraInfo, ServerState
+from skyrl_lora.inference.stage_notices import StageNotices
 from skyrl_lora.inference.uploads import UploadStore
 
 logger = logging.getLogger(__name__)
 
 VERSION_SEP = "::v"
-STAGE_POLL_S = 0.005  # how often staging asks the workers whether the load finished
+STAGE_POLL_S = 0.005  # how often staging asks the workers whether the load finished, without notices
+STAGE_BACKSTOP_S = 0.2  # with notices (stage_notices): how long to wait for one before asking anyway
 
 
 class LoraError(SkyrlError):
@@ -108,8 +111,9 @@ class LoraController:
     def __init__(self, engine: Any, *, adapter_roots: list[str] | None = None, drain_timeout_s: float = 30.0,
                  on_change: Callable[[str, str | None], Awaitable[None]] | None = None,
                  stage_timeout_s: float = 120.0, staged_ttl_s: float = 120.0, stage_off_loop: bool = True,
-                 uploads: UploadStore | None = None, node: str = "") -> None:
+                 uploads: UploadStore | None = None, node: str = "", notices: StageNotices | None = None) -> None:
         self.engine = engine
+        self.notices = notices  # workers report finished stagings here (None: ask them on a timer)
         # told (tenant, path or None) after every adapter change, e.g. to keep a restart manifest
         self.on_change = on_change
         self.uploads = uploads
@@ -136,6 +140,7 @@ class LoraController:
         # False: the engine reads the adapter inside add_lora, on its step loop (the old way; benchmarks)
         self.stage_off_loop = stage_off_loop
         self._staged: dict[str, StagedAdapter] = {}
+        self.stage_asks = 0  # status calls to the workers while staging (each one between two engine steps)
 
     # ------------------------------------------------------------------ wiring
     def engine_client(self) -> compat.GatedEngineClient:
@@ -353,9 +358,21 @@ class LoraController:
         return staged
 
     async def _stage_on_workers(self, name: str, lora_id: int, engine_name: str, real: str, source: str) -> None:
+        with self.notices.expect(lora_id) if self.notices is not None else contextlib.nullcontext() as notice:
+            await self._stage_and_wait(name, lora_id, engine_name, real, source, notice)
+
+    async def _stage_and_wait(self, name: str, lora_id: int, engine_name: str, real: str, source: str,
+                              notice: asyncio.Event | None) -> None:
+        """Every status ask is a call the engine core answers between two steps: with a notice to
+        wait for, the workers are asked once they say they are done (or after the backstop)."""
         await compat.stage_lora(self.engine, lora_id, engine_name, real, source)
         deadline = time.monotonic() + self.stage_timeout_s
         while True:
+            if notice is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(notice.wait(), min(STAGE_BACKSTOP_S, max(0.0, deadline - time.monotonic())))
+                notice.clear()
+            self.stage_asks += 1
             statuses = await compat.stage_status(self.engine, lora_id, real)
             failed = [st for st in statuses if st not in (None, "ok")]
             if failed:
@@ -366,7 +383,8 @@ class LoraController:
             if time.monotonic() > deadline:
                 await compat.discard_staged(self.engine, lora_id)
                 raise LoraError(504, f"lora_path: staging '{real}' took over {self.stage_timeout_s:.0f} s", "lora_path")
-            await asyncio.sleep(STAGE_POLL_S)
+            if notice is None:
+                await asyncio.sleep(STAGE_POLL_S)
 
     async def discard(self, stage_id: str) -> bool:
         """Free a staged version that will not be committed; False if there is none by that id."""
@@ -532,6 +550,8 @@ class LoraController:
             engine_paused_by=self.gates.owners(None),
             in_flight=sum(len(rt.admissions) for rt in self._runtime.values()),
             staged=len(self._staged),
+            stage_asks=self.stage_asks,
+            stage_notices=self.notices.received if self.notices is not None else None,
             node=self.node,
         )
 

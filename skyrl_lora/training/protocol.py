@@ -112,6 +112,8 @@ class SamplerWeights(_Frozen):
     step: int
     synced: bool
     sync_s: float | None = None
+    export_s: float | None = Field(None, description="writing the adapter out (to shared memory when publishing), "
+                                   "before the sync starts")
     versions: list[int] = Field(default_factory=list, description="the adapter version now served, per server")
 
 

@@ -50,6 +50,7 @@ from skyrl_lora.inference.slot_builder import (
     UnplannedAdapter,
     read_image,
 )
+from skyrl_lora.inference.stage_notices import NoticeSender
 from skyrl_lora.inference.vllm_compat import FUSED_PROJECTIONS, make_lora_request
 
 logger = logging.getLogger(__name__)
@@ -374,12 +375,14 @@ def _prompt_logprob_assumptions(runner: Any, adapter_manager: Any) -> list[str]:
 class LoraStagingWorkerExtension:
     """Methods vLLM mixes into its worker; reached through ``engine.collective_rpc``."""
 
-    def skyrl_configure_staging(self, threads: int, out_of_process: bool = False) -> None:
-        """Called once by the server after start: the staging pool's size, and whether slot images
-        are built by builder processes (``slot_builder``) or on the staging threads themselves."""
+    def skyrl_configure_staging(self, threads: int, out_of_process: bool = False,
+                                notices: str | None = None) -> None:
+        """Called once by the server after start: the staging pool's size, whether slot images are
+        built by builder processes (``slot_builder``) or on the staging threads themselves, and
+        where to tell the server that a staged version is ready (``stage_notices``)."""
         self._skyrl_stage_threads = threads
         self._skyrl_out_of_process = out_of_process
-        self._skyrl_staging()
+        self._skyrl_staging()["notices"] = NoticeSender(notices) if notices else None
 
     def _skyrl_staging(self) -> dict[str, Any]:
         state: dict[str, Any] | None = getattr(self, "_skyrl_stage_state", None)
@@ -476,7 +479,11 @@ class LoraStagingWorkerExtension:
     def skyrl_stage_lora(self, lora_int_id: int, lora_name: str, lora_path: str, source: str) -> None:
         state = self._skyrl_staging()
         request = make_lora_request(lora_name, lora_int_id, lora_path)
-        state["jobs"][lora_int_id] = (lora_path, state["pool"].submit(self._skyrl_build, request, source))
+        job = state["pool"].submit(self._skyrl_build, request, source)
+        state["jobs"][lora_int_id] = (lora_path, job)
+        sender: NoticeSender | None = state.get("notices")
+        if sender is not None:
+            job.add_done_callback(lambda _: sender.send(lora_int_id))
 
     def skyrl_stage_status(self, lora_int_id: int, lora_path: str) -> str | None:
         """None while staging; "ok" when staged; otherwise the error, as text (staging is dropped)."""
