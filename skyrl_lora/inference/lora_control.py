@@ -37,14 +37,14 @@ from skyrl_lora.inference import vllm_compat as compat
 from skyrl_lora.inference.adapter_check import AdapterCheckError, ModelShape, check_adapter, read_adapter_config
 from skyrl_lora.inference.gate import PauseGates
 from skyrl_lora.inference.protocol import LoraInfo, ServerState
-from skyrl_lora.inference.stage_notices import StageNotices
+from skyrl_lora.inference.stage_channel import NOT_STAGED, Expected, ServerStageChannel, StageCommand
 from skyrl_lora.inference.uploads import UploadStore
 
 logger = logging.getLogger(__name__)
 
 VERSION_SEP = "::v"
 STAGE_POLL_S = 0.005  # how often staging asks the workers whether the load finished, without notices
-STAGE_BACKSTOP_S = 0.2  # with notices (stage_notices): how long to wait for one before asking anyway
+STAGE_BACKSTOP_S = 0.2  # with a stage_channel: how long to wait for the workers' notices before asking
 
 
 class LoraError(SkyrlError):
@@ -111,9 +111,9 @@ class LoraController:
     def __init__(self, engine: Any, *, adapter_roots: list[str] | None = None, drain_timeout_s: float = 30.0,
                  on_change: Callable[[str, str | None], Awaitable[None]] | None = None,
                  stage_timeout_s: float = 120.0, staged_ttl_s: float = 120.0, stage_off_loop: bool = True,
-                 uploads: UploadStore | None = None, node: str = "", notices: StageNotices | None = None) -> None:
+                 uploads: UploadStore | None = None, node: str = "", channel: ServerStageChannel | None = None) -> None:
         self.engine = engine
-        self.notices = notices  # workers report finished stagings here (None: ask them on a timer)
+        self.channel = channel  # staging commands and notices around the engine's loop (None: collective_rpc)
         # told (tenant, path or None) after every adapter change, e.g. to keep a restart manifest
         self.on_change = on_change
         self.uploads = uploads
@@ -358,32 +358,49 @@ class LoraController:
         return staged
 
     async def _stage_on_workers(self, name: str, lora_id: int, engine_name: str, real: str, source: str) -> None:
-        with self.notices.expect(lora_id) if self.notices is not None else contextlib.nullcontext() as notice:
-            await self._stage_and_wait(name, lora_id, engine_name, real, source, notice)
+        with self.channel.expect(lora_id) if self.channel is not None else contextlib.nullcontext() as expected:
+            await self._stage_and_wait(name, lora_id, engine_name, real, source, expected)
 
     async def _stage_and_wait(self, name: str, lora_id: int, engine_name: str, real: str, source: str,
-                              notice: asyncio.Event | None) -> None:
-        """Every status ask is a call the engine core answers between two steps: with a notice to
-        wait for, the workers are asked once they say they are done (or after the backstop)."""
-        await compat.stage_lora(self.engine, lora_id, engine_name, real, source)
+                              expected: Expected | None) -> None:
+        """Every ``collective_rpc`` is answered by the engine core between two steps. With a stage
+        channel the command goes to the workers directly and their notices say when it is done, so
+        the engine's loop is not involved; the workers are asked only if the notices are late."""
+        channel = self.channel
+        command = StageCommand(lora_int_id=lora_id, lora_name=engine_name, lora_path=real, source=source)
+        direct = channel is not None and channel.direct and channel.send(command)
+        if not direct:
+            await compat.stage_lora(self.engine, lora_id, engine_name, real, source)
         deadline = time.monotonic() + self.stage_timeout_s
         while True:
-            if notice is not None:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(notice.wait(), min(STAGE_BACKSTOP_S, max(0.0, deadline - time.monotonic())))
-                notice.clear()
-            self.stage_asks += 1
-            statuses = await compat.stage_status(self.engine, lora_id, real)
-            failed = [st for st in statuses if st not in (None, "ok")]
-            if failed:
+            outcome, heard = None, False
+            if expected is not None and channel is not None:
+                try:
+                    await asyncio.wait_for(expected.event.wait(),
+                                           min(STAGE_BACKSTOP_S, max(0.0, deadline - time.monotonic())))
+                    heard = True
+                except TimeoutError:
+                    pass
+                expected.event.clear()
+                outcome = expected.outcome(real, len(channel.workers))
+            if outcome is None and not heard:  # no channel, or the notices are late: ask the workers
+                self.stage_asks += 1
+                statuses = await compat.stage_status(self.engine, lora_id, real)
+                if direct and NOT_STAGED in statuses:  # a command datagram was lost: send it the engine's way
+                    direct = False
+                    await compat.stage_lora(self.engine, lora_id, engine_name, real, source)
+                    continue
+                failed = [st for st in statuses if st not in (None, "ok")]
+                outcome = failed[0] if failed else "ok" if all(st == "ok" for st in statuses) else None
+            if outcome is not None and outcome != "ok":
                 await compat.discard_staged(self.engine, lora_id)
-                raise LoraError(400, f"lora_path: LoRA '{name}' failed to load from '{source}': {failed[0]}", "lora_path")
-            if all(st == "ok" for st in statuses):
-                break
+                raise LoraError(400, f"lora_path: LoRA '{name}' failed to load from '{source}': {outcome}", "lora_path")
+            if outcome == "ok":
+                return
             if time.monotonic() > deadline:
                 await compat.discard_staged(self.engine, lora_id)
                 raise LoraError(504, f"lora_path: staging '{real}' took over {self.stage_timeout_s:.0f} s", "lora_path")
-            if notice is None:
+            if expected is None:
                 await asyncio.sleep(STAGE_POLL_S)
 
     async def discard(self, stage_id: str) -> bool:
@@ -551,7 +568,8 @@ class LoraController:
             in_flight=sum(len(rt.admissions) for rt in self._runtime.values()),
             staged=len(self._staged),
             stage_asks=self.stage_asks,
-            stage_notices=self.notices.received if self.notices is not None else None,
+            stage_notices=self.channel.received if self.channel is not None else None,
+            stage_commands=self.channel.commands if self.channel is not None else 0,
             node=self.node,
         )
 

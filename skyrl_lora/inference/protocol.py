@@ -207,9 +207,10 @@ class ServerState(_Frozen):
     in_flight: int
     staged: int = Field(0, description="versions staged and not yet committed or discarded")
     staged_on_workers: int = Field(0, description="staged adapter copies the engine's workers hold")
-    stage_asks: int = Field(0, description="status calls made to the workers while staging since start (each one is "
-                            "answered between two engine steps; workers' notices keep this near one per version)")
-    stage_notices: int | None = Field(None, description="finished stagings the workers reported (stage_notices) "
-                                      "since start; None where they cannot report and are asked on a timer")
+    stage_asks: int = Field(0, description="status calls to the workers through the engine's loop while staging, "
+                            "since start (0 while the stage channel carries everything)")
+    stage_commands: int = Field(0, description="stagings sent to the workers directly (stage_channel), since start")
+    stage_notices: int | None = Field(None, description="finished stagings the workers reported (stage_channel) "
+                                      "since start; None where there is no channel and they are asked on a timer")
     node: str = Field("", description="the server's node (skyrl_lora.node_identity): a trainer on another node sends "
                       "new versions' files instead of a path")

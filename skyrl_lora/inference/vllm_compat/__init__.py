@@ -268,11 +268,11 @@ STAGE_WORKER_EXTENSION = "skyrl_lora.inference.vllm_compat.worker.LoraStagingWor
 
 
 async def configure_staging(engine: Any, threads: int, out_of_process: bool = False,
-                            notices: str | None = None) -> None:
+                            server_channel: str | None = None) -> list[str | None]:
     """Set up staging on every worker: ``threads`` staging threads, slot images built by as many
     builder processes or on the threads themselves (see ``worker.py`` and ``slot_builder``), and
-    the server's ``stage_notices`` socket the workers report finished stagings to."""
-    await engine.collective_rpc("skyrl_configure_staging", args=(threads, out_of_process, notices))
+    the server's ``stage_channel`` socket. Returns each worker's command socket (or None)."""
+    return list(await engine.collective_rpc("skyrl_configure_staging", args=(threads, out_of_process, server_channel)))
 
 
 async def stage_lora(engine: Any, lora_int_id: int, lora_name: str, lora_path: str, source: str) -> None:

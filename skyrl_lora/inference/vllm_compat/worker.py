@@ -50,7 +50,7 @@ from skyrl_lora.inference.slot_builder import (
     UnplannedAdapter,
     read_image,
 )
-from skyrl_lora.inference.stage_notices import NoticeSender
+from skyrl_lora.inference.stage_channel import NOT_STAGED, StageCommand, WorkerStageChannel
 from skyrl_lora.inference.vllm_compat import FUSED_PROJECTIONS, make_lora_request
 
 logger = logging.getLogger(__name__)
@@ -372,17 +372,34 @@ def _prompt_logprob_assumptions(runner: Any, adapter_manager: Any) -> list[str]:
     return broken
 
 
+def _outcome(job: concurrent.futures.Future[Any]) -> str:
+    """A finished staging job as the server reads it: "ok", or the error."""
+    if job.cancelled():
+        return "cancelled"
+    exc = job.exception()
+    return "ok" if exc is None else f"{type(exc).__name__}: {exc}"
+
+
 class LoraStagingWorkerExtension:
     """Methods vLLM mixes into its worker; reached through ``engine.collective_rpc``."""
 
     def skyrl_configure_staging(self, threads: int, out_of_process: bool = False,
-                                notices: str | None = None) -> None:
+                                server_channel: str | None = None) -> str | None:
         """Called once by the server after start: the staging pool's size, whether slot images are
-        built by builder processes (``slot_builder``) or on the staging threads themselves, and
-        where to tell the server that a staged version is ready (``stage_notices``)."""
+        built by builder processes (``slot_builder``) or on the staging threads themselves, and the
+        server's ``stage_channel`` socket. Returns this worker's command socket (None: none), which
+        the server sends staging commands to without going through the engine's loop."""
         self._skyrl_stage_threads = threads
         self._skyrl_out_of_process = out_of_process
-        self._skyrl_staging()["notices"] = NoticeSender(notices) if notices else None
+        state = self._skyrl_staging()
+        if server_channel is None:
+            return None
+
+        def on_command(command: StageCommand) -> None:
+            self.skyrl_stage_lora(command.lora_int_id, command.lora_name, command.lora_path, command.source)
+
+        channel = state["channel"] = WorkerStageChannel(server_channel, on_command)
+        return channel.name
 
     def _skyrl_staging(self) -> dict[str, Any]:
         state: dict[str, Any] | None = getattr(self, "_skyrl_stage_state", None)
@@ -406,7 +423,8 @@ class LoraStagingWorkerExtension:
                 logger.warning("slot images are built in the engine's process: %s", why_not)
             else:
                 builders = BuilderPool(plan, threads)
-        state = {"jobs": {}, "images": {}, "original": original,
+        # jobs are added by the command thread (stage_channel) and taken by the engine's thread
+        state = {"jobs": {}, "lock": threading.Lock(), "images": {}, "original": original, "channel": None,
                  "pool": concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="skyrl-stage"),
                  "layout": layout, "plan": plan, "builders": builders,
                  "timings": {"flip_ms": [], "load_ms": [], "image_ms": [], "build_ms": []}}
@@ -416,11 +434,14 @@ class LoraStagingWorkerExtension:
         def load_adapter(lora_request: Any) -> Any:
             # Only the staged version itself: an evicted older adapter of the same id reloading from
             # its own path must not pick up a version staged in place.
-            path, job = jobs.get(lora_request.lora_int_id, (None, None))
-            if job is None or path != lora_request.lora_path or not job.done():
+            with state["lock"]:
+                path, job = jobs.get(lora_request.lora_int_id, (None, None))
+                ours = job is not None and path == lora_request.lora_path and job.done()
+                if ours:
+                    del jobs[lora_request.lora_int_id]
+            if not ours:
                 images.pop(lora_request.lora_int_id, None)
                 return original(lora_request)
-            del jobs[lora_request.lora_int_id]
             lora, image = job.result()
             if image is not None:
                 images[lora_request.lora_int_id] = image  # add_adapter activates it right after
@@ -480,28 +501,30 @@ class LoraStagingWorkerExtension:
         state = self._skyrl_staging()
         request = make_lora_request(lora_name, lora_int_id, lora_path)
         job = state["pool"].submit(self._skyrl_build, request, source)
-        state["jobs"][lora_int_id] = (lora_path, job)
-        sender: NoticeSender | None = state.get("notices")
-        if sender is not None:
-            job.add_done_callback(lambda _: sender.send(lora_int_id))
+        with state["lock"]:
+            state["jobs"][lora_int_id] = (lora_path, job)
+        channel: WorkerStageChannel | None = state.get("channel")
+        if channel is not None:
+            job.add_done_callback(lambda done: channel.notify(lora_int_id, lora_path, _outcome(done)))
 
     def skyrl_stage_status(self, lora_int_id: int, lora_path: str) -> str | None:
         """None while staging; "ok" when staged; otherwise the error, as text (staging is dropped)."""
-        path, job = self._skyrl_staging()["jobs"].get(lora_int_id, (None, None))
-        if job is None or path != lora_path:
-            return "not staged"
-        if not job.done():
-            return None
-        exc = job.exception()
-        if exc is None:
-            return "ok"
-        self._skyrl_staging()["jobs"].pop(lora_int_id, None)
-        return f"{type(exc).__name__}: {exc}"
+        state = self._skyrl_staging()
+        with state["lock"]:
+            path, job = state["jobs"].get(lora_int_id, (None, None))
+            if job is None or path != lora_path:
+                return NOT_STAGED
+            if not job.done():
+                return None
+            if job.cancelled() or job.exception() is not None:
+                state["jobs"].pop(lora_int_id, None)
+            return _outcome(job)
 
     def skyrl_discard_lora(self, lora_int_id: int) -> None:
         state = self._skyrl_staging()
         state["images"].pop(lora_int_id, None)
-        _, job = state["jobs"].pop(lora_int_id, (None, None))
+        with state["lock"]:
+            _, job = state["jobs"].pop(lora_int_id, (None, None))
         if job is not None:
             job.cancel()  # a finished one is simply dropped (its tensors freed with it)
 
