@@ -14,12 +14,19 @@ from __future__ import annotations
 
 import argparse
 import logging
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import add_common_args, machine_name, today, write_result
+from bench.common import (
+    add_colocated_args,
+    add_common_args,
+    machine_name,
+    start_colocated,
+    today,
+    training_datum,
+    write_result,
+)
 
 logger = logging.getLogger("bench.colocated_memory")
 SERVER = "skyrl-bench-colocated-server"
@@ -29,36 +36,17 @@ GiB = float(1 << 30)
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import ray
 
-    from skyrl_lora.inference.actor import start_server_actor
-    from skyrl_lora.inference.server import ServerConfig
-    from skyrl_lora.models.synthetic import LLAMA_8B, write_dummy_model
-    from skyrl_lora.models.tiny import build_fixtures
-    from skyrl_lora.training.actor import start_trainer_actor
-    from skyrl_lora.training.config import TrainerConfig
-    from skyrl_lora.training.protocol import AdamParams, Datum, LoraSpec
+    from skyrl_lora.training.protocol import AdamParams, LoraSpec
 
-    work = Path(tempfile.mkdtemp(prefix="skyrl-colocated-"))
-    model = write_dummy_model(work / "model", LLAMA_8B, build_fixtures().base)
-    config = ServerConfig(model=str(model), max_loras=4, max_lora_rank=args.rank, max_model_len=1024,
-                          enforce_eager=False, gpu_memory_utilization=args.server_memory,
-                          extra_args=("--load-format", "dummy"))
-    t0 = time.perf_counter()
-    server, url = start_server_actor(config, num_gpus=args.num_gpus * 0.6, name=SERVER)
-    server_start_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    trainer = start_trainer_actor(TrainerConfig(base_model=str(model), state_dir=work / "trainer",
-                                                sampler_root=work / "adapters", max_lora_rank=args.rank,
-                                                resident_budget_bytes=64 << 30, base_weights="shared",
-                                                share_from=SERVER), num_gpus=args.num_gpus * 0.4)
-    trainer_start_s = time.perf_counter() - t0
+    pair = start_colocated(args, SERVER, [])
+    trainer, server_start_s, trainer_start_s = pair.trainer, pair.server_start_s, pair.trainer_start_s
     try:
         checksum = ray.get(trainer.shared_base_checksum.remote())
         base_bytes = ray.get(trainer.shared_base_bytes.remote())
         after_load = ray.get(trainer.cuda_memory.remote())
         spec = LoraSpec(rank=args.rank, alpha=float(args.rank))
         infos = [ray.get(trainer.create_lora.remote(f"t{i}", spec)) for i in range(args.tenants)]
-        datum = Datum(model_input=list(range(3, 3 + args.seq_len)),
-                      loss_fn_inputs={"target_tokens": list(range(4, 4 + args.seq_len))})
+        datum = training_datum(args.seq_len)
         step_s = []
         for i in range(args.tenants):
             t = time.perf_counter()
@@ -69,8 +57,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         unchanged = ray.get(trainer.shared_base_checksum.remote()) == checksum
         tenant_bytes = sum(info.nbytes for info in infos)
     finally:
-        ray.kill(trainer)
-        ray.kill(server)
+        pair.stop()
     peak = after_train["max_allocated"]
     return {
         "machine": machine_name(args.machine), "date": today(), "model": "llama-8b-shape (dummy weights, bf16)",
@@ -104,10 +91,7 @@ def plot(result: dict[str, Any], png: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, model=False)
-    parser.add_argument("--tenants", type=int, default=4)
-    parser.add_argument("--rank", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--server-memory", type=float, default=0.45, help="the server's gpu_memory_utilization")
+    add_colocated_args(parser, seq_len=512, sampling=False)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     from skyrl_lora.cluster import start_local_ray

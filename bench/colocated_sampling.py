@@ -19,12 +19,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import add_common_args, machine_name, today, write_result
+from bench.common import (
+    add_colocated_args,
+    add_common_args,
+    finish_figure,
+    machine_name,
+    start_colocated,
+    today,
+    training_datum,
+    write_result,
+)
 
 logger = logging.getLogger("bench.colocated_sampling")
 SERVER = "skyrl-bench-colocated-sampling"
@@ -78,37 +86,20 @@ def summarize(windows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    import ray
     from transformers import AutoTokenizer
 
-    from skyrl_lora.inference.actor import start_server_actor
     from skyrl_lora.inference.client import RemoteInferenceClient
-    from skyrl_lora.inference.server import ServerConfig
-    from skyrl_lora.models.synthetic import LLAMA_8B, write_dummy_model, write_random_adapter
     from skyrl_lora.models.tiny import build_fixtures
-    from skyrl_lora.training.actor import start_trainer_actor
-    from skyrl_lora.training.config import TrainerConfig
-    from skyrl_lora.training.protocol import Datum, LoraSpec
+    from skyrl_lora.training.protocol import LoraSpec
 
-    fixtures = build_fixtures()
-    work = Path(tempfile.mkdtemp(prefix="colocated-sampling-"))
-    model = write_dummy_model(work / "model", LLAMA_8B, fixtures.base)
     tenants = [f"t{i}" for i in range(args.tenants)]
-    loras = {t: str(write_random_adapter(work / t, model, args.rank, seed=i)) for i, t in enumerate(tenants + [WATCHER])}
-    config = ServerConfig(model=str(model), loras=loras, max_loras=len(loras) + 2, max_cpu_loras=len(loras) + 4,
-                          max_lora_rank=args.rank, max_model_len=1024, enforce_eager=False,
-                          gpu_memory_utilization=args.server_memory, extra_args=("--load-format", "dummy"))
-    server, url = start_server_actor(config, num_gpus=args.num_gpus * 0.6, name=SERVER)
-    trainer = start_trainer_actor(TrainerConfig(base_model=str(model), state_dir=work / "trainer",
-                                                sampler_root=work / "adapters", max_lora_rank=args.rank,
-                                                resident_budget_bytes=64 << 30, base_weights="shared",
-                                                share_from=SERVER), num_gpus=args.num_gpus * 0.4)
+    pair = start_colocated(args, SERVER, tenants + [WATCHER])
+    url, trainer = pair.url, pair.trainer
     client = RemoteInferenceClient(url)
-    tok = AutoTokenizer.from_pretrained(fixtures.base)
+    tok = AutoTokenizer.from_pretrained(build_fixtures().base)
     prompt_text = "def handle(request):\n    user = request.user\n    if not user.is_authenticated:\n"
     prompt_ids = tok(prompt_text)["input_ids"]
-    datum = Datum(model_input=list(range(3, 3 + args.seq_len)),
-                  loss_fn_inputs={"target_tokens": list(range(4, 4 + args.seq_len))})
+    datum = training_datum(args.seq_len)
     try:
         await trainer.create_lora.remote("trainee", LoraSpec(rank=args.rank, alpha=float(args.rank)))
         await trainer.forward_backward.remote("trainee", [datum])  # warm the trainer
@@ -123,8 +114,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 windows.append(w)
     finally:
         await client.aclose()
-        ray.kill(trainer)
-        ray.kill(server)
+        pair.stop()
     return {"machine": machine_name(args.machine), "date": today(),
             "config": {"model": "llama-8b-shape (dummy weights, bf16)", "rank": args.rank, "tenants": args.tenants,
                        "streams": args.streams, "max_tokens": args.max_tokens, "seq_len": args.seq_len,
@@ -145,22 +135,15 @@ def plot(result: dict[str, Any], png: Path) -> None:
     b.bar(list(s), [1000 * s[n]["watch_gap_max_s"] for n in s], color=["tab:gray", "tab:green", "tab:red"])
     b.axhline(100, color="k", lw=0.8, ls="--")
     b.set_ylabel("watching stream: longest gap between tokens, ms")
-    fig.suptitle(f"8B-shape on one GPU, {result['config']['tenants']} tenants sampling, one training", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
+    finish_figure(fig, png, f"8B-shape on one GPU, {result['config']['tenants']} tenants sampling, one training")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, model=False)
-    parser.add_argument("--tenants", type=int, default=4)
-    parser.add_argument("--streams", type=int, default=8)
-    parser.add_argument("--rank", type=int, default=32)
-    parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--seq-len", type=int, default=512)
+    add_colocated_args(parser, seq_len=512)
     parser.add_argument("--window-s", type=float, default=20.0)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--server-memory", type=float, default=0.45)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     from skyrl_lora.cluster import start_local_ray

@@ -17,12 +17,11 @@ import argparse
 import asyncio
 import logging
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import add_common_args, machine_name, today, write_result
+from bench import common
 
 logger = logging.getLogger("bench.publish_latency")
 SERVER = "skyrl-bench-publish-latency"
@@ -51,43 +50,21 @@ async def _publishes(client: Any, trainer: Any, prompt_ids: list[int], datum: An
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    import ray
     from transformers import AutoTokenizer
 
-    from skyrl_lora.inference.actor import start_server_actor
     from skyrl_lora.inference.client import RemoteInferenceClient
     from skyrl_lora.inference.loadgen import run_streams
-    from skyrl_lora.inference.server import ServerConfig
-    from skyrl_lora.models.synthetic import LLAMA_8B, write_dummy_model, write_random_adapter
     from skyrl_lora.models.tiny import build_fixtures
-    from skyrl_lora.training.actor import start_trainer_actor
-    from skyrl_lora.training.config import TrainerConfig
-    from skyrl_lora.training.protocol import Datum, LoraSpec
+    from skyrl_lora.training.protocol import LoraSpec
 
-    fixtures = build_fixtures()
-    work = Path(tempfile.mkdtemp(prefix="publish-latency-"))
-    # --shape tiny: the CPU smoke run (the packaged tiny model, with weights, so the trainer falls back to its own copy)
-    model = write_dummy_model(work / "model", LLAMA_8B, fixtures.base) if args.shape == "8b" else fixtures.base
-    dummy = ("--load-format", "dummy") if args.shape == "8b" else ()
     tenants = [f"t{i}" for i in range(args.tenants)]
-    loras = {t: str(write_random_adapter(work / t, model, args.rank, seed=i)) for i, t in enumerate(tenants)}
-    config = ServerConfig(model=str(model), loras=loras, max_loras=len(loras) + 4, max_cpu_loras=len(loras) + 8,
-                          max_lora_rank=args.rank, max_model_len=1024, enforce_eager=args.num_gpus == 0,
-                          gpu_memory_utilization=args.server_memory, slot_builders=args.slot_builders,
-                          extra_args=dummy)
-    server, url = start_server_actor(config, num_gpus=args.num_gpus * 0.6, name=SERVER)
-    shm = Path(tempfile.mkdtemp(prefix="publish-latency-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
-    trainer = start_trainer_actor(TrainerConfig(base_model=str(model), state_dir=work / "trainer",
-                                                sampler_root=work / "adapters", publish_root=shm,
-                                                max_lora_rank=args.rank, resident_budget_bytes=64 << 30,
-                                                base_weights="shared" if args.shape == "8b" else "shared_or_own",
-                                                share_from=SERVER, inference_urls=(url,)),
-                                  num_gpus=args.num_gpus * 0.4)
-    client = RemoteInferenceClient(url)
-    tok = AutoTokenizer.from_pretrained(fixtures.base)
+    pair = common.start_colocated(args, SERVER, tenants, shape=args.shape, publish=True, slot_builders=args.slot_builders,
+                                  stage_channel=args.stage_channel)
+    trainer = pair.trainer
+    client = RemoteInferenceClient(pair.url)
+    tok = AutoTokenizer.from_pretrained(build_fixtures().base)
     prompt_ids = tok("def handle(request):\n    user = request.user\n")["input_ids"]
-    datum = Datum(model_input=list(range(3, 3 + args.seq_len)),
-                  loss_fn_inputs={"target_tokens": list(range(4, 4 + args.seq_len))})
+    datum = common.training_datum(args.seq_len)
     windows: list[dict[str, Any]] = []
     try:
         await trainer.create_lora.remote(TRAINEE, LoraSpec(rank=args.rank, alpha=float(args.rank)))
@@ -115,13 +92,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 windows.append(w)
     finally:
         await client.aclose()
-        ray.kill(trainer)
-        ray.kill(server)
-    return {"machine": machine_name(args.machine), "date": today(),
+        pair.stop()
+    return {"machine": common.machine_name(args.machine), "date": common.today(),
             "config": {"model": "llama-8b-shape (dummy weights, bf16)" if args.shape == "8b" else "tiny",
                        "rank": args.rank, "tenants": args.tenants,
                        "streams": args.streams, "publishes": args.publishes, "rounds": args.rounds,
-                       "slot_builders": args.slot_builders, "trainer": "colocated (base on the server's weights)",
+                       "slot_builders": args.slot_builders, "stage_channel": args.stage_channel,
+                       "trainer": "colocated (base on the server's weights)",
                        "cuda_graphs": True},
             "windows": windows,
             "summary": {name: {k: statistics.median(w[k] for w in windows if w["window"] == name)
@@ -142,31 +119,26 @@ def plot(result: dict[str, Any], png: Path) -> None:
     ax.axhline(50, color="k", lw=0.8, ls="--")
     ax.set_ylabel("save_weights_for_sampler -> first token, ms (p50)")
     ax.legend()
-    fig.suptitle(f"{result['machine']}: 8B-shape, rank {result['config']['rank']}, colocated trainer", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
+    common.finish_figure(fig, png, f"{result['machine']}: 8B-shape, rank {result['config']['rank']}, colocated trainer")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser, model=False)
+    common.add_common_args(parser, model=False)
+    common.add_colocated_args(parser, seq_len=128)
     parser.add_argument("--shape", choices=("8b", "tiny"), default="8b", help="tiny: a CPU smoke run")
-    parser.add_argument("--tenants", type=int, default=4)
-    parser.add_argument("--streams", type=int, default=8)
-    parser.add_argument("--rank", type=int, default=32)
-    parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--publishes", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--server-memory", type=float, default=0.45)
     parser.add_argument("--slot-builders", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--stage-channel", action=argparse.BooleanOptionalAction, default=True,
+                        help="staging around the engine's loop (stage_channel), or through collective_rpc")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from skyrl_lora.cluster import start_local_ray
 
     start_local_ray(num_cpus=4, namespace=None)
     result = asyncio.run(run(args))
-    logger.info("wrote %s: %s", write_result(result, args.out, f"publish-latency-{args.shape}", plot), result["summary"])
+    logger.info("wrote %s: %s", common.write_result(result, args.out, f"publish-latency-{args.shape}", plot), result["summary"])
 
 
 if __name__ == "__main__":

