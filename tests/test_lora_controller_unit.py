@@ -133,3 +133,72 @@ async def test_engine_wide_pause_and_unknown_tenants(controller, tiny) -> None:
     assert err.value.status == 404 and err.value.field == "lora_name"
     with pytest.raises(LoraError):
         await ctl.abort_lora_requests("nobody")
+
+
+class StagingFakeEngine(FakeEngine):
+    """The fake engine's workers stage through ``collective_rpc`` at once (a version is staged as
+    soon as it is asked for), and record every call, as the engine's loop would see them."""
+
+    def __init__(self, hf_config: Any) -> None:
+        super().__init__(hf_config)
+        self.rpcs: list[str] = []
+        self.staged: dict[int, str] = {}
+
+    async def collective_rpc(self, method: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        from skyrl_lora.inference.stage_channel import NOT_STAGED
+
+        self.rpcs.append(method)
+        if method == "skyrl_stage_lora":
+            self.staged[args[0]] = args[2]
+            return [None]
+        if method == "skyrl_stage_status":
+            return ["ok" if self.staged.get(args[0]) == args[1] else NOT_STAGED]
+        if method == "skyrl_discard_lora":
+            self.staged.pop(args[0], None)
+        return [None]
+
+
+@pytest.fixture
+def channel():
+    from skyrl_lora.inference.stage_channel import ServerStageChannel
+
+    opened = ServerStageChannel.open()
+    assert opened is not None
+    yield opened
+    opened.close()
+
+
+async def test_staging_over_the_channel_never_calls_the_engine(tiny, channel) -> None:
+    """The command reaches the worker's thread and its notice ends the wait: no collective_rpc."""
+    from transformers import AutoConfig
+
+    from skyrl_lora.inference.stage_channel import WorkerStageChannel
+
+    engine = StagingFakeEngine(AutoConfig.from_pretrained(tiny.base))
+    worker = WorkerStageChannel(channel.name, lambda c: worker.notify(c.lora_int_id, c.lora_path, "ok"))
+    channel.start([worker.name])
+    controller = LoraController(engine, stage_off_loop=True, channel=channel)
+    staged = await controller.stage("meow", str(tiny.loras["meow"]))
+    assert engine.rpcs == [] and controller.stage_asks == 0 and channel.received == 1
+    await controller.discard(staged.stage_id)
+
+
+async def test_a_lost_command_is_sent_through_the_engine_after_the_backstop(tiny, channel) -> None:
+    """A worker that never hears the command (a dropped datagram): the backstop ask finds nothing
+    staged, the command goes through collective_rpc, and staging still succeeds."""
+    import socket
+
+    from transformers import AutoConfig
+
+    engine = StagingFakeEngine(AutoConfig.from_pretrained(tiny.base))
+    deaf = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    deaf.bind("\0skyrl-test-deaf-worker")  # takes datagrams and never reads them
+    try:
+        channel.start(["skyrl-test-deaf-worker"])
+        controller = LoraController(engine, stage_off_loop=True, channel=channel)
+        staged = await asyncio.wait_for(controller.stage("meow", str(tiny.loras["meow"])), 30)
+        assert channel.commands == 1  # sent, and lost
+        assert engine.rpcs == ["skyrl_stage_status", "skyrl_stage_lora", "skyrl_stage_status"], engine.rpcs
+        await controller.discard(staged.stage_id)
+    finally:
+        deaf.close()

@@ -381,7 +381,8 @@ def _outcome(job: concurrent.futures.Future[Any]) -> str:
 
 
 class LoraStagingWorkerExtension:
-    """Methods vLLM mixes into its worker; reached through ``engine.collective_rpc``."""
+    """Methods vLLM mixes into its worker; reached through ``engine.collective_rpc``, and staging also
+    from the server's ``stage_channel`` commands, on a thread of this worker."""
 
     def skyrl_configure_staging(self, threads: int, out_of_process: bool = False,
                                 server_channel: str | None = None) -> str | None:
