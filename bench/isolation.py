@@ -127,6 +127,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--latency-samples", type=int, default=20)
     parser.add_argument("--damage-syncs", type=int, default=200)
+    parser.add_argument("--stage-channel", action=argparse.BooleanOptionalAction, default=True,
+                        help="staging around the engine's loop (stage_channel), or through collective_rpc")
     add_common_args(parser)
     args = parser.parse_args()
     setup = tiny_setup()
@@ -135,7 +137,7 @@ def main() -> None:
     import vllm
 
     with inference_servers(args.model or setup.base, loras, num_gpus_per_server=args.num_gpus,
-                           max_loras=6, max_lora_rank=16) as cluster:
+                           max_loras=6, max_lora_rank=16, stage_channel=args.stage_channel) as cluster:
         result = asyncio.run(bench(cluster.urls, paths, prompt, args))
     result.update({"machine": machine_name(args.machine), "date": today(), "vllm": vllm.__version__,
                    "args": {k: str(v) for k, v in vars(args).items()}})
