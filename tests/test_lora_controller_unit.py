@@ -187,14 +187,16 @@ async def test_a_lost_command_is_sent_through_the_engine_after_the_backstop(tiny
     """A worker that never hears the command (a dropped datagram): the backstop ask finds nothing
     staged, the command goes through collective_rpc, and staging still succeeds."""
     import socket
+    import uuid
 
     from transformers import AutoConfig
 
     engine = StagingFakeEngine(AutoConfig.from_pretrained(tiny.base))
+    deaf_name = f"skyrl-test-deaf-worker-{uuid.uuid4().hex}"
     deaf = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    deaf.bind("\0skyrl-test-deaf-worker")  # takes datagrams and never reads them
+    deaf.bind("\0" + deaf_name)  # takes datagrams and never reads them
     try:
-        channel.start(["skyrl-test-deaf-worker"])
+        channel.start([deaf_name])
         controller = LoraController(engine, stage_off_loop=True, channel=channel)
         staged = await asyncio.wait_for(controller.stage("meow", str(tiny.loras["meow"])), 30)
         assert channel.commands == 1  # sent, and lost
