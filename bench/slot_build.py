@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from skyrl_lora.inference.adapter_check import ModelShape
     from skyrl_lora.inference.slot_builder import BuildJob, build_image, read_image
+    from skyrl_lora.lora_targets import PROJECTION_MODULES, UNEMBED_MODULES
     from skyrl_lora.models.synthetic import LLAMA_8B, MID_CPU, write_dummy_model, write_random_adapter
     from skyrl_lora.models.tiny import build_fixtures
 
@@ -68,8 +69,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model = write_dummy_model(work / "model", {"8b": LLAMA_8B, "mid-cpu": MID_CPU}[args.shape], build_fixtures().base)
     shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(model))
     assert shape is not None
-    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj") + (
-        ("lm_head",) if args.unembed else ())
+    targets = PROJECTION_MODULES + (UNEMBED_MODULES if args.unembed else ())
     adapters = [write_random_adapter(work / f"v{i}", model, args.rank, seed=i, dtype=args.file_dtype, targets=targets)
                 for i in range(min(args.versions, 2))]
     plan = llama_plan(shape, args.rank, "bfloat16", args.unembed)

@@ -79,7 +79,7 @@ async def _stage_timings(actor: Any) -> dict[str, list[float]]:
 
 async def _window(name: str, client: RemoteInferenceClient, url: str, prompt_ids: list[int], prompt_text: str,
                   tenants: list[str], paths: dict[str, list[str]], args: argparse.Namespace,
-                  actor: Any) -> dict[str, Any]:
+                  actor: Any, rnd: int) -> dict[str, Any]:
     syncing = {"nosync": [], "one": tenants[:1], "legacy": tenants[:1], "engine-wide": tenants[:1],
                "all": tenants, "all-inplace": tenants}[name]
     period = args.all_period if name.startswith("all") else 1.0
@@ -96,7 +96,7 @@ async def _window(name: str, client: RemoteInferenceClient, url: str, prompt_ids
     if name in args.profile_windows and args.py_spy:
         pids = pyspy.server_processes(await actor.engine_pids.remote())
         recordings = pyspy.start(args.py_spy, pids, args.window_s, Path(args.out) / "profiles",
-                                 f"{args.label}-{name}-r{args.round}")
+                                 f"{args.label}-{name}-r{rnd}")
     (state_before,) = await client.state()
     results = await asyncio.gather(*jobs)
     (state_after,) = await client.state()
@@ -108,7 +108,7 @@ async def _window(name: str, client: RemoteInferenceClient, url: str, prompt_ids
     # the worker's own time per flip from a slot image, and per load and slot image off the loop
     timings = {k: v[before.get(k, 0):] for k, v in (await _stage_timings(actor)).items()}
     return {
-        "window": name, "tokens_per_s": sum(s.tokens for s in streams) / max(s.seconds for s in streams),
+        "window": name, "round": rnd, "tokens_per_s": sum(s.tokens for s in streams) / max(s.seconds for s in streams),
         # per tenant, so windows with different numbers of non-syncing tenants compare
         "others_tokens_per_s_per_tenant": sum(s.tokens for s in others) / max(s.seconds for s in others) / len(others),
         "requests": sum(s.requests for s in streams), "segments": sum(s.segments for s in streams),
@@ -121,7 +121,7 @@ async def _window(name: str, client: RemoteInferenceClient, url: str, prompt_ids
         "flip_load_max_ms": 1e3 * max(p[1] for p in parts) if parts else None,
         **{f"engine_{k[:-3]}_p50_ms": statistics.median(v) if v else None for k, v in timings.items()},
         "engine_flip_max_ms": max(timings.get("flip_ms") or [float("nan")]),
-        # status calls the engine core answered while staging (stage_notices keeps it ~1 per sync)
+        # status calls the engine core answered while staging (0 while the stage channel carries it all)
         "stage_asks": state_after.stage_asks - state_before.stage_asks,
         "stage_notices": (state_after.stage_notices or 0) - (state_before.stage_notices or 0),
         **({"profile": profile} if profile is not None else {}),
@@ -196,9 +196,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         windows: list[dict[str, Any]] = []
         for r in range(args.rounds):
             for name in args.windows:
-                args.round = r
-                w = await _window(name, client, url, prompt_ids, prompt_text, tenants, paths, args, actor)
-                w["round"] = r
+                w = await _window(name, client, url, prompt_ids, prompt_text, tenants, paths, args, actor, r)
                 logger.info("%s", w)
                 windows.append(w)
     finally:
