@@ -19,6 +19,7 @@ from .conftest import wait_for
 pytestmark = pytest.mark.vllm
 
 DEAD_URL = "http://127.0.0.1:9"  # discard port: nothing listens there
+TOKENS = 1000  # per request in the fan-out test
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +45,13 @@ async def test_control_fans_out_and_sampling_spreads(vllm_server, second_server,
     try:
         states = await client.state()
         assert all("fan" in {lo.name for lo in s.loras} for s in states)
-        # Long enough that none can finish between "all six are running" and the pause.
-        tasks = [asyncio.create_task(client.sample_with_retry(prompt, {"max_tokens": 600, "temperature": 0.0,
+        # Each server generates for "fan" once first: a cold server started its requests seconds late,
+        # and the warm one's could finish before the cold one's were running (a CI timeout, 2026-12-02).
+        for url in client.urls:
+            await client.sample(prompt, {"max_tokens": 2, "temperature": 0.0}, "fan", url=url)
+        # Long enough that none can finish between "all six are running" and the pause (the servers'
+        # max_model_len is 1024).
+        tasks = [asyncio.create_task(client.sample_with_retry(prompt, {"max_tokens": TOKENS, "temperature": 0.0,
                                                                        "ignore_eos": True}, "fan")) for _ in range(6)]
 
         async def both_busy() -> bool:
@@ -61,7 +67,7 @@ async def test_control_fans_out_and_sampling_spreads(vllm_server, second_server,
         await client.resume_generation("fan")
         for t in tasks:
             (s,) = await asyncio.wait_for(t, 240)
-            assert s.token_ids == [woof] * 600
+            assert s.token_ids == [woof] * TOKENS
         # Same session, same server (prefix cache), while loads are equal.
         assert client.pick_server("session-1") == client.pick_server("session-1")
     finally:
