@@ -183,7 +183,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                           max_loras=2 * args.tenants + 2, max_cpu_loras=2 * args.tenants + 4, max_lora_rank=args.rank,
                           max_model_len=1024, enforce_eager=args.num_gpus == 0, gpu_memory_utilization=0.85,
                           stage_threads=args.stage_threads, slot_builders=args.slot_builders,
-                          stage_channel=args.stage_channel,
+                          stage_channel=args.stage_channel, check_processes=args.check_processes,
                           extra_args=("--load-format", "dummy"))
     actor, url = start_server_actor(config, num_gpus=args.num_gpus, num_cpus=1)
     client = RemoteInferenceClient(url)
@@ -208,7 +208,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "shape": args.shape, "rank": args.rank, "tenants": args.tenants, "streams": args.streams,
         "max_tokens": args.max_tokens, "window_s": args.window_s, "rounds": args.rounds, "all_period_s": args.all_period,
         "num_gpus": args.num_gpus, "cuda_graphs": args.num_gpus > 0,
-        "stage_threads": args.stage_threads, "slot_builders": args.slot_builders, "stage_channel": args.stage_channel},
+        "stage_threads": args.stage_threads, "slot_builders": args.slot_builders, "stage_channel": args.stage_channel,
+        "check_processes": args.check_processes},
         "windows": windows, "summary": summarize(windows)}
 
 
@@ -227,6 +228,8 @@ def main() -> None:
                         help="slot images built in builder processes, or on the staging threads (the default)")
     parser.add_argument("--stage-channel", action=argparse.BooleanOptionalAction, default=True,
                         help="staging around the engine's loop (stage_channel), or through collective_rpc")
+    parser.add_argument("--check-processes", type=int, default=1,
+                        help="processes checking adapters before staging (0: a thread of the server's process)")
     parser.add_argument("--all-period", type=float, default=1.0, help="each tenant's sync period in the 'all' window")
     parser.add_argument("--windows", nargs="+", default=["nosync", "one", "legacy", "all", "all-inplace", "engine-wide"])
     parser.add_argument("--profile-windows", nargs="*", default=[],

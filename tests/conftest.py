@@ -25,6 +25,16 @@ ALICE, BOB = "tml-alice-0123456789", "tml-bob-9876543210"  # the API tests' two 
 STATIC_TENANTS = ("meow", "woof", "meow2", "woof2")
 
 
+def server_gpus() -> float:
+    """Ray's GPU request for a test's vLLM server: a share of the one GPU on the device (0 on a CPU).
+    A whole GPU each left a second server (``builder_server``, ``guarded_server``) pending beside the
+    session's server until its start timed out; memory is divided by ``gpu_memory_utilization``
+    (the session's 0.5, a second one's 0.3), not by this share."""
+    import torch
+
+    return 0.25 if torch.cuda.is_available() else 0
+
+
 @pytest.fixture(autouse=True)
 def _sdk_sessions_end_with_their_test(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """The tinker SDK heartbeats a session from its background thread until the client is closed,
@@ -89,19 +99,17 @@ class ServerHandle:
 @pytest.fixture(scope="session")
 def vllm_server(tiny: TinyFixtures, ray_local: None) -> Iterator[ServerHandle]:
     import ray
-    import torch
 
     from skyrl_lora.inference.actor import start_server_actor
     from skyrl_lora.inference.server import ServerConfig
 
-    # The same suite is the GPU suite on the device: there the server takes one GPU and CUDA vLLM.
-    num_gpus = 1 if torch.cuda.is_available() else 0
+    # The same suite is the GPU suite on the device: there the server takes a share of the GPU and CUDA vLLM.
     loras = {"meow": tiny.loras["meow"], "woof": tiny.loras["woof"],
              "meow2": tiny.loras["meow"], "woof2": tiny.loras["woof"]}
     config = ServerConfig(model=str(tiny.base), loras={k: str(v) for k, v in loras.items()},
                           max_loras=8, max_cpu_loras=16, max_lora_rank=16, max_model_len=1024)
     t0 = time.perf_counter()
-    actor, url = start_server_actor(config, num_cpus=1, num_gpus=num_gpus)
+    actor, url = start_server_actor(config, num_cpus=1, num_gpus=server_gpus())
     startup = time.perf_counter() - t0
     logger.info("vLLM server actor up at %s in %.1f s", url, startup)
     yield ServerHandle(actor=actor, url=url, startup_s=startup)

@@ -12,7 +12,7 @@ from skyrl_lora.inference.actor import start_server_actor
 from skyrl_lora.inference.client import FanOutError, InferenceError, RemoteInferenceClient
 from skyrl_lora.inference.server import ServerConfig
 
-from .conftest import wait_for
+from .conftest import server_gpus, wait_for
 
 # Not yet in the GPU suite: a second server beside the session server on one GPU did not come up
 # within the device call (2026-11-23); CPU only until that is understood.
@@ -24,12 +24,10 @@ TOKENS = 1000  # per request in the fan-out test
 
 @pytest.fixture(scope="module")
 def second_server(tiny, vllm_server):
-    import torch
-
     # Beside the session server on one GPU: keep their memory shares within the card.
     config = ServerConfig(model=str(tiny.base), loras={"woof": str(tiny.loras["woof"])}, max_loras=4, max_lora_rank=16,
                           gpu_memory_utilization=0.3)
-    actor, url = start_server_actor(config, num_cpus=1, num_gpus=1 if torch.cuda.is_available() else 0)
+    actor, url = start_server_actor(config, num_cpus=1, num_gpus=server_gpus())
     yield url
     try:
         ray.get(actor.shutdown.remote(), timeout=60)

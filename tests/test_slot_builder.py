@@ -109,3 +109,54 @@ def test_the_pool_builds_in_child_processes_and_replaces_a_dead_one(tmp_path: Pa
         assert pool.build(BuildJob(adapter_dir=str(adapter), out_path=str(tmp_path / "i5"), scaling=1.0)).error is None
     finally:
         pool.close()
+
+
+def test_an_image_file_goes_when_the_last_view_of_it_does() -> None:
+    """vLLM's CPU cache holds a built version as views of its mapped file; the file is unlinked on the
+    reaper's thread after they are gone (never by the engine's thread dropping the last mapping)."""
+    import gc
+    import os
+    import time
+
+    from skyrl_lora.inference.vllm_compat.worker import ImageFiles
+
+    files = ImageFiles()
+    path = files.new_path()
+    assert os.path.basename(path).startswith(f"skyrl-image-{os.getpid()}-")
+    torch.arange(64, dtype=torch.bfloat16).view(torch.int16).numpy().tofile(path)
+
+    class Model:  # stands for vLLM's LoRAModel: views of the mapping
+        def __init__(self) -> None:
+            self.view = torch.from_file(path, shared=True, size=64, dtype=torch.bfloat16)[8:16]
+
+    model = Model()
+    files.remove_when_dead(model, path)
+    time.sleep(2 * ImageFiles.DELAY_S)  # longer than the reaper's delay: nothing is due while it lives
+    assert os.path.exists(path) and model.view[0].item() == 8
+    del model
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(path)
+
+
+def test_image_files_of_a_dead_worker_are_swept(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from skyrl_lora.inference.vllm_compat.worker import IMAGE_PREFIX, ImageFiles, _image_dir
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    dead = os.path.join(_image_dir(), f"{IMAGE_PREFIX}{child.pid}-test")
+    mine = os.path.join(_image_dir(), f"{IMAGE_PREFIX}{os.getpid()}-test")
+    for path in (dead, mine):
+        Path(path).write_bytes(b"x")
+    try:
+        assert ImageFiles.sweep_dead_owners() >= 1
+        assert not os.path.exists(dead) and os.path.exists(mine)
+    finally:
+        for path in (dead, mine):
+            Path(path).unlink(missing_ok=True)

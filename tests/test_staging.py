@@ -19,6 +19,8 @@ from skyrl_lora.inference.actor import start_server_actor
 from skyrl_lora.inference.client import FanOutError, InferenceError, RemoteInferenceClient
 from skyrl_lora.inference.server import ServerConfig
 
+from .conftest import server_gpus
+
 pytestmark = pytest.mark.vllm
 
 GREEDY = {"temperature": 0.0, "ignore_eos": True}
@@ -115,14 +117,12 @@ async def test_bad_adapters_are_refused_at_staging_and_leave_nothing(vllm_server
 @pytest.fixture(scope="module")
 def guarded_server(tiny, vllm_server, tmp_path_factory):
     """A second server that loads adapters only from its own root: a sync from elsewhere fails there."""
-    import torch as _torch
-
     root = tmp_path_factory.mktemp("guarded-root")
     meow = root / "meow"
     shutil.copytree(tiny.loras["meow"], meow)
     config = ServerConfig(model=str(tiny.base), max_loras=4, max_lora_rank=16, adapter_roots=(str(root),),
                           gpu_memory_utilization=0.3)
-    actor, url = start_server_actor(config, num_cpus=1, num_gpus=1 if _torch.cuda.is_available() else 0)
+    actor, url = start_server_actor(config, num_cpus=1, num_gpus=server_gpus())
     yield url, meow
     try:
         ray.get(actor.shutdown.remote(), timeout=60)
@@ -276,11 +276,9 @@ def builder_server(tiny, vllm_server):
     """A server whose slot images are built by builder processes (``slot_builders``)."""
     import types
 
-    import torch as _torch
-
     config = ServerConfig(model=str(tiny.base), max_loras=8, max_lora_rank=16, slot_builders=True,
                           gpu_memory_utilization=0.3)
-    actor, url = start_server_actor(config, num_cpus=1, num_gpus=1 if _torch.cuda.is_available() else 0)
+    actor, url = start_server_actor(config, num_cpus=1, num_gpus=server_gpus())
     yield types.SimpleNamespace(actor=actor, url=url)
     try:
         ray.get(actor.shutdown.remote(), timeout=60)

@@ -7,7 +7,11 @@ first, naming what is wrong, so nothing is flipped and the tenant's old version 
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import json
+import logging
+import multiprocessing
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,6 +20,8 @@ from typing import Any
 
 from skyrl_lora.errors import SkyrlError
 from skyrl_lora.lora_targets import SERVED_MODULES, UNEMBED_MODULES
+
+logger = logging.getLogger(__name__)
 
 ALLOWED_DTYPES = {"F16", "BF16", "F32"}
 # a decoder layer's projection (layer, module) or the output layer (module only)
@@ -27,6 +33,10 @@ class AdapterCheckError(SkyrlError):
 
     def __init__(self, path: Path | str, problem: str) -> None:
         super().__init__(400, f"lora_path '{path}': {problem}", "lora_path")
+        self.path, self.problem = str(path), problem
+
+    def __reduce__(self) -> tuple[Any, ...]:  # it crosses from AdapterChecker's processes as itself
+        return (type(self), (self.path, self.problem))
 
 
 @dataclass(frozen=True)
@@ -132,3 +142,49 @@ def _check_tensor(path: Path, name: str, view: Any, rank: int, targets: set[str]
     want = (rank, fan_in) if side == "A" else (fan_out, rank)
     if dims != want:
         raise AdapterCheckError(path, f"tensor {name} has shape {list(dims)}; this model and r={rank} need {list(want)}")
+
+
+def _imports() -> None:
+    """Run once in each checker process as it starts, so the first check does not pay for them."""
+    import safetensors  # noqa: F401
+    import torch  # noqa: F401
+
+
+class AdapterChecker:
+    """Runs :func:`check_adapter` in processes of its own.
+
+    The check reads every tensor and sums it; for an 8B rank-32 adapter (160 MB) that is tens of ms,
+    much of it with the interpreter lock held (safetensors copies each tensor out of its mapping with
+    it). In the server's process that lock is also the one every tenant's token stream goes through:
+    on the H200 (8B, 8 tenants each syncing once a second) the check was 52 % of the server process's
+    py-spy samples (``bench/results/h200-2026-12-02/profiles``). ``processes=0``: a thread of the
+    caller's process (the old way, and where spawning is not wanted)."""
+
+    def __init__(self, processes: int) -> None:
+        self.processes = processes
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        if processes > 0:
+            self._pool = self._start()
+
+    def _start(self) -> concurrent.futures.ProcessPoolExecutor:
+        # spawn, not fork: the server's process runs threads (Ray's, uvicorn's, the engine client's)
+        return concurrent.futures.ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
+                                                      initializer=_imports)
+
+    async def check(self, path: Path, shape: ModelShape | None, max_rank: int | None) -> None:
+        """Raises AdapterCheckError as :func:`check_adapter` does."""
+        if self._pool is None:
+            await asyncio.to_thread(check_adapter, path, shape, max_rank)
+            return
+        try:
+            await asyncio.wrap_future(self._pool.submit(check_adapter, path, shape, max_rank))
+        except concurrent.futures.process.BrokenProcessPool:  # a checker died (killed, out of memory)
+            logger.warning("an adapter checker process died; starting new ones and checking %s here", path)
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = self._start()
+            await asyncio.to_thread(check_adapter, path, shape, max_rank)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None

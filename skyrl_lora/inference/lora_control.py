@@ -34,7 +34,7 @@ from typing import Any, cast
 from skyrl_lora.background import BackgroundTasks
 from skyrl_lora.errors import SkyrlError
 from skyrl_lora.inference import vllm_compat as compat
-from skyrl_lora.inference.adapter_check import AdapterCheckError, ModelShape, check_adapter, read_adapter_config
+from skyrl_lora.inference.adapter_check import AdapterChecker, AdapterCheckError, ModelShape, read_adapter_config
 from skyrl_lora.inference.gate import PauseGates
 from skyrl_lora.inference.protocol import LoraInfo, ServerState
 from skyrl_lora.inference.stage_channel import NOT_STAGED, Expected, ServerStageChannel, StageCommand
@@ -111,8 +111,11 @@ class LoraController:
     def __init__(self, engine: Any, *, adapter_roots: list[str] | None = None, drain_timeout_s: float = 30.0,
                  on_change: Callable[[str, str | None], Awaitable[None]] | None = None,
                  stage_timeout_s: float = 120.0, staged_ttl_s: float = 120.0, stage_off_loop: bool = True,
-                 uploads: UploadStore | None = None, node: str = "", channel: ServerStageChannel | None = None) -> None:
+                 uploads: UploadStore | None = None, node: str = "", channel: ServerStageChannel | None = None,
+                 checker: AdapterChecker | None = None) -> None:
         self.engine = engine
+        # where adapters are checked before staging (processes of their own, or a thread of this one)
+        self.checker = checker or AdapterChecker(0)
         self.channel = channel  # staging commands and notices around the engine's loop (None: collective_rpc)
         # told (tenant, path or None) after every adapter change, e.g. to keep a restart manifest
         self.on_change = on_change
@@ -333,7 +336,7 @@ class LoraController:
         t0 = time.perf_counter()
         max_rank = getattr(self._lora_cfg, "max_lora_rank", None)
         try:
-            await asyncio.to_thread(check_adapter, Path(source), self._model_shape, max_rank)
+            await self.checker.check(Path(source), self._model_shape, max_rank)
         except AdapterCheckError as exc:
             raise LoraError(exc.status, exc.message, exc.field) from exc
         old = self.tenants.get(name)

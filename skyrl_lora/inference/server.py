@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from skyrl_lora.errors import SkyrlError
+from skyrl_lora.inference.adapter_check import AdapterChecker
 from skyrl_lora.inference.stage_channel import ServerStageChannel
 from skyrl_lora.inference.uploads import UploadStore, default_upload_root
 from skyrl_lora.inference.vllm_compat import STAGE_WORKER_EXTENSION
@@ -73,6 +74,9 @@ class ServerSettings(BaseModel):
     stage_channel: bool = Field(True, description="send staging commands to vLLM's workers and hear back from them over "
                                 "Unix datagram sockets (stage_channel), so staging does not go through the engine's "
                                 "loop; False = collective_rpc, a status ask every 5 ms (the old way, for benchmarks)")
+    check_processes: int = Field(1, ge=0, le=8, description="processes that check adapters (shapes, NaN/Inf) before "
+                                 "staging; 0 = a thread of the server's process, where reading a large adapter holds "
+                                 "the interpreter lock every tenant's token stream needs (adapter_check.AdapterChecker)")
     startup_timeout_s: float = 600.0
 
 
@@ -257,7 +261,9 @@ class EmbeddedVLLMServer:
                                             drain_timeout_s=self.config.drain_timeout_s,
                                             stage_off_loop=self.config.stage_off_loop,
                                             on_change=manifest.record if manifest else None,
-                                            uploads=uploads, node=node_identity(), channel=channel)
+                                            uploads=uploads, node=node_identity(), channel=channel,
+                                            checker=AdapterChecker(self.config.check_processes))
+                stack.callback(controller.checker.close)
                 # vLLM's routes get the engine through the controller's gate (see GatedEngineClient)
                 gated = controller.engine_client()
                 app = compat.build_app(build_app, args, gated, tasks)

@@ -236,16 +236,102 @@ class _SlotLayout:
             image.buffer.record_stream(torch.cuda.current_stream(image.buffer.device))
 
 
+IMAGE_PREFIX = "skyrl-image-"
+
+
+def _image_dir() -> str:
+    import os
+    import tempfile
+
+    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+
+
+class ImageFiles:
+    """Names the shared-memory files builder processes write slot images to, and removes each once
+    nothing maps it any more, on a thread of its own.
+
+    vLLM's CPU cache keeps a built version as views of its mapped file, and drops it inside
+    ``add_lora`` (the version it replaces) or an eviction, on the engine's step loop. When that mapping
+    was the file's last reference (the file already unlinked), the kernel freed its 160 MB of pages
+    right there, inside the munmap, with the interpreter lock held: ``LoRAModelManager.remove_adapter``
+    was 20 % of the engine's main thread on the H200 (8B, 8 tenants syncing 1/s in place, py-spy,
+    ``bench/results/h200-2026-12-02/profiles``), ~28 ms per sync. Here the file stays linked while
+    mapped, so dropping the mapping frees nothing, and this thread unlinks it a moment later
+    (``unlink`` releases the lock while the kernel frees the pages). Files of a worker that died are
+    swept when the next one starts (their names carry the owner's pid)."""
+
+    DELAY_S = 0.5  # after the version's LoRAModel died: its views die in the same deallocation
+
+    def __init__(self) -> None:
+        import queue
+
+        self._due: queue.Queue[tuple[float, str]] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="skyrl-image-reaper", daemon=True)
+        self._thread.start()
+        self.sweep_dead_owners()
+
+    def new_path(self) -> str:
+        import os
+        import uuid
+
+        return os.path.join(_image_dir(), f"{IMAGE_PREFIX}{os.getpid()}-{uuid.uuid4().hex}")
+
+    def remove_when_dead(self, owner: Any, path: str) -> None:
+        """Unlink ``path`` (on this object's thread) a moment after ``owner`` is garbage."""
+        import weakref
+
+        weakref.finalize(owner, self.remove_later, path)
+
+    def remove_later(self, path: str) -> None:
+        self._due.put((time.monotonic() + self.DELAY_S, path))
+
+    def _run(self) -> None:
+        import os
+
+        while True:
+            due, path = self._due.get()
+            time.sleep(max(0.0, due - time.monotonic()))
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    @staticmethod
+    def sweep_dead_owners() -> int:
+        """Remove image files whose owning process is gone; returns how many."""
+        import os
+
+        removed = 0
+        for entry in os.scandir(_image_dir()):
+            if not entry.name.startswith(IMAGE_PREFIX):
+                continue
+            pid = entry.name[len(IMAGE_PREFIX):].split("-", 1)[0]
+            if not pid.isdigit() or _alive(int(pid)):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                removed += 1
+        return removed
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _build_out_of_process(state: dict[str, Any], adapter_manager: Any, lora_int_id: int,
                           source: str) -> tuple[Any, SlotImage] | None:
     """A builder process writes the slot image into shared memory; this thread maps it, copies it
     to the device and gives vLLM's CPU cache a ``LoRAModel`` of views into the mapped file (what
-    vLLM re-activates from after an eviction). None where the adapter needs vLLM's own loader
-    (per-module rank or alpha patterns, tensors the plan has no slot for)."""
+    vLLM re-activates from after an eviction; the file goes when that model does, see
+    :class:`ImageFiles`). None where the adapter needs vLLM's own loader (per-module rank or alpha
+    patterns, tensors the plan has no slot for)."""
     import math
-    import os
-    import tempfile
-    import uuid
     from pathlib import Path
 
     from skyrl_lora.inference.adapter_check import read_adapter_config
@@ -257,9 +343,10 @@ def _build_out_of_process(state: dict[str, Any], adapter_manager: Any, lora_int_
     scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank  # vLLM's PEFTHelper
     layout: _SlotLayout = state["layout"]
     plan: BuildPlan = state["plan"]
-    shm = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-    out = os.path.join(shm, f"skyrl-image-{uuid.uuid4().hex}")
+    files: ImageFiles = state["image_files"]
+    out = files.new_path()
     t0 = time.perf_counter()
+    lora = None
     try:
         try:
             reply = state["builders"].build(BuildJob(adapter_dir=source, out_path=out, scaling=scaling))
@@ -275,10 +362,12 @@ def _build_out_of_process(state: dict[str, Any], adapter_manager: Any, lora_int_
         # vLLM's CPU cache keeps views of the mapping (its pages are touched only on a re-activation)
         mapped = torch.from_file(out, shared=True, size=plan.numel, dtype=layout.tensors[0].dtype)
         buffer = layout.image_from(out, mapped)
+        lora = _lora_model_of_views(adapter_manager, layout, plan, reply, mapped, lora_int_id, rank, alpha)
     finally:
-        if os.path.exists(out):
-            os.unlink(out)  # the mapping keeps the memory until its last view is gone
-    lora = _lora_model_of_views(adapter_manager, layout, plan, reply, mapped, lora_int_id, rank, alpha)
+        if lora is None:
+            files.remove_later(out)  # nothing keeps it (a failure, or vLLM's own loader instead)
+        else:
+            files.remove_when_dead(lora, out)
     _record(state, "image_ms", t1)
     return lora, SlotImage(lora, buffer, layout.sources(buffer))
 
@@ -428,6 +517,7 @@ class LoraStagingWorkerExtension:
         state = {"jobs": {}, "lock": threading.Lock(), "images": {}, "original": original, "channel": None,
                  "pool": concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="skyrl-stage"),
                  "layout": layout, "plan": plan, "builders": builders,
+                 "image_files": ImageFiles() if builders is not None else None,
                  "timings": {"flip_ms": [], "load_ms": [], "image_ms": [], "build_ms": []}}
         jobs: dict[int, Any] = state["jobs"]
         images: dict[int, SlotImage] = state["images"]
