@@ -19,7 +19,7 @@ from skyrl_lora.config import SkyrlConfig, settings_of
 from skyrl_lora.inference.actor import start_server_actor
 from skyrl_lora.inference.client import RemoteInferenceClient
 from skyrl_lora.inference.server import ServerConfig, ServerSettings
-from skyrl_lora.training.config import TrainerConfig, TrainerSettings
+from skyrl_lora.training.config import SamplerDtype, TrainerConfig, TrainerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +151,14 @@ def trainer_config(config: SkyrlConfig, deployment: Deployment, inference_urls: 
                          max_lora_rank=config.max_lora_rank, state_dir=data / "trainer", sampler_root=data / "adapters",
                          publish_root=deployment.publish_root, keep_sampler_versions=1_000_000 if serve_api else 4,
                          inference_urls=tuple(inference_urls), inference_token=deployment.token,
-                         share_from=server_name(0))
+                         share_from=server_name(0), sampler_dtype=sampler_dtype(config.server.dtype))
+
+
+def sampler_dtype(server_dtype: str) -> SamplerDtype:
+    """The servers' dtype for the trainer's sampler files, float32 where it is not named ('auto')."""
+    named: dict[str, SamplerDtype] = {"bfloat16": "bfloat16", "float16": "float16", "half": "float16",
+                                      "float32": "float32", "float": "float32"}
+    return named.get(server_dtype, "float32")
 
 
 def api_settings(config: SkyrlConfig, deployment: Deployment) -> ApiSettings:

@@ -173,6 +173,10 @@ def test_the_derived_defaults_are_the_deployments_of_before() -> None:
     assert (trainer.base_weights, trainer.resident_budget_bytes, trainer.cpu_budget_bytes) == ("own", 512 << 20,
                                                                                                2048 << 20)
     assert (config.server.count, config.server.gpus, config.trainer.gpus, config.api.port) == (1, 0, 0, 8000)
+    # sampler files in the servers' dtype (vLLM casts to it anyway); float32 where the servers' is 'auto'
+    assert trainer.sampler_dtype == "bfloat16"
+    auto = SkyrlConfig.load(None, ray_address="local", server={"dtype": "auto"})
+    assert trainer_config(auto, _deployment(), [], serve_api=False).sampler_dtype == "float32"
 
 
 def test_the_token_is_an_argument_never_an_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:

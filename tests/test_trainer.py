@@ -174,6 +174,22 @@ def test_full_budgets_refuse_new_tenants(tiny: TinyFixtures, tmp_path: Path) -> 
     assert trainer.tenants() == ["a", "b"] and trainer.info("a").tier == "disk"
 
 
+def test_a_sampler_export_in_the_servers_dtype_is_the_weights_cast(tiny: TinyFixtures, tmp_path: Path) -> None:
+    """save_weights_for_sampler writes the servers' dtype (TrainerConfig.sampler_dtype): each tensor is
+    the trainer's parameter cast as vLLM would cast it on loading, so the served bits are unchanged."""
+    from safetensors.torch import load_file
+
+    trainer = make_trainer(tiny, tmp_path)
+    trainer.create_lora("a", SPEC_A)
+    params = {k: v.detach().clone() for k, v in trainer._activate("a").params.items()}
+    full = load_file(str(trainer.export_for_sampler("a", "f32") / "adapter_model.safetensors"))
+    half = load_file(str(trainer.export_for_sampler("a", "bf16", dtype=torch.bfloat16) / "adapter_model.safetensors"))
+    assert set(full) == set(half) == set(params)
+    for name, p in params.items():
+        assert full[name].dtype == torch.float32 and half[name].dtype == torch.bfloat16
+        assert torch.equal(full[name], p.float().cpu()) and torch.equal(half[name], p.to(torch.bfloat16).cpu())
+
+
 def test_mixed_shapes_export_adapters_peft_reproduces(tiny: TinyFixtures, tok, tmp_path: Path) -> None:
     """Tenants differing in rank, alpha and targets (one with lm_head, Tinker's train_unembed); each exported
     adapter, loaded by peft, gives our logprobs."""

@@ -16,15 +16,19 @@ multiplied in place by the adapter's scaling in that dtype, copied into the top-
 zeroed slot (padding to the maximum rank; q/k/v and gate/up as separate slices). The slot digest test
 checks the result bit for bit against vLLM's own load.
 
-Measured, and why it is off by default (``ServerSettings.slot_builders``): on the H200 (vllm 0.26, an
-8B-shaped model, rank-32 adapters, 8 tenants each syncing once a second) it delivered 0.52 of no-sync
-tokens/s against 0.81-0.85 for images made on one staging thread, and one tenant syncing put the
-watching stream's p99 gap at 1.89x against 1.12-1.23x. The child took 226-251 ms per version (page
-faults of a fresh shared-memory file), and the image reached the GPU from *pageable* memory: a
-synchronous ~30 ms copy per version, the likeliest cause of the stalls. Since then the child
-assembles the image in memory it keeps and writes it with one call, and the worker reads it with one
-call into a reused pinned buffer and sends that by DMA (``_SlotLayout.image_from``); that version is
-not measured on the GPU yet (``bench/slot_build.py`` times the CPU side).
+Measured on the H200 (vllm 0.26, an 8B-shaped model, rank-32 adapters, 8 tenants each syncing once
+a second; ``ServerSettings.slot_builders``, off by default until it is measured ahead):
+- first version (2026-12-02 early): 0.52 of no-sync tokens/s against 0.81-0.85 for images made on
+  one staging thread. The child took 226-251 ms per version (page faults of a fresh shared-memory
+  file) and the image crossed to the GPU from *pageable* memory, a synchronous ~30 ms copy.
+- this version (the child assembles the image in memory it keeps and writes it with one call; the
+  worker reads it with one call into a reused pinned buffer and sends that by DMA,
+  ``_SlotLayout.image_from``), four builders: every one of the 72 syncs in 10 s happened (one thread
+  managed 37-56), at 0.85 of no-sync tokens/s in place and 0.70 with aborts; the child 137 ms per
+  version, the worker's read, DMA and views 68 ms. Its py-spy profile found the next two costs,
+  both mended since and not yet measured on the GPU: freeing each replaced version's mapping inside
+  ``add_lora`` (``ImageFiles``) and the server's adapter check in its own process
+  (``adapter_check.AdapterChecker``).
 
 Run as ``python -m skyrl_lora.inference.slot_builder``: the first line on stdin is the
 :class:`BuildPlan`, then one :class:`BuildJob` per line; one :class:`BuildReply` per job on stdout.

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import ray
+import torch
 
 from skyrl_lora.actor_restart import call_self_after_restart
 from skyrl_lora.errors import SkyrlError
@@ -152,7 +153,8 @@ class TrainerActor:
         client = self._inference()
         publish = self.config.publish_root if client is not None and sync else None
         t_export = time.perf_counter()
-        export = await self._run(self.trainer.export_for_sampler, tenant, name, publish)
+        export = await self._run(self.trainer.export_for_sampler, tenant, name, publish,
+                                 getattr(torch, self.config.sampler_dtype))
         export_s = time.perf_counter() - t_export
         step = self.trainer.steps.get(tenant, 0)
         if client is None or not sync:

@@ -277,11 +277,14 @@ class MultiTenantTrainer:
         self.steps[tenant] = snap.step
         return self.info(tenant)
 
-    def export_for_sampler(self, tenant: str, name: str, root: Path | None = None) -> Path:
+    def export_for_sampler(self, tenant: str, name: str, root: Path | None = None,
+                           dtype: torch.dtype = torch.float32) -> Path:
         """Write the tenant's adapter as a peft directory vLLM loads; each export is a new directory.
 
         ``root``: where to write it instead of the durable ``sampler_root`` (shared memory, for the
-        servers of this node to load at once; :meth:`persist_export` then keeps a durable copy)."""
+        servers of this node to load at once; :meth:`persist_export` then keeps a durable copy).
+        ``dtype``: of the files (``TrainerConfig.sampler_dtype`` for the servers); cast on the
+        trainer's device, so only those bytes cross to the host."""
         _check_name(name, "name")
         from peft import LoraConfig
         from safetensors.torch import save_file
@@ -298,7 +301,7 @@ class MultiTenantTrainer:
                        target_modules=list(spec.target_modules), lora_dropout=0.0,
                        bias="none", task_type="CAUSAL_LM", base_model_name_or_path=str(self.config.base_model)
                        ).save_pretrained(str(tmp))
-            save_file({k: p.detach().to("cpu", torch.float32).contiguous() for k, p in slot.params.items()},
+            save_file({k: p.detach().to(dtype).to("cpu").contiguous() for k, p in slot.params.items()},
                       str(tmp / "adapter_model.safetensors"))
             tmp.rename(out)
         finally:
