@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# On the GPU device, after the staging calls (scripts/gpu/README.md): issue 16's production-size runs,
+# the two ways of building slot images side by side in one call (each call stays under 10 minutes).
+#   bash scripts/gpu/run_issue16.sh stall     # bench.sync_stall: staging threads, then slot builders (~8 min)
+#   bash scripts/gpu/run_issue16.sh publish   # bench.publish_latency: the same two (~8 min)
+# Results accumulate in /tmp/i16 while the machine stays warm; each call returns all of them, with
+# py-spy profiles of the all-tenant windows, in one tarball under $OUT.
+set -uo pipefail
+bash scripts/gpu/device_install.sh || exit 1
+export PYTHONPATH=/tmp/site:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled \
+  PYTHONUNBUFFERED=1 TINKER_TELEMETRY=0 PATH=/tmp/site/bin:$PATH
+res=/tmp/i16; out=${OUT:-/tmp/out}; mkdir -p "$res" "$out"
+rc=0
+case "${1:-stall}" in
+  stall)
+    for way in threads builders; do
+      flags="--stage-threads 1 --no-slot-builders"; [ "$way" = builders ] && flags="--stage-threads 4 --slot-builders"
+      timeout 280 python3 -m bench.sync_stall --shape 8b --num-gpus 1 --rank 32 --tenants 8 --streams 12 \
+        --window-s 10 --rounds 1 --windows nosync one all all-inplace --profile-windows all-inplace \
+        --machine h200 --label "$way" --out "$res/stall-$way" $flags > "$res/stall-$way.log" 2>&1 || rc=$?
+      grep "bench.sync_stall wrote" "$res/stall-$way.log" | cut -c1-600
+    done ;;
+  publish)
+    for way in threads builders; do
+      flags="--no-slot-builders"; [ "$way" = builders ] && flags="--slot-builders"
+      timeout 280 python3 -m bench.publish_latency --num-gpus 1 --tenants 4 --streams 8 --publishes 8 \
+        --machine h200 --out "$res/publish-$way" $flags > "$res/publish-$way.log" 2>&1 || rc=$?
+      grep "bench.publish_latency wrote" "$res/publish-$way.log" | cut -c1-600
+    done ;;
+  *) echo "usage: $0 stall|publish"; exit 2 ;;
+esac
+tar czf "$out/issue16-$(date +%H%M%S).tgz" -C "$res" .
+exit $rc
