@@ -58,7 +58,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     from skyrl_lora.training.protocol import LoraSpec
 
     tenants = [f"t{i}" for i in range(args.tenants)]
-    pair = common.start_colocated(args, SERVER, tenants, shape=args.shape, publish=True, slot_builders=args.slot_builders,
+    pair = common.start_colocated(args, SERVER, tenants, shape=args.shape, publish=True,
+                                  publish_images=args.publish_images, slot_builders=args.slot_builders,
                                   stage_channel=args.stage_channel)
     trainer = pair.trainer
     client = RemoteInferenceClient(pair.url)
@@ -98,6 +99,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                        "rank": args.rank, "tenants": args.tenants,
                        "streams": args.streams, "publishes": args.publishes, "rounds": args.rounds,
                        "slot_builders": args.slot_builders, "stage_channel": args.stage_channel,
+                       "publish_images": args.publish_images,
                        "trainer": "colocated (base on the server's weights)",
                        "cuda_graphs": True},
             "windows": windows,
@@ -130,6 +132,8 @@ def main() -> None:
     parser.add_argument("--publishes", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--slot-builders", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--publish-images", action=argparse.BooleanOptionalAction, default=True,
+                        help="the trainer writes the server's slot image (slot_image), or peft files")
     parser.add_argument("--stage-channel", action=argparse.BooleanOptionalAction, default=True,
                         help="staging around the engine's loop (stage_channel), or through collective_rpc")
     args = parser.parse_args()

@@ -5,6 +5,7 @@ what is wrong, and leaves nothing behind: no flip, no staged copy, the old versi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import shutil
@@ -83,6 +84,20 @@ async def _tenant(client: RemoteInferenceClient, name: str):
 
 
 @pytest.mark.gpu
+async def _refused(client: RemoteInferenceClient, name: str, path: str, word: str, kind: str):
+    """Syncs ``name`` to ``path``, which must be refused (400 naming lora_path and ``word``) leaving
+    nothing staged; returns the tenant's adapter after it."""
+    with pytest.raises(FanOutError) as info:
+        await client.update_lora(name, path)
+    (err,) = info.value.errors.values()
+    assert isinstance(err, InferenceError) and err.status == 400, (kind, err)
+    assert "lora_path" in str(err) and word in str(err), (kind, err)
+    (state,) = await client.state()
+    assert state.staged == 0 and state.staged_on_workers == 0, (kind, state)  # nothing staged is left
+    (now,) = await _tenant(client, name)
+    return now
+
+
 async def test_bad_adapters_are_refused_at_staging_and_leave_nothing(vllm_server, tiny, tok, word_ids,
                                                                      tmp_path) -> None:
     client = RemoteInferenceClient(vllm_server.url)
@@ -95,14 +110,7 @@ async def test_bad_adapters_are_refused_at_staging_and_leave_nothing(vllm_server
         running = [asyncio.create_task(client.sample_with_retry(prompt, {"max_tokens": 200, **GREEDY}, name))
                    for _ in range(2)]
         for kind, (path, word) in _bad_adapters(Path(tiny.loras["meow"]), tmp_path).items():
-            with pytest.raises(FanOutError) as info:
-                await client.update_lora(name, path)
-            (err,) = info.value.errors.values()
-            assert isinstance(err, InferenceError) and err.status == 400, (kind, err)
-            assert "lora_path" in str(err) and word in str(err), (kind, err)
-            (state,) = await client.state()
-            assert state.staged == 0 and state.staged_on_workers == 0, (kind, state)  # nothing staged is left
-            (now,) = await _tenant(client, name)
+            now = await _refused(client, name, path, word, kind)
             assert (now.version, now.path, now.paused_by) == (before.version, before.path, {}), (kind, now)
         for (s,) in await asyncio.gather(*running):  # never cut: one version span each, all meow
             assert s.token_ids == [word_ids["meow"]] * 200 and len({v.version for v in s.version_spans}) == 1
@@ -245,13 +253,70 @@ async def test_trainer_publishes_through_shared_memory_and_keeps_a_durable_copy(
         assert lora.path == str(Path(saved.path).resolve()) and lora.version == 1
         (s,) = await client.sample(tok("x = 1")["input_ids"], {"max_tokens": 4, **GREEDY}, "shm-tenant")
         assert len(s.token_ids) == 4
+        before = ray.get(vllm_server.actor.stage_timings.remote(), timeout=60)
         saved2 = await trainer.save_weights_for_sampler.remote("shm-tenant", "v2")
         (lora,) = await _tenant(client, "shm-tenant")
         assert lora.version == 2 and lora.path == str(Path(saved2.path).resolve())
+        # published as the server's ready slot image (nothing built or loaded there) ...
+        after = ray.get(vllm_server.actor.stage_timings.remote(), timeout=60)
+        assert {k: len(after[k]) - len(before.get(k, [])) for k in ("prebuilt_ms", "load_ms", "build_ms")} == \
+            {"prebuilt_ms": 1, "load_ms": 0, "build_ms": 0}, after
+        # ... whose slot holds bit for bit what vLLM's own load of the durable copy writes
+        await client.load_lora_adapter("shm-legacy", str(tiny.loras["woof"]), load_inplace=False)
+        await client.update_lora("shm-legacy", saved2.path, off_loop=False)
+        digests = {n: ray.get(vllm_server.actor.slot_digest.remote(n), timeout=60) for n in ("shm-tenant", "shm-legacy")}
+        assert None not in digests["shm-tenant"] and digests["shm-tenant"] == digests["shm-legacy"], digests
     finally:
         ray.kill(trainer)
         await client.unload_lora_adapter("shm-tenant")
+        with contextlib.suppress(FanOutError):
+            await client.unload_lora_adapter("shm-legacy")
         shutil.rmtree(shm, ignore_errors=True)
+
+
+async def test_bad_slot_images_are_refused_and_a_good_one_serves(vllm_server, tiny, tok, word_ids, tmp_path) -> None:
+    """A version published as a ready slot image (slot_image) with NaN weights, laid out for another
+    layout, or cut short is refused (400 naming lora_path) and the old version keeps serving; a good
+    one serves its weights."""
+    from skyrl_lora.inference.slot_image import IMAGE_FILE, write_image
+
+    client = RemoteInferenceClient(vllm_server.url)
+    (layout,) = await client.slot_plans()
+    assert layout.plan is not None and layout.digest is not None
+    woof = Path(tiny.loras["woof"])
+    weights = load_file(str(woof / "adapter_model.safetensors"))
+    cfg = json.loads((woof / "adapter_config.json").read_text())
+
+    def image_dir(name: str, plan, tensors) -> str:
+        out = tmp_path / name
+        out.mkdir()
+        shutil.copyfile(woof / "adapter_config.json", out / "adapter_config.json")
+        write_image(out, plan, tensors, cfg["lora_alpha"] / cfg["r"])
+        return str(out)
+
+    first = sorted(weights)[0]
+    nan = {**weights, first: weights[first].clone().index_fill_(1, torch.tensor([0]), float("nan"))}
+    short = image_dir("short", layout.plan, weights)
+    with open(Path(short) / IMAGE_FILE, "r+b") as f:
+        f.truncate(1000)
+    bad = {"nan": (image_dir("nan", layout.plan, nan), "NaN or Inf"),
+           "layout": (image_dir("other", layout.plan.model_copy(update={"numel": layout.plan.numel + 8}), weights),
+                      "another server layout"),
+           "short": (short, "1000 bytes")}
+    name, prompt = "image-bad", tok("x = 1")["input_ids"]
+    await client.load_lora_adapter(name, str(tiny.loras["meow"]), load_inplace=False)
+    try:
+        (before,) = await _tenant(client, name)
+        for kind, (path, word) in bad.items():
+            now = await _refused(client, name, path, word, kind)
+            assert (now.version, now.path) == (before.version, before.path), (kind, now)
+            (s,) = await client.sample(prompt, {"max_tokens": 4, **GREEDY}, name)
+            assert s.token_ids == [word_ids["meow"]] * 4, kind
+        await client.update_lora(name, image_dir("good", layout.plan, weights))
+        (s,) = await client.sample(prompt, {"max_tokens": 4, **GREEDY}, name)
+        assert s.token_ids == [word_ids["woof"]] * 4
+    finally:
+        await client.unload_lora_adapter(name)
 
 
 def _with_unembed(src: Path, base: Path, out: Path) -> str:

@@ -7,6 +7,9 @@ unchanged; two tenants train while two others sample."""
 from __future__ import annotations
 
 import asyncio
+import shutil
+import uuid
+from pathlib import Path
 
 import ray
 import torch
@@ -35,8 +38,9 @@ def test_colocated_trainer_on_the_servers_weights(ray_local, tiny, tok, tmp_path
     server, url = start_server_actor(config, num_gpus=0.5, name=SERVER)
     common = dict(base_model=str(tiny.base), sampler_root=tmp_path / "adapters", max_lora_rank=16,
                   inference_urls=(url,))
+    shm = Path("/dev/shm") / f"skyrl-colocated-{uuid.uuid4().hex[:8]}"
     shared = start_trainer_actor(TrainerConfig(state_dir=tmp_path / "shared", base_weights="shared",
-                                               share_from=SERVER, **common), num_gpus=0.3)
+                                               share_from=SERVER, publish_root=shm, **common), num_gpus=0.3)
     own = start_trainer_actor(TrainerConfig(state_dir=tmp_path / "own", **common), num_gpus=0.2)
     try:
         before = ray.get(shared.shared_base_checksum.remote())
@@ -79,9 +83,19 @@ def test_colocated_trainer_on_the_servers_weights(ray_local, tiny, tok, tmp_path
         (base_after,) = asyncio.run(client.sample(prompt, greedy))
         assert base_after.token_ids == base_before.token_ids
 
-        # publication from the colocated trainer reaches the server as before
+        # publication from the colocated trainer is a GPU copy into the server (no file, no host trip) ...
+        before_t = ray.get(server.stage_timings.remote())
         sw = ray.get(shared.save_weights_for_sampler.remote("a", "colocated-v1"))
         assert sw.synced and sw.versions
+        after_t = ray.get(server.stage_timings.remote())
+        assert {k: len(after_t[k]) - len(before_t.get(k, [])) for k in ("gpu_copy_ms", "prebuilt_ms", "load_ms")} == \
+            {"gpu_copy_ms": 1, "prebuilt_ms": 0, "load_ms": 0}, after_t
+        assert not any(p.is_file() for p in shm.rglob("*"))  # nothing left in shared memory
+        # ... whose slot holds bit for bit what vLLM's own load of the durable copy writes
+        asyncio.run(client.load_lora_adapter("a-legacy", str(tiny.loras["woof"]), load_inplace=False))
+        asyncio.run(client.update_lora("a-legacy", sw.path, off_loop=False))
+        digests = {n: ray.get(server.slot_digest.remote(n)) for n in ("a", "a-legacy")}
+        assert None not in digests["a"] and digests["a"] == digests["a-legacy"], digests
         mem_shared = ray.get(shared.cuda_memory.remote())
         mem_own = ray.get(own.cuda_memory.remote())
         print(f"colocated trainer CUDA allocated {mem_shared}; standalone {mem_own}")
@@ -89,3 +103,4 @@ def test_colocated_trainer_on_the_servers_weights(ray_local, tiny, tok, tmp_path
     finally:
         for actor in (shared, own, server):
             ray.kill(actor)
+        shutil.rmtree(shm, ignore_errors=True)

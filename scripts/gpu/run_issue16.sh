@@ -2,7 +2,9 @@
 # On the GPU device, after the staging calls (scripts/gpu/README.md): issue 16's production-size runs,
 # the two ways of building slot images side by side in one call (each call stays under 10 minutes).
 #   bash scripts/gpu/run_issue16.sh stall     # bench.sync_stall: staging threads, then slot builders (~8 min)
-#   bash scripts/gpu/run_issue16.sh publish   # bench.publish_latency: the same two (~8 min)
+#   bash scripts/gpu/run_issue16.sh publish   # bench.publish_latency (colocated trainer): peft files, then the
+#                                             # GPU copy into the server (publish_images, the default) (~8 min)
+#   bash scripts/gpu/run_issue16.sh image     # bench.image_publish: peft files against ready slot images (~4 min)
 # Results accumulate in /tmp/i16 while the machine stays warm; each call returns all of them, with
 # py-spy profiles of the all-tenant windows, in one tarball under $OUT.
 set -uo pipefail
@@ -21,13 +23,17 @@ case "${1:-stall}" in
       grep "bench.sync_stall wrote" "$res/stall-$way.log" | cut -c1-600
     done ;;
   publish)
-    for way in threads builders; do
-      flags="--no-slot-builders"; [ "$way" = builders ] && flags="--slot-builders"
+    for way in files gpu-copy; do
+      flags="--publish-images"; [ "$way" = files ] && flags="--no-publish-images"
       timeout 280 python3 -m bench.publish_latency --num-gpus 1 --tenants 4 --streams 8 --publishes 8 \
         --machine h200 --out "$res/publish-$way" $flags > "$res/publish-$way.log" 2>&1 || rc=$?
       grep "bench.publish_latency wrote" "$res/publish-$way.log" | cut -c1-600
     done ;;
-  *) echo "usage: $0 stall|publish"; exit 2 ;;
+  image)
+    timeout 400 python3 -m bench.image_publish --shape 8b --rank 32 --num-gpus 1 --rounds 8 --machine h200 \
+      --out "$res/image" > "$res/image.log" 2>&1 || rc=$?
+    grep "bench.image_publish wrote" "$res/image.log" | cut -c1-800 ;;
+  *) echo "usage: $0 stall|publish|image"; exit 2 ;;
 esac
 tar czf "$out/issue16-$(date +%H%M%S).tgz" -C "$res" .
 exit $rc

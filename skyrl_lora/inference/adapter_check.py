@@ -77,11 +77,8 @@ def read_adapter_config(path: Path) -> dict[str, Any]:
     return config
 
 
-def check_adapter(path: Path, shape: ModelShape | None, max_rank: int | None) -> None:
-    """Rank, target modules, every tensor's name, dtype, shape and values; raises AdapterCheckError."""
-    import torch
-    from safetensors import SafetensorError, safe_open
-
+def check_adapter_config(path: Path, shape: ModelShape | None, max_rank: int | None) -> tuple[int, list[str]]:
+    """Rank and target modules of ``adapter_config.json``; returns them. Raises AdapterCheckError."""
     config = read_adapter_config(path)
     rank = config.get("r")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
@@ -96,6 +93,17 @@ def check_adapter(path: Path, shape: ModelShape | None, max_rank: int | None) ->
     if unknown:
         raise AdapterCheckError(path, f"target_modules {unknown} are not LoRA-served modules of this model "
                                 f"({sorted(known)})")
+    if "lora_alpha" in config and (not isinstance(config["lora_alpha"], (int, float)) or config["lora_alpha"] <= 0):
+        raise AdapterCheckError(path, f"adapter_config.json lora_alpha={config['lora_alpha']!r} is not a positive number")
+    return rank, list(targets)
+
+
+def check_adapter(path: Path, shape: ModelShape | None, max_rank: int | None) -> None:
+    """Rank, target modules, every tensor's name, dtype, shape and values; raises AdapterCheckError."""
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    rank, targets = check_adapter_config(path, shape, max_rank)
     weights = path / "adapter_model.safetensors"
     if not weights.is_file():
         raise AdapterCheckError(path, "has no adapter_model.safetensors")

@@ -32,6 +32,7 @@ from skyrl_lora.inference.protocol import (
     SampleOut,
     SamplingParamsIn,
     ServerState,
+    SlotPlanResponse,
     SyncMode,
 )
 from skyrl_lora.inference.server import SERVER_KEEP_ALIVE_S
@@ -340,6 +341,13 @@ class RemoteInferenceClient:
 
     async def state(self) -> list[ServerState]:
         return [ServerState.model_validate(await self._get(u, "/skyrl/v1/state")) for u in self.urls]
+
+    async def slot_plans(self) -> list[SlotPlanResponse]:
+        """Each server's slot layout (``slot_image``), in the order of ``urls``."""
+        replies, errors = await self._each(lambda u: self._get(u, "/skyrl/v1/slot_plan"))
+        if errors:
+            raise FanOutError(errors)
+        return [SlotPlanResponse.model_validate(r) for r in replies]
 
 
 def _params(sampling_params: SamplingParamsIn | dict[str, Any] | None) -> SamplingParamsIn:

@@ -34,9 +34,17 @@ from typing import Any, cast
 from skyrl_lora.background import BackgroundTasks
 from skyrl_lora.errors import SkyrlError
 from skyrl_lora.inference import vllm_compat as compat
-from skyrl_lora.inference.adapter_check import AdapterChecker, AdapterCheckError, ModelShape, read_adapter_config
+from skyrl_lora.inference.adapter_check import (
+    AdapterChecker,
+    AdapterCheckError,
+    ModelShape,
+    check_adapter_config,
+    read_adapter_config,
+)
 from skyrl_lora.inference.gate import PauseGates
-from skyrl_lora.inference.protocol import LoraInfo, ServerState
+from skyrl_lora.inference.protocol import LoraInfo, ServerState, SlotPlanResponse
+from skyrl_lora.inference.slot_builder import BuildPlan
+from skyrl_lora.inference.slot_image import plan_digest, read_manifest
 from skyrl_lora.inference.stage_channel import NOT_STAGED, Expected, ServerStageChannel, StageCommand
 from skyrl_lora.inference.uploads import UploadStore
 
@@ -144,6 +152,7 @@ class LoraController:
         self.stage_off_loop = stage_off_loop
         self._staged: dict[str, StagedAdapter] = {}
         self.stage_asks = 0  # status calls to the workers while staging (each one between two engine steps)
+        self._slot_plan: SlotPlanResponse | None = None  # the workers' layout does not change while they live
 
     # ------------------------------------------------------------------ wiring
     def engine_client(self) -> compat.GatedEngineClient:
@@ -336,7 +345,17 @@ class LoraController:
         t0 = time.perf_counter()
         max_rank = getattr(self._lora_cfg, "max_lora_rank", None)
         try:
-            await self.checker.check(Path(source), self._model_shape, max_rank)
+            manifest = read_manifest(source)
+        except ValueError as exc:
+            raise LoraError(400, f"lora_path '{source}': {exc}", "lora_path") from exc
+        try:
+            if manifest is None:
+                await self.checker.check(Path(source), self._model_shape, max_rank)
+            else:  # a ready slot image: its shape is the plan's; the workers check its values
+                check_adapter_config(Path(source), self._model_shape, max_rank)
+                if manifest.plan_digest != (await self.slot_plan()).digest:
+                    raise AdapterCheckError(source, "the slot image was laid out for another server layout "
+                                            "(GET /skyrl/v1/slot_plan gives this server's)")
         except AdapterCheckError as exc:
             raise LoraError(exc.status, exc.message, exc.field) from exc
         old = self.tenants.get(name)
@@ -348,6 +367,9 @@ class LoraController:
             engine_name = self._engine_name(name, lora_id)
             request = compat.make_lora_request(engine_name, lora_id, real)
         on_workers = self.stage_off_loop if off_loop is None else off_loop
+        if manifest is not None and not on_workers:
+            raise LoraError(400, "off_loop: a slot image is staged on the workers; the engine's own load reads "
+                            "peft files", "off_loop")
         if on_workers:
             await self._stage_on_workers(name, lora_id, engine_name, real, source)
         else:
@@ -359,6 +381,13 @@ class LoraController:
         self._staged[staged.stage_id] = staged
         logger.info("LoRA %s staged from %s in %.3f s (%s)", name, source, staged.staging_s, staged.stage_id)
         return staged
+
+    async def slot_plan(self) -> SlotPlanResponse:
+        if self._slot_plan is None:
+            raw = await compat.slot_plan(self.engine)
+            plan = BuildPlan.model_validate_json(raw) if raw is not None else None
+            self._slot_plan = SlotPlanResponse(plan=plan, digest=plan_digest(plan) if plan is not None else None)
+        return self._slot_plan
 
     async def _stage_on_workers(self, name: str, lora_id: int, engine_name: str, real: str, source: str) -> None:
         with self.channel.expect(lora_id) if self.channel is not None else contextlib.nullcontext() as expected:

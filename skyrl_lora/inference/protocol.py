@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from skyrl_lora.inference.slot_builder import BuildPlan
 from skyrl_lora.inference.uploads import UPLOAD_ID_PATTERN
 
 LORA_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
@@ -199,6 +200,14 @@ class LoadLoraResponse(_Frozen):
     aborted: int = 0
     load_s: float = Field(0.0, description="the engine's time on it at the flip (every tenant waits for this)")
     staging_s: float = Field(0.0, description="checking and loading it before the flip (nobody waits)")
+
+
+class SlotPlanResponse(_Frozen):
+    """The server's adapter slot layout, by which a trainer writes new versions as ready images
+    (``slot_image``); both None where it has none (CPU-less layouts, tensor parallelism)."""
+
+    plan: BuildPlan | None
+    digest: str | None
 
 
 class ServerState(_Frozen):

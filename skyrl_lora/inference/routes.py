@@ -29,6 +29,7 @@ from skyrl_lora.inference.protocol import (
     ResumeResponse,
     SampleOut,
     ServerState,
+    SlotPlanResponse,
     StagedRef,
     StageLoraRequest,
     StageLoraResponse,
@@ -286,6 +287,10 @@ def build_router() -> APIRouter:
         except LoraError as exc:
             return lora_error_response(exc)
         return UnloadLoraResponse(unloaded=body.lora_name)
+
+    @router.get("/slot_plan", response_model=SlotPlanResponse)
+    async def slot_plan(raw: Request) -> Any:
+        return await _controller(raw).slot_plan()
 
     @router.get("/state", response_model=ServerState)
     async def state(raw: Request) -> Any:

@@ -13,6 +13,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import ray
@@ -21,6 +22,8 @@ import torch
 from skyrl_lora.actor_restart import call_self_after_restart
 from skyrl_lora.errors import SkyrlError
 from skyrl_lora.inference.client import FanOutError, InferenceError, RemoteInferenceClient
+from skyrl_lora.inference.slot_builder import BuildPlan
+from skyrl_lora.inference.slot_image import ImageUnfit
 from skyrl_lora.node_identity import node_identity
 from skyrl_lora.training.config import TrainerConfig
 from skyrl_lora.training.protocol import (
@@ -52,6 +55,8 @@ class TrainerActor:
             self.trainer.weights_source = functools.partial(map_server_weights, config.share_from)
         self._lock: asyncio.Lock | None = None
         self._client: RemoteInferenceClient | None = None
+        self._image_plan: BuildPlan | None = None  # every server's slot layout, while they agree on one
+        self._gpu_copies = True  # the colocated trainer publishes by a GPU copy until that fails once
         context = ray.get_runtime_context()
         # After a crash Ray restarts us with empty memory: every tenant comes back from its last saved
         # state (save_state) before any request runs; the restart itself triggers it, not a caller.
@@ -152,6 +157,15 @@ class TrainerActor:
         """
         client = self._inference()
         publish = self.config.publish_root if client is not None and sync else None
+        plan = await self._plan_for_images(client) if client is not None and publish is not None else None
+        if plan is not None and client is not None and publish is not None:
+            try:
+                return await self._publish_image(client, tenant, name, publish, plan)
+            except ImageUnfit as exc:
+                logger.info("%s is published as files: %s", tenant, exc)
+            except SkyrlError as exc:  # e.g. a server restarted with another layout: files once, and ask again
+                logger.warning("publishing %s as a slot image failed (%s); as files instead", tenant, exc.message)
+                self._image_plan = None
         t_export = time.perf_counter()
         export = await self._run(self.trainer.export_for_sampler, tenant, name, publish,
                                  getattr(torch, self.config.sampler_dtype))
@@ -163,13 +177,59 @@ class TrainerActor:
         # nodes get the files sent); the durable copy (what a tinker:// path names, and what a
         # restarted server reloads) is written beside the sync.
         path = self.trainer.durable_path(export) if publish is not None else export
-        persisted = asyncio.ensure_future(asyncio.to_thread(self.trainer.persist_export, export)) if publish else None
+        persist = functools.partial(self.trainer.persist_export, export) if publish is not None else None
+        return await self._sync(client, tenant, path, export if publish is not None else None, persist, step, export_s)
+
+    async def _plan_for_images(self, client: RemoteInferenceClient) -> BuildPlan | None:
+        """The slot layout every server shares, where every server is on this node (they read this
+        node's shared memory); None otherwise, and then versions go as files."""
+        if not self.config.publish_images:
+            return None
+        if self._image_plan is None:
+            try:
+                states, plans = await client.state(), await client.slot_plans()
+            except (FanOutError, InferenceError) as exc:
+                logger.info("no slot plan from the servers (%s); publishing files", exc)
+                return None
+            here = node_identity()
+            digests = {p.digest for p in plans}
+            if all(st.node == here for st in states) and len(digests) == 1 and None not in digests:
+                self._image_plan = plans[0].plan
+        return self._image_plan
+
+    async def _publish_image(self, client: RemoteInferenceClient, tenant: str, name: str, publish: Path,
+                             plan: BuildPlan) -> SamplerWeights:
+        # The colocated trainer (its base is the one server's weights, on this GPU) leaves the image in
+        # GPU memory for that server to copy; otherwise it goes through shared memory as a file.
+        shared = self.trainer.shared
+        share_on = (shared.device_uuid if shared is not None and len(self.config.inference_urls) == 1
+                    and self._gpu_copies else None)
+        t_export = time.perf_counter()
+        export, tensors, image = await self._run(self.trainer.export_image, tenant, name, publish, plan, share_on)
+        export_s = time.perf_counter() - t_export
+        persist = functools.partial(self.trainer.persist_tensors, export, tensors)
+        try:
+            return await self._sync(client, tenant, self.trainer.durable_path(export), export, persist,
+                                    self.trainer.steps.get(tenant, 0), export_s)
+        except SkyrlError:
+            if share_on is not None:
+                logger.warning("publishing by a GPU copy failed; versions go through shared memory from now on")
+                self._gpu_copies = False
+            raise
+        finally:
+            del image  # every server has copied it, or given up
+
+    async def _sync(self, client: RemoteInferenceClient, tenant: str, path: Path, load_from: Path | None,
+                    persist: Callable[[], Path] | None, step: int, export_s: float) -> SamplerWeights:
+        """Stage and flip ``path`` on every server (read from ``load_from`` now, when given), while
+        ``persist`` writes the durable copy; ``load_from`` is removed once both are done."""
+        persisted = asyncio.ensure_future(asyncio.to_thread(persist)) if persist is not None else None
         t0 = time.perf_counter()
         try:
             replies = await asyncio.wait_for(
                 client.update_lora(tenant, str(path), mode=self.config.sync_mode, create=True,
-                                   load_from=str(export) if publish is not None else None,
-                                   source_node=node_identity() if publish is not None else None),
+                                   load_from=str(load_from) if load_from is not None else None,
+                                   source_node=node_identity() if load_from is not None else None),
                 timeout=self.config.sync_timeout_s)
         except FanOutError as exc:
             raise SkyrlError(502, f"sync of '{tenant}' into inference failed: {exc}", "name") from exc
@@ -181,7 +241,8 @@ class TrainerActor:
                 try:
                     await persisted
                 finally:  # every server has read it (or given up): shared memory is freed
-                    await asyncio.to_thread(shutil.rmtree, export, True)
+                    if load_from is not None:
+                        await asyncio.to_thread(shutil.rmtree, load_from, True)
         return SamplerWeights(tenant=tenant, path=str(path), step=step, synced=True, sync_s=sync_s, export_s=export_s,
                               versions=[r.lora.version for r in replies])
 

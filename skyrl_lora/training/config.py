@@ -28,6 +28,10 @@ class TrainerSettings(BaseModel):
     sync_mode: SyncMode = "abort"
     sync_timeout_s: float = Field(120.0, gt=0)
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (None = torch default)")
+    publish_images: bool = Field(True, description="save_weights_for_sampler writes a new version as the servers' "
+                                 "ready slot image (inference/slot_image.py) where every server is on the trainer's "
+                                 "node and they share one layout: nothing to check or build before the flip; else, "
+                                 "and False, as peft files")
     base_weights: Literal["own", "shared", "shared_or_own"] = Field(
         "own", description="'own': load a copy of the base model; 'shared': build it on views of the inference "
         "server's GPU weights (share_from), refusing to start where that is impossible; 'shared_or_own': share where "

@@ -24,6 +24,8 @@ import torch
 
 from skyrl_lora.errors import SkyrlError
 from skyrl_lora.inference.protocol import LORA_NAME_PATTERN
+from skyrl_lora.inference.slot_builder import BuildPlan
+from skyrl_lora.inference.slot_image import share_image, write_image
 from skyrl_lora.training.adapters import AdapterSlots, Slot
 from skyrl_lora.training.batching import collate
 from skyrl_lora.training.config import TrainerConfig
@@ -285,11 +287,43 @@ class MultiTenantTrainer:
         servers of this node to load at once; :meth:`persist_export` then keeps a durable copy).
         ``dtype``: of the files (``TrainerConfig.sampler_dtype`` for the servers); cast on the
         trainer's device, so only those bytes cross to the host."""
-        _check_name(name, "name")
-        from peft import LoraConfig
         from safetensors.torch import save_file
 
         slot = self._activate(tenant)
+        tensors = {k: p.detach().to(dtype).to("cpu").contiguous() for k, p in slot.params.items()}
+        out = self._new_export(tenant, name, root, lambda d: save_file(tensors, str(d / "adapter_model.safetensors")))
+        if (root or self.config.sampler_root) == self.config.sampler_root:
+            self._prune_exports(out.parent)
+        return out
+
+    def export_image(self, tenant: str, name: str, root: Path, plan: BuildPlan,
+                     share_on: str | None = None) -> tuple[Path, dict[str, torch.Tensor], torch.Tensor | None]:
+        """The tenant's adapter laid out as the servers' slot image (``inference/slot_image.py``):
+        nothing for a server to check or build before the flip. ``share_on``: the uuid of this GPU,
+        which the one server shares (the colocated trainer): the image stays in GPU memory for the
+        server to copy (issue 17's GPU copy); otherwise it is written beside the config. Returns the
+        directory, the weights in the plan's dtype, copied (training may go on), for
+        :meth:`persist_tensors`, and the shared image, which the caller keeps until the sync is over.
+        Raises ImageUnfit where the plan cannot hold this adapter."""
+        slot = self._activate(tenant)
+        spec = self.specs[tenant]
+        dtype = getattr(torch, plan.dtype)
+        tensors = {k: p.detach().to(dtype, copy=True) for k, p in slot.params.items()}
+        scaling = spec.alpha / spec.rank
+        shared: list[torch.Tensor] = []
+        if share_on is not None:
+            out = self._new_export(tenant, name, root,
+                                   lambda d: shared.append(share_image(d, plan, tensors, scaling, share_on)[1]))
+        else:
+            out = self._new_export(tenant, name, root, lambda d: write_image(d, plan, tensors, scaling))
+        return out, tensors, shared[0] if shared else None
+
+    def _new_export(self, tenant: str, name: str, root: Path | None, write: Callable[[Path], Any]) -> Path:
+        """A new export directory of the tenant under ``root`` (default ``sampler_root``): its
+        adapter_config.json and what ``write`` puts there, seen whole or not at all."""
+        _check_name(name, "name")
+        from peft import LoraConfig
+
         spec = self.specs[tenant]
         root = (root or self.config.sampler_root) / tenant
         out = root / f"{name}-s{self.steps[tenant]}-{uuid.uuid4().hex[:8]}"
@@ -301,13 +335,10 @@ class MultiTenantTrainer:
                        target_modules=list(spec.target_modules), lora_dropout=0.0,
                        bias="none", task_type="CAUSAL_LM", base_model_name_or_path=str(self.config.base_model)
                        ).save_pretrained(str(tmp))
-            save_file({k: p.detach().to(dtype).to("cpu").contiguous() for k, p in slot.params.items()},
-                      str(tmp / "adapter_model.safetensors"))
+            write(tmp)
             tmp.rename(out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        if root == self.config.sampler_root / tenant:
-            self._prune_exports(root)
         return out
 
     def adapter_files(self, tenant: str) -> dict[str, bytes]:
@@ -352,6 +383,25 @@ class MultiTenantTrainer:
         out.parent.mkdir(parents=True, exist_ok=True)
         try:
             shutil.copytree(export, tmp)
+            tmp.rename(out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self._prune_exports(out.parent)
+        return out
+
+    def persist_tensors(self, export: Path, tensors: dict[str, torch.Tensor]) -> Path:
+        """The durable copy of an image export (:meth:`export_image`): a peft directory of
+        ``tensors`` in ``sampler_root``, which a restarted server reloads and a tinker:// path names.
+        Runs off the training lock, like :meth:`persist_export`."""
+        from safetensors.torch import save_file
+
+        out = self.durable_path(export)
+        tmp = out.parent / f".tmp-{uuid.uuid4().hex}"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            tmp.mkdir()
+            shutil.copyfile(export / "adapter_config.json", tmp / "adapter_config.json")
+            save_file({k: t.to("cpu").contiguous() for k, t in tensors.items()}, str(tmp / "adapter_model.safetensors"))
             tmp.rename(out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -275,6 +275,13 @@ async def configure_staging(engine: Any, threads: int, out_of_process: bool = Fa
     return list(await engine.collective_rpc("skyrl_configure_staging", args=(threads, out_of_process, server_channel)))
 
 
+async def slot_plan(engine: Any) -> str | None:
+    """The workers' slot plan (JSON) when every worker has the same one, else None (a tensor-parallel
+    server's workers each hold a part of every slot: nobody can lay an image out for all of them)."""
+    plans = set(await engine.collective_rpc("skyrl_slot_plan"))
+    return plans.pop() if len(plans) == 1 else None
+
+
 async def stage_lora(engine: Any, lora_int_id: int, lora_name: str, lora_path: str, source: str) -> None:
     """Start loading ``source`` on every worker as engine adapter ``lora_int_id`` (its request will
     carry ``lora_path``); returns at once."""

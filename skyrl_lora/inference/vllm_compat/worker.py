@@ -36,6 +36,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -50,6 +51,7 @@ from skyrl_lora.inference.slot_builder import (
     UnplannedAdapter,
     read_image,
 )
+from skyrl_lora.inference.slot_image import IMAGE_FILE, ImageManifest, open_shared_image, plan_digest, read_manifest
 from skyrl_lora.inference.stage_channel import NOT_STAGED, StageCommand, WorkerStageChannel
 from skyrl_lora.inference.vllm_compat import FUSED_PROJECTIONS, make_lora_request
 
@@ -187,6 +189,13 @@ class _SlotLayout:
             with self._spare_lock:
                 self._spare.append(pinned)
         return buffer
+
+    def finite(self, buffer: Any) -> bool:
+        """Whether a flat image holds no NaN or Inf (either makes its sum non-finite), summed on the
+        side stream on a GPU, where it takes well under a millisecond at 8B and waits for no step."""
+        with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
+            total = buffer.sum(dtype=torch.float32)
+            return bool(torch.isfinite(total))
 
     def sources(self, buffer: Any) -> list[Any]:
         """One-slot views of a flat image, in the order of ``tensors``."""
@@ -372,6 +381,87 @@ def _build_out_of_process(state: dict[str, Any], adapter_manager: Any, lora_int_
     return lora, SlotImage(lora, buffer, layout.sources(buffer))
 
 
+def _prebuilt_image(state: dict[str, Any], adapter_manager: Any, lora_int_id: int, source: str,
+                    manifest: ImageManifest) -> tuple[Any, SlotImage]:
+    """A version the trainer laid out as this worker's slot image (``slot_image``): checked against
+    this worker's plan and for non-finite values, then used as a builder's image is. The file is
+    linked under a name of this worker's own first, so that the trainer removing its directory never
+    leaves the last reference with vLLM's CPU cache (see :class:`ImageFiles`)."""
+    import os
+    import shutil
+
+    from skyrl_lora.inference.adapter_check import read_adapter_config
+
+    plan: BuildPlan | None = state["plan"]
+    layout: _SlotLayout = state["layout"]
+    if plan is None or manifest.plan_digest != plan_digest(plan):
+        raise ValueError("the slot image was laid out for another server layout (its plan digest differs)")
+    if len(manifest.shapes) != len(plan.entries):
+        raise ValueError(f"the slot image names {len(manifest.shapes)} entries; the plan has {len(plan.entries)}")
+    config = read_adapter_config(Path(source))
+    rank, alpha = int(config["r"]), float(config["lora_alpha"])
+    if manifest.cuda_ipc is not None:
+        return _image_from_gpu(state, adapter_manager, lora_int_id, manifest, rank, alpha)
+    files: ImageFiles = state["image_files"]
+    t0 = time.perf_counter()
+    own = files.new_path()
+    try:
+        os.link(os.path.join(source, IMAGE_FILE), own)
+    except OSError:  # another filesystem: a copy (slower, still off the engine's loop)
+        shutil.copyfile(os.path.join(source, IMAGE_FILE), own)
+    lora = None
+    try:
+        mapped = torch.from_file(own, shared=True, size=plan.numel, dtype=layout.tensors[0].dtype)
+        buffer = layout.image_from(own, mapped)
+        if not layout.finite(buffer):
+            raise ValueError("the slot image holds NaN or Inf values")
+        lora = _lora_model_of_views(adapter_manager, layout, plan, BuildReply(shapes=manifest.shapes), mapped,
+                                    lora_int_id, rank, alpha)
+    finally:
+        if lora is None:
+            files.remove_later(own)
+        else:
+            files.remove_when_dead(lora, own)
+    _record(state, "prebuilt_ms", t0)
+    return lora, SlotImage(lora, buffer, layout.sources(buffer))
+
+
+def _image_from_gpu(state: dict[str, Any], adapter_manager: Any, lora_int_id: int, manifest: ImageManifest,
+                    rank: int, alpha: float) -> tuple[Any, SlotImage]:
+    """A version the colocated trainer left in its GPU memory (``slot_image.share_image``): one copy
+    on this GPU into a buffer of ours, on the side stream, checked there for NaN/Inf. vLLM's CPU
+    cache gets its ``LoRAModel`` as views of a pinned host copy made after that, asynchronously:
+    it is read only when vLLM re-activates an evicted version, and the activator waits for the copy
+    first (``host_copies``)."""
+    layout: _SlotLayout = state["layout"]
+    plan: BuildPlan = state["plan"]
+    first = layout.tensors[0]
+    ipc = manifest.cuda_ipc
+    assert ipc is not None
+    if first.device.type != "cuda" or ipc.device_uuid != str(torch.cuda.get_device_properties(first.device).uuid):
+        raise ValueError("the slot image is in another GPU's memory than this worker's")
+    t0 = time.perf_counter()
+    stream = layout._stream
+    shared = open_shared_image(manifest, first.device.index)
+    with torch.cuda.stream(stream):
+        buffer = torch.empty(plan.numel, dtype=first.dtype, device=first.device)
+        buffer.copy_(shared)
+        finite = layout.finite(buffer)  # waits for the copy (on this stream only)
+    del shared  # the trainer's memory is its own again
+    if not finite:
+        raise ValueError("the slot image holds NaN or Inf values")
+    host = torch.empty(plan.numel, dtype=first.dtype, pin_memory=True)
+    with torch.cuda.stream(stream):
+        host.copy_(buffer, non_blocking=True)
+        copied = torch.cuda.Event()  # type: ignore[no-untyped-call]  # unannotated in torch
+        copied.record(stream)
+    state["host_copies"][lora_int_id] = copied
+    lora = _lora_model_of_views(adapter_manager, layout, plan, BuildReply(shapes=manifest.shapes), host,
+                                lora_int_id, rank, alpha)
+    _record(state, "gpu_copy_ms", t0)
+    return lora, SlotImage(lora, buffer, layout.sources(buffer))
+
+
 def _lora_model_of_views(adapter_manager: Any, layout: _SlotLayout, plan: BuildPlan, reply: BuildReply,
                          mapped: Any, lora_int_id: int, rank: int, alpha: float) -> Any:
     """vLLM's ``LoRAModel`` for a built image, already packed and scaled (as after vLLM's own
@@ -507,18 +597,19 @@ class LoraStagingWorkerExtension:
             logger.warning("LoRA flips copy module by module (vLLM's own way): %s", why_not)
         layout = _SlotLayout(adapter_manager) if why_not is None else None
         builders, plan = None, None
-        if layout is not None and getattr(self, "_skyrl_out_of_process", False):
+        if layout is not None:  # the plan serves builder processes and images the trainer lays out itself
             plan, why_not = layout.plan(adapter_manager)
             if plan is None:
-                logger.warning("slot images are built in the engine's process: %s", why_not)
-            else:
+                logger.warning("no slot plan (slot images are built in the engine's process): %s", why_not)
+            elif getattr(self, "_skyrl_out_of_process", False):
                 builders = BuilderPool(plan, threads)
         # jobs are added by the command thread (stage_channel) and taken by the engine's thread
         state = {"jobs": {}, "lock": threading.Lock(), "images": {}, "original": original, "channel": None,
                  "pool": concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="skyrl-stage"),
                  "layout": layout, "plan": plan, "builders": builders,
-                 "image_files": ImageFiles() if builders is not None else None,
-                 "timings": {"flip_ms": [], "load_ms": [], "image_ms": [], "build_ms": []}}
+                 "image_files": ImageFiles() if plan is not None else None,
+                 "host_copies": {},  # lora id -> the event of its host copy (images from the trainer's GPU)
+                 "timings": {"flip_ms": [], "load_ms": [], "image_ms": [], "build_ms": [], "prebuilt_ms": [], "gpu_copy_ms": []}}
         jobs: dict[int, Any] = state["jobs"]
         images: dict[int, SlotImage] = state["images"]
 
@@ -552,8 +643,14 @@ class LoraStagingWorkerExtension:
         layout: _SlotLayout = state["layout"]
         images: dict[int, SlotImage] = state["images"]
 
+        host_copies: dict[int, Any] = state["host_copies"]
+
         def activate_adapter(lora_id: int) -> bool:
             image = images.pop(lora_id, None)
+            for done in [i for i, event in host_copies.items() if i != lora_id and event.query()]:
+                del host_copies[done]
+            if image is None and lora_id in host_copies:  # vLLM copies from the host copy: it must be there
+                host_copies.pop(lora_id).synchronize()
             if (image is None or lora_id in adapter_manager._active_adapters
                     or adapter_manager._registered_adapters.get(lora_id) is not image.lora):
                 return bool(original(lora_id))
@@ -573,6 +670,9 @@ class LoraStagingWorkerExtension:
     def _skyrl_build(self, lora_request: Any, source: str) -> tuple[Any, SlotImage | None]:
         state = self._skyrl_staging()
         adapter_manager = self.model_runner.lora_manager._adapter_manager  # type: ignore[attr-defined]
+        manifest = read_manifest(source)
+        if manifest is not None:  # laid out by the trainer (slot_image): nothing to build
+            return _prebuilt_image(state, adapter_manager, lora_request.lora_int_id, source, manifest)
         if state["builders"] is not None:
             built = _build_out_of_process(state, adapter_manager, lora_request.lora_int_id, source)
             if built is not None:
@@ -587,6 +687,12 @@ class LoraStagingWorkerExtension:
         if image is not None:
             _record(state, "image_ms", t1)
         return lora, image
+
+    def skyrl_slot_plan(self) -> str | None:
+        """This worker's slot layout as a plan (JSON), which a trainer lays new versions out by
+        (``slot_image``); None where slot images cannot serve it."""
+        plan: BuildPlan | None = self._skyrl_staging()["plan"]
+        return None if plan is None else plan.model_dump_json()
 
     def skyrl_stage_lora(self, lora_int_id: int, lora_name: str, lora_path: str, source: str) -> None:
         state = self._skyrl_staging()

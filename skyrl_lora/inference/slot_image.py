@@ -1,0 +1,192 @@
+"""A new adapter version published as a ready slot image: the trainer lays out its own weights as
+one adapter slot of every LoRA layer of a server, so the server neither checks tensor files nor
+builds anything before the flip.
+
+The way through files costs an 8B rank-32 version five trips through host memory between
+``save_weights_for_sampler`` and the flip (the trainer writes safetensors, the server's check reads
+them, a builder reads them and writes an image, the worker reads that): 0.7 s from save to the first
+token on the H200 (``bench/results/h200-2026-12-02``). Here the trainer, which holds the weights
+anyway, writes the image by the server's own plan (``slot_builder.BuildPlan``, from
+``GET /skyrl/v1/slot_plan``) with the same casts and scaling the builder uses, and the worker maps
+that file; the plan's digest makes sure both mean the same layout.
+
+A published directory holds ``adapter_config.json`` (the adapter's shape, as peft writes it),
+``slot_image.bin`` (the flat image, in the plan's dtype) and ``slot_image.json`` (:class:`ImageManifest`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from skyrl_lora.inference.slot_builder import BuildPlan
+
+IMAGE_FILE = "slot_image.bin"
+MANIFEST_FILE = "slot_image.json"
+
+
+class CudaIpcImage(BaseModel):
+    """An image left in the trainer's GPU memory for a worker on the same GPU to copy (issue 17: the
+    colocated trainer publishes by a GPU copy, no host round trip). The fields are those of torch's
+    own CUDA IPC reduction (``torch.multiprocessing.reductions.reduce_tensor`` /
+    ``rebuild_cuda_tensor``, torch 2.11 and 2.13), carried as JSON rather than a pickle, so that an
+    adapter directory never makes a worker run code it names."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    device_uuid: str
+    device: int = Field(ge=0)
+    handle: str = Field(description="base64 of the CUDA IPC memory handle")
+    storage_size_bytes: int = Field(ge=1)
+    storage_offset_bytes: int = Field(ge=0)
+    ref_counter_handle: str = Field(description="base64")
+    ref_counter_offset: int = Field(ge=0)
+    event_handle: str | None = Field(description="base64; the producer's event the copy must wait for")
+    event_sync_required: bool
+    tensor_offset: int = Field(ge=0)
+
+
+class ImageManifest(BaseModel):
+    """What the worker needs besides the image: which layout it follows, and each entry's source shape;
+    where the image is (``slot_image.bin`` beside it, or the trainer's GPU memory: ``cuda_ipc``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    plan_digest: str = Field(description="sha256 of the plan the image was laid out by (plan_digest)")
+    dtype: Literal["bfloat16", "float16", "float32"]
+    numel: int = Field(ge=1)
+    scaling: float = Field(gt=0, description="lora_alpha / r, folded into every lora_B slot as vLLM folds it")
+    shapes: list[list[int]] = Field(description="per plan entry, its source tensor's (rows, cols); [] where none")
+    cuda_ipc: CudaIpcImage | None = None
+
+
+class ImageUnfit(ValueError):
+    """The adapter has tensors the plan has no slot for (or bigger than it): publish it as files."""
+
+
+def plan_digest(plan: BuildPlan) -> str:
+    return hashlib.sha256(plan.model_dump_json().encode()).hexdigest()
+
+
+def assemble(plan: BuildPlan, tensors: Mapping[str, Any], scaling: float) -> tuple[Any, list[list[int]]]:
+    """The flat image of ``tensors`` (peft names) on their device, and each entry's source shape.
+    The builder's operations (``slot_builder.build_image``: cast to the slot dtype, then ``lora_B``
+    times the scaling in that dtype, in the top-left corner of a zeroed slot), so the same bits; the
+    cast happens in the copy into the slot, and only padding and absent slots are zeroed."""
+    import torch
+
+    dtype = getattr(torch, plan.dtype)
+    planned = {e.source for e in plan.entries if e.source is not None}
+    if set(tensors) - planned:
+        raise ImageUnfit(f"tensors the plan has no slot for: {sorted(set(tensors) - planned)[:4]}")
+    device = next(iter(tensors.values())).device if tensors else torch.device("cpu")
+    image = torch.empty(plan.numel, dtype=dtype, device=device)
+    shapes: list[list[int]] = []
+    for entry in plan.entries:
+        tensor = tensors.get(entry.source) if entry.source is not None else None
+        whole = entry.view(image)
+        if tensor is None:
+            whole.zero_()
+            shapes.append([])
+            continue
+        rows, cols = tensor.shape if tensor.dim() == 2 else (-1, -1)
+        if not 0 < rows <= entry.rows or not 0 < cols <= entry.cols:
+            raise ImageUnfit(f"{entry.source} has shape {list(tensor.shape)}; its slot is [{entry.rows}, {entry.cols}]")
+        slot = whole[:rows, :cols]
+        slot.copy_(tensor.detach())  # the cast to the slot dtype (round to nearest even, as .to() does)
+        if entry.scaled and scaling != 1:
+            slot.mul_(scaling)  # in the slot dtype, as vLLM's optimize() scales lora_B
+        whole[rows:].zero_()
+        whole[:rows, cols:].zero_()
+        shapes.append([rows, cols])
+    return image, shapes
+
+
+def write_image(out_dir: Path, plan: BuildPlan, tensors: Mapping[str, Any], scaling: float) -> ImageManifest:
+    """Write the image and its manifest into ``out_dir`` (the adapter_config.json is the caller's).
+    Raises ImageUnfit where the plan cannot hold the adapter."""
+    import torch
+
+    image, shapes = assemble(plan, tensors, scaling)
+    data: Any = image.to("cpu").view(torch.uint8).numpy()  # one copy off the device, the image's own bytes
+    with open(out_dir / IMAGE_FILE, "wb") as f:
+        f.write(memoryview(data))
+    manifest = ImageManifest.model_validate({"plan_digest": plan_digest(plan), "dtype": plan.dtype,
+                                             "numel": plan.numel, "scaling": scaling, "shapes": shapes})
+    (out_dir / MANIFEST_FILE).write_text(manifest.model_dump_json())
+    return manifest
+
+
+def share_image(out_dir: Path, plan: BuildPlan, tensors: Mapping[str, Any], scaling: float,
+                device_uuid: str) -> tuple[ImageManifest, Any]:
+    """Lay the image out on the tensors' GPU and describe it for a worker on that GPU (``cuda_ipc``)
+    in the manifest written to ``out_dir``. Returns the manifest and the image, which the caller keeps
+    alive until every worker has copied it (the sync has returned)."""
+    import base64
+
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    image, shapes = assemble(plan, tensors, scaling)
+    if image.device.type != "cuda":
+        raise ImageUnfit("the weights are not on a GPU: nothing to share by CUDA IPC")
+    _, args = reduce_tensor(image)  # type: ignore[no-untyped-call]  # torch leaves it unannotated
+    (_, _, _, offset, _, _, device, handle, size, storage_offset, _, ref_handle, ref_offset, event, sync) = args
+
+    def b64(raw: bytes) -> str:
+        return base64.b64encode(raw).decode()
+
+    ipc = CudaIpcImage(device_uuid=device_uuid, device=int(device), handle=b64(handle), storage_size_bytes=size,
+                       storage_offset_bytes=storage_offset, ref_counter_handle=b64(ref_handle),
+                       ref_counter_offset=ref_offset, event_handle=b64(event) if event else None,
+                       event_sync_required=bool(sync), tensor_offset=offset)
+    manifest = ImageManifest.model_validate({"plan_digest": plan_digest(plan), "dtype": plan.dtype, "numel": plan.numel,
+                                             "scaling": scaling, "shapes": shapes, "cuda_ipc": ipc})
+    (out_dir / MANIFEST_FILE).write_text(manifest.model_dump_json())
+    return manifest, image
+
+
+def open_shared_image(manifest: ImageManifest, device: int) -> Any:
+    """The trainer's image (``cuda_ipc``) mapped into this process, on its ``device`` (this process's
+    index of that GPU, which may differ from the trainer's): a view of its memory, no copy."""
+    import base64
+
+    import torch
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    ipc = manifest.cuda_ipc
+    if ipc is None:
+        raise ValueError("the slot image is not in GPU memory")
+    dtype = getattr(torch, manifest.dtype)
+    event = base64.b64decode(ipc.event_handle) if ipc.event_handle is not None else None
+    return rebuild_cuda_tensor(torch.Tensor, torch.Size([manifest.numel]), (1,), ipc.tensor_offset,  # type: ignore[no-untyped-call]
+                               torch.storage.TypedStorage, dtype, device, base64.b64decode(ipc.handle),
+                               ipc.storage_size_bytes, ipc.storage_offset_bytes, False,
+                               base64.b64decode(ipc.ref_counter_handle), ipc.ref_counter_offset, event,
+                               ipc.event_sync_required)
+
+
+def read_manifest(adapter_dir: str | Path) -> ImageManifest | None:
+    """The directory's manifest, None where it is a plain peft directory. Raises ValueError for a
+    manifest that is not one, or whose image file is missing or of another size."""
+    path = Path(adapter_dir) / MANIFEST_FILE
+    if not path.is_file():
+        return None
+    try:
+        manifest = ImageManifest.model_validate_json(path.read_bytes())
+    except ValidationError as exc:
+        raise ValueError(f"{MANIFEST_FILE} is not a slot image manifest ({exc.error_count()} errors)") from None
+    if manifest.cuda_ipc is not None:
+        return manifest
+    import torch
+
+    want = manifest.numel * getattr(torch, manifest.dtype).itemsize
+    image = Path(adapter_dir) / IMAGE_FILE
+    size = os.path.getsize(image) if image.is_file() else None
+    if size != want:
+        raise ValueError(f"{IMAGE_FILE} has {size} bytes; its manifest says {want}")
+    return manifest

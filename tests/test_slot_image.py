@@ -1,0 +1,56 @@
+"""Slot images the trainer lays out itself (inference/slot_image.py): bit for bit what a builder makes
+of the same weights as files, refused where the plan cannot hold them, and manifests checked. The
+real server's side is ``test_staging.py::test_trainer_publishes_through_shared_memory_and_keeps_a_durable_copy``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from skyrl_lora.inference.slot_builder import BuildJob, build_image
+from skyrl_lora.inference.slot_image import (
+    IMAGE_FILE,
+    MANIFEST_FILE,
+    ImageUnfit,
+    assemble,
+    plan_digest,
+    read_manifest,
+    write_image,
+)
+
+from .test_slot_builder import ABSENT, PLAN, A, B, _adapter, _read
+
+
+def test_a_trainers_image_is_the_builders_image_of_the_same_weights(tmp_path: Path) -> None:
+    gen = torch.Generator().manual_seed(1)
+    weights = {A: torch.randn(4, 6, generator=gen), B: torch.randn(5, 4, generator=gen)}  # float32, as trained
+    built = tmp_path / "built"
+    build_image(PLAN, BuildJob(adapter_dir=str(_adapter(tmp_path / "ad", weights)), out_path=str(built), scaling=1.875))
+    out = tmp_path / "published"
+    out.mkdir()
+    manifest = write_image(out, PLAN, weights, 1.875)
+    assert manifest.plan_digest == plan_digest(PLAN) and manifest.shapes == [[4, 6], [5, 4], []]
+    assert (out / IMAGE_FILE).read_bytes() == built.read_bytes()
+    assert read_manifest(out) == manifest
+    assert _read(out / IMAGE_FILE)[48:88].view(5, 8)[:, 4:].eq(0).all()  # padding to the slot's rank
+
+
+def test_an_adapter_the_plan_cannot_hold_is_unfit() -> None:
+    with pytest.raises(ImageUnfit, match="no slot for"):
+        assemble(PLAN, {A: torch.zeros(4, 6), "base_model.model.lm_head.lora_A.weight": torch.zeros(4, 6)}, 1.0)
+    with pytest.raises(ImageUnfit, match=r"its slot is \[8, 6\]"):
+        assemble(PLAN, {ABSENT: torch.zeros(9, 6)}, 1.0)  # a rank above the server's
+
+
+def test_manifests_are_checked(tmp_path: Path) -> None:
+    assert read_manifest(tmp_path) is None  # a plain peft directory
+    write_image(tmp_path, PLAN, {A: torch.ones(4, 6)}, 2.0)
+    with open(tmp_path / IMAGE_FILE, "r+b") as f:
+        f.truncate(10)
+    with pytest.raises(ValueError, match="has 10 bytes"):
+        read_manifest(tmp_path)
+    (tmp_path / MANIFEST_FILE).write_text('{"plan_digest": "x", "dtype": "int8"}')
+    with pytest.raises(ValueError, match="not a slot image manifest"):
+        read_manifest(tmp_path)
