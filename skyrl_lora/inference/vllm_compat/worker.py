@@ -398,6 +398,9 @@ def _prebuilt_image(state: dict[str, Any], adapter_manager: Any, lora_int_id: in
         raise ValueError("the slot image was laid out for another server layout (its plan digest differs)")
     if len(manifest.shapes) != len(plan.entries):
         raise ValueError(f"the slot image names {len(manifest.shapes)} entries; the plan has {len(plan.entries)}")
+    for entry, shape in zip(plan.entries, manifest.shapes):
+        if shape and (len(shape) != 2 or not 0 < shape[0] <= entry.rows or not 0 < shape[1] <= entry.cols):
+            raise ValueError(f"the slot image's {entry.source} has shape {shape}; its slot is [{entry.rows}, {entry.cols}]")
     config = read_adapter_config(Path(source))
     rank, alpha = int(config["r"]), float(config["lora_alpha"])
     if manifest.cuda_ipc is not None:
@@ -442,8 +445,8 @@ def _image_from_gpu(state: dict[str, Any], adapter_manager: Any, lora_int_id: in
         raise ValueError("the slot image is in another GPU's memory than this worker's")
     t0 = time.perf_counter()
     stream = layout._stream
-    shared = open_shared_image(manifest, first.device.index)
-    with torch.cuda.stream(stream):
+    with torch.cuda.stream(stream):  # opening it waits for the trainer's event on this stream, not the engine's
+        shared = open_shared_image(manifest, first.device.index)
         buffer = torch.empty(plan.numel, dtype=first.dtype, device=first.device)
         buffer.copy_(shared)
         finite = layout.finite(buffer)  # waits for the copy (on this stream only)
