@@ -345,14 +345,14 @@ class LoraController:
         t0 = time.perf_counter()
         max_rank = getattr(self._lora_cfg, "max_lora_rank", None)
         try:
-            manifest = read_manifest(source)
+            manifest = await asyncio.to_thread(read_manifest, source)
         except ValueError as exc:
             raise LoraError(400, f"lora_path '{source}': {exc}", "lora_path") from exc
         try:
             if manifest is None:
                 await self.checker.check(Path(source), self._model_shape, max_rank)
             else:  # a ready slot image: its shape is the plan's; the workers check its values
-                check_adapter_config(Path(source), self._model_shape, max_rank)
+                await asyncio.to_thread(check_adapter_config, Path(source), self._model_shape, max_rank)
                 if manifest.plan_digest != (await self.slot_plan()).digest:
                     raise AdapterCheckError(source, "the slot image was laid out for another server layout "
                                             "(GET /skyrl/v1/slot_plan gives this server's)")

@@ -116,10 +116,7 @@ def write_image(out_dir: Path, plan: BuildPlan, tensors: Mapping[str, Any], scal
     data: Any = image.to("cpu").view(torch.uint8).numpy()  # one copy off the device, the image's own bytes
     with open(out_dir / IMAGE_FILE, "wb") as f:
         f.write(memoryview(data))
-    manifest = ImageManifest.model_validate({"plan_digest": plan_digest(plan), "dtype": plan.dtype,
-                                             "numel": plan.numel, "scaling": scaling, "shapes": shapes})
-    (out_dir / MANIFEST_FILE).write_text(manifest.model_dump_json())
-    return manifest
+    return _write_manifest(out_dir, plan, scaling, shapes, None)
 
 
 def share_image(out_dir: Path, plan: BuildPlan, tensors: Mapping[str, Any], scaling: float,
@@ -144,10 +141,15 @@ def share_image(out_dir: Path, plan: BuildPlan, tensors: Mapping[str, Any], scal
                        storage_offset_bytes=storage_offset, ref_counter_handle=b64(ref_handle),
                        ref_counter_offset=ref_offset, event_handle=b64(event) if event else None,
                        event_sync_required=bool(sync), tensor_offset=offset)
+    return _write_manifest(out_dir, plan, scaling, shapes, ipc), image
+
+
+def _write_manifest(out_dir: Path, plan: BuildPlan, scaling: float, shapes: list[list[int]],
+                    cuda_ipc: CudaIpcImage | None) -> ImageManifest:
     manifest = ImageManifest.model_validate({"plan_digest": plan_digest(plan), "dtype": plan.dtype, "numel": plan.numel,
-                                             "scaling": scaling, "shapes": shapes, "cuda_ipc": ipc})
+                                             "scaling": scaling, "shapes": shapes, "cuda_ipc": cuda_ipc})
     (out_dir / MANIFEST_FILE).write_text(manifest.model_dump_json())
-    return manifest, image
+    return manifest
 
 
 def open_shared_image(manifest: ImageManifest, device: int) -> Any:

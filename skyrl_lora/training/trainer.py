@@ -378,16 +378,7 @@ class MultiTenantTrainer:
         """Copy an export written to shared memory into ``sampler_root`` (atomically: a reader sees the
         whole directory or none). Runs off the training lock; the caller drops the shared-memory copy
         once the servers have loaded it."""
-        out = self.durable_path(export)
-        tmp = out.parent / f".tmp-{uuid.uuid4().hex}"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            shutil.copytree(export, tmp)
-            tmp.rename(out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        self._prune_exports(out.parent)
-        return out
+        return self._persist(export, lambda tmp: shutil.copytree(export, tmp))
 
     def persist_tensors(self, export: Path, tensors: dict[str, torch.Tensor]) -> Path:
         """The durable copy of an image export (:meth:`export_image`): a peft directory of
@@ -395,13 +386,21 @@ class MultiTenantTrainer:
         Runs off the training lock, like :meth:`persist_export`."""
         from safetensors.torch import save_file
 
+        def write(tmp: Path) -> None:
+            tmp.mkdir()
+            shutil.copyfile(export / "adapter_config.json", tmp / "adapter_config.json")
+            save_file({k: t.to("cpu").contiguous() for k, t in tensors.items()}, str(tmp / "adapter_model.safetensors"))
+
+        return self._persist(export, write)
+
+    def _persist(self, export: Path, write: Callable[[Path], Any]) -> Path:
+        """The durable directory of ``export`` in ``sampler_root``, as ``write`` fills a new directory
+        (its argument, not yet made), seen whole or not at all; older versions pruned."""
         out = self.durable_path(export)
         tmp = out.parent / f".tmp-{uuid.uuid4().hex}"
         out.parent.mkdir(parents=True, exist_ok=True)
         try:
-            tmp.mkdir()
-            shutil.copyfile(export / "adapter_config.json", tmp / "adapter_config.json")
-            save_file({k: t.to("cpu").contiguous() for k, t in tensors.items()}, str(tmp / "adapter_model.safetensors"))
+            write(tmp)
             tmp.rename(out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -341,7 +341,6 @@ def _build_out_of_process(state: dict[str, Any], adapter_manager: Any, lora_int_
     :class:`ImageFiles`). None where the adapter needs vLLM's own loader (per-module rank or alpha
     patterns, tensors the plan has no slot for)."""
     import math
-    from pathlib import Path
 
     from skyrl_lora.inference.adapter_check import read_adapter_config
 
@@ -350,34 +349,53 @@ def _build_out_of_process(state: dict[str, Any], adapter_manager: Any, lora_int_
         return None
     rank, alpha = int(config["r"]), float(config["lora_alpha"])
     scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank  # vLLM's PEFTHelper
-    layout: _SlotLayout = state["layout"]
-    plan: BuildPlan = state["plan"]
     files: ImageFiles = state["image_files"]
     out = files.new_path()
     t0 = time.perf_counter()
-    lora = None
+    reply: BuildReply | None = None
     try:
         try:
             reply = state["builders"].build(BuildJob(adapter_dir=source, out_path=out, scaling=scaling))
         except BuilderUnavailable as exc:  # the process is replaced; this version is built here instead
             logger.warning("slot builder unavailable (%s); building %s in the engine's process", exc, source)
-            return None
-        if reply.error is not None:
-            if reply.error.startswith(UnplannedAdapter.__name__):
-                logger.info("adapter %s is loaded vLLM's own way: %s", source, reply.error)
-                return None
-            raise RuntimeError(f"building the slot image failed: {reply.error}")
-        t1 = _record(state, "build_ms", t0)
-        # vLLM's CPU cache keeps views of the mapping (its pages are touched only on a re-activation)
-        mapped = torch.from_file(out, shared=True, size=plan.numel, dtype=layout.tensors[0].dtype)
-        buffer = layout.image_from(out, mapped)
-        lora = _lora_model_of_views(adapter_manager, layout, plan, reply, mapped, lora_int_id, rank, alpha)
+        if reply is not None and reply.error is not None:
+            if not reply.error.startswith(UnplannedAdapter.__name__):
+                raise RuntimeError(f"building the slot image failed: {reply.error}")
+            logger.info("adapter %s is loaded vLLM's own way: %s", source, reply.error)
+            reply = None
+    finally:
+        if reply is None or reply.error is not None:  # nothing keeps the file
+            files.remove_later(out)
+    if reply is None:
+        return None
+    t1 = _record(state, "build_ms", t0)
+    lora, image = _image_of_file(state, adapter_manager, lora_int_id, out, reply.shapes, rank, alpha, check=False)
+    _record(state, "image_ms", t1)
+    return lora, image
+
+
+def _image_of_file(state: dict[str, Any], adapter_manager: Any, lora_int_id: int, path: str, shapes: list[list[int]],
+                   rank: int, alpha: float, *, check: bool) -> tuple[Any, SlotImage]:
+    """A slot image in a file of this worker's own (``ImageFiles``) as a staged version: on the
+    serving device (``_SlotLayout.image_from``), checked for NaN/Inf where ``check``, and vLLM's CPU
+    cache's ``LoRAModel`` as views of its mapping (its pages are touched only on a re-activation).
+    The file goes when that model does, or at once if this fails."""
+    layout: _SlotLayout = state["layout"]
+    plan: BuildPlan = state["plan"]
+    files: ImageFiles = state["image_files"]
+    lora = None
+    try:
+        mapped = torch.from_file(path, shared=True, size=plan.numel, dtype=layout.tensors[0].dtype)
+        buffer = layout.image_from(path, mapped)
+        if check and not layout.finite(buffer):
+            raise ValueError("the slot image holds NaN or Inf values")
+        lora = _lora_model_of_views(adapter_manager, layout, plan, shapes, mapped,
+                                    lora_int_id, rank, alpha)
     finally:
         if lora is None:
-            files.remove_later(out)  # nothing keeps it (a failure, or vLLM's own loader instead)
+            files.remove_later(path)
         else:
-            files.remove_when_dead(lora, out)
-    _record(state, "image_ms", t1)
+            files.remove_when_dead(lora, path)
     return lora, SlotImage(lora, buffer, layout.sources(buffer))
 
 
@@ -393,8 +411,7 @@ def _prebuilt_image(state: dict[str, Any], adapter_manager: Any, lora_int_id: in
     from skyrl_lora.inference.adapter_check import read_adapter_config
 
     plan: BuildPlan | None = state["plan"]
-    layout: _SlotLayout = state["layout"]
-    if plan is None or manifest.plan_digest != plan_digest(plan):
+    if plan is None or manifest.plan_digest != state["plan_digest"]:
         raise ValueError("the slot image was laid out for another server layout (its plan digest differs)")
     if len(manifest.shapes) != len(plan.entries):
         raise ValueError(f"the slot image names {len(manifest.shapes)} entries; the plan has {len(plan.entries)}")
@@ -405,28 +422,15 @@ def _prebuilt_image(state: dict[str, Any], adapter_manager: Any, lora_int_id: in
     rank, alpha = int(config["r"]), float(config["lora_alpha"])
     if manifest.cuda_ipc is not None:
         return _image_from_gpu(state, adapter_manager, lora_int_id, manifest, rank, alpha)
-    files: ImageFiles = state["image_files"]
     t0 = time.perf_counter()
-    own = files.new_path()
+    own = state["image_files"].new_path()
     try:
         os.link(os.path.join(source, IMAGE_FILE), own)
     except OSError:  # another filesystem: a copy (slower, still off the engine's loop)
         shutil.copyfile(os.path.join(source, IMAGE_FILE), own)
-    lora = None
-    try:
-        mapped = torch.from_file(own, shared=True, size=plan.numel, dtype=layout.tensors[0].dtype)
-        buffer = layout.image_from(own, mapped)
-        if not layout.finite(buffer):
-            raise ValueError("the slot image holds NaN or Inf values")
-        lora = _lora_model_of_views(adapter_manager, layout, plan, BuildReply(shapes=manifest.shapes), mapped,
-                                    lora_int_id, rank, alpha)
-    finally:
-        if lora is None:
-            files.remove_later(own)
-        else:
-            files.remove_when_dead(lora, own)
+    staged = _image_of_file(state, adapter_manager, lora_int_id, own, manifest.shapes, rank, alpha, check=True)
     _record(state, "prebuilt_ms", t0)
-    return lora, SlotImage(lora, buffer, layout.sources(buffer))
+    return staged
 
 
 def _image_from_gpu(state: dict[str, Any], adapter_manager: Any, lora_int_id: int, manifest: ImageManifest,
@@ -459,13 +463,13 @@ def _image_from_gpu(state: dict[str, Any], adapter_manager: Any, lora_int_id: in
         copied = torch.cuda.Event()  # type: ignore[no-untyped-call]  # unannotated in torch
         copied.record(stream)
     state["host_copies"][lora_int_id] = copied
-    lora = _lora_model_of_views(adapter_manager, layout, plan, BuildReply(shapes=manifest.shapes), host,
+    lora = _lora_model_of_views(adapter_manager, layout, plan, manifest.shapes, host,
                                 lora_int_id, rank, alpha)
     _record(state, "gpu_copy_ms", t0)
     return lora, SlotImage(lora, buffer, layout.sources(buffer))
 
 
-def _lora_model_of_views(adapter_manager: Any, layout: _SlotLayout, plan: BuildPlan, reply: BuildReply,
+def _lora_model_of_views(adapter_manager: Any, layout: _SlotLayout, plan: BuildPlan, shapes: list[list[int]],
                          mapped: Any, lora_int_id: int, rank: int, alpha: float) -> Any:
     """vLLM's ``LoRAModel`` for a built image, already packed and scaled (as after vLLM's own
     ``_create_merged_loras_inplace`` and ``optimize``), its tensors views of ``mapped``. Mirrors
@@ -475,7 +479,7 @@ def _lora_model_of_views(adapter_manager: Any, layout: _SlotLayout, plan: BuildP
     from vllm.lora.lora_weights import LoRALayerWeights, PackedLoRALayerWeights
 
     views: list[Any] = [e.view(mapped)[:shape[0], :shape[1]] if shape else None
-                         for e, shape in zip(plan.entries, reply.shapes)]
+                         for e, shape in zip(plan.entries, shapes)]
     packed: dict[str, list[str]] = getattr(adapter_manager, "packed_modules", None) or {}
     loras: dict[str, Any] = {}
     k = 0
@@ -609,7 +613,8 @@ class LoraStagingWorkerExtension:
         # jobs are added by the command thread (stage_channel) and taken by the engine's thread
         state = {"jobs": {}, "lock": threading.Lock(), "images": {}, "original": original, "channel": None,
                  "pool": concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="skyrl-stage"),
-                 "layout": layout, "plan": plan, "builders": builders,
+                 "layout": layout, "plan": plan, "plan_digest": plan_digest(plan) if plan is not None else None,
+                 "builders": builders,
                  "image_files": ImageFiles() if plan is not None else None,
                  "host_copies": {},  # lora id -> the event of its host copy (images from the trainer's GPU)
                  "timings": {"flip_ms": [], "load_ms": [], "image_ms": [], "build_ms": [], "prebuilt_ms": [], "gpu_copy_ms": []}}
