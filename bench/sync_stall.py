@@ -11,6 +11,10 @@ second under an engine-wide pause (vLLM's stock way); ``legacy``: like ``one``, 
 the adapter inside ``add_lora`` on its step loop (this project's path before staging);
 ``all-inplace``: like ``all`` in ``inplace`` mode (running requests take the new weights, no abort).
 
+``--sources images`` publishes every version as a ready slot image in shared memory, laid out by the
+server's plan (what ``save_weights_for_sampler`` publishes when the trainer is on the servers' node),
+instead of peft files the server must read and lay out itself.
+
     python -m bench.sync_stall --shape 8b --num-gpus 1 --rank 32 --tenants 8   # GPU, production size
     python -m bench.sync_stall --shape mid-cpu --rank 64 --tenants 2 --window-s 8    # CPU
 """
@@ -71,6 +75,32 @@ async def _syncs(client: RemoteInferenceClient, tenants: list[str], paths: dict[
 
     await asyncio.gather(*(one(k, t) for k, t in enumerate(tenants)))
     return latencies
+
+
+async def _as_images(client: RemoteInferenceClient, paths: dict[str, list[str]], shm: Path) -> dict[str, list[str]]:
+    """Each version's peft directory published again as the server's ready slot image."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from skyrl_lora.inference.slot_image import write_image
+
+    (layout,) = await client.slot_plans()
+    if layout.plan is None:
+        raise SystemExit("the server has no slot plan: --sources images cannot apply")
+    out: dict[str, list[str]] = {}
+    for tenant, dirs in paths.items():
+        out[tenant] = []
+        for d in dirs:
+            config = json.loads((Path(d) / "adapter_config.json").read_text())
+            image_dir = shm / Path(d).name
+            image_dir.mkdir(parents=True)
+            shutil.copyfile(Path(d) / "adapter_config.json", image_dir / "adapter_config.json")
+            weights = load_file(str(Path(d) / "adapter_model.safetensors"))
+            await asyncio.to_thread(write_image, image_dir, layout.plan, weights, config["lora_alpha"] / config["r"])
+            out[tenant].append(str(image_dir))
+    return out
 
 
 async def _stage_timings(actor: Any) -> dict[str, list[float]]:
@@ -190,7 +220,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     tok = AutoTokenizer.from_pretrained(fixtures.base)
     prompt_text = "def handle(request):\n    user = request.user\n    if not user.is_authenticated:\n"
     prompt_ids = tok(prompt_text)["input_ids"]
+    shm = Path(tempfile.mkdtemp(prefix="sync-stall-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
     try:
+        if args.sources == "images":
+            paths = await _as_images(client, paths, shm)
         for t in tenants + [WATCHER]:  # warm every adapter and the graphs once
             await client.sample(prompt_ids, {"max_tokens": 8, "temperature": 0.0}, t)
         windows: list[dict[str, Any]] = []
@@ -200,16 +233,19 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 logger.info("%s", w)
                 windows.append(w)
     finally:
+        import shutil
+
         import ray
 
         ray.get(actor.shutdown.remote(), timeout=120)
         ray.kill(actor)
+        shutil.rmtree(shm, ignore_errors=True)
     return {"machine": machine_name(args.machine), "date": today(), "config": {
         "shape": args.shape, "rank": args.rank, "tenants": args.tenants, "streams": args.streams,
         "max_tokens": args.max_tokens, "window_s": args.window_s, "rounds": args.rounds, "all_period_s": args.all_period,
         "num_gpus": args.num_gpus, "cuda_graphs": args.num_gpus > 0,
         "stage_threads": args.stage_threads, "slot_builders": args.slot_builders, "stage_channel": args.stage_channel,
-        "check_processes": args.check_processes},
+        "check_processes": args.check_processes, "sources": args.sources},
         "windows": windows, "summary": summarize(windows)}
 
 
@@ -230,6 +266,8 @@ def main() -> None:
                         help="staging around the engine's loop (stage_channel), or through collective_rpc")
     parser.add_argument("--check-processes", type=int, default=1,
                         help="processes checking adapters before staging (0: a thread of the server's process)")
+    parser.add_argument("--sources", choices=("files", "images"), default="files",
+                        help="versions as peft files, or as ready slot images laid out by the server's plan")
     parser.add_argument("--all-period", type=float, default=1.0, help="each tenant's sync period in the 'all' window")
     parser.add_argument("--windows", nargs="+", default=["nosync", "one", "legacy", "all", "all-inplace", "engine-wide"])
     parser.add_argument("--profile-windows", nargs="*", default=[],
@@ -237,7 +275,8 @@ def main() -> None:
     parser.add_argument("--py-spy", default=None, help="the py-spy binary (default: found on PATH or PYTHONPATH)")
     parser.add_argument("--label", default="", help="a name for this run's profiles")
     args = parser.parse_args()
-    args.label = args.label or ("builders" if args.slot_builders else "threads")
+    args.label = args.label or ("images" if args.sources == "images" else
+                                "builders" if args.slot_builders else "threads")
     if args.profile_windows:
         args.py_spy = pyspy.find_py_spy(args.py_spy)
         if args.py_spy is None:
@@ -247,7 +286,7 @@ def main() -> None:
 
     start_local_ray(num_cpus=4, namespace=None)
     result = asyncio.run(run(args))
-    path = write_result(result, args.out, f"sync-stall-{args.shape}-r{args.rank}-t{args.tenants}", plot)
+    path = write_result(result, args.out, f"sync-stall-{args.shape}-r{args.rank}-t{args.tenants}-{args.label}", plot)
     logger.info("wrote %s: %s", path, {k: v for k, v in result["summary"].items() if k != "median"})
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU device, after the staging calls (scripts/gpu/README.md): issue 16's production-size runs,
 # the two ways of building slot images side by side in one call (each call stays under 10 minutes).
-#   bash scripts/gpu/run_issue16.sh stall     # bench.sync_stall: staging threads, then slot builders (~8 min)
+#   bash scripts/gpu/run_issue16.sh stall     # bench.sync_stall: slot builders, then ready slot images (~8 min)
+#   bash scripts/gpu/run_issue16.sh many      # bench.sync_stall: 32 tenants of rank 16 syncing every 4 s (~6 min)
 #   bash scripts/gpu/run_issue16.sh publish   # bench.publish_latency (colocated trainer): peft files, then the
 #                                             # GPU copy into the server (publish_images, the default) (~8 min)
 #   bash scripts/gpu/run_issue16.sh image     # bench.image_publish: peft files against ready slot images (~4 min)
@@ -14,14 +15,20 @@ export PYTHONPATH=/tmp/site:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 
 res=/tmp/i16; out=${OUT:-/tmp/out}; mkdir -p "$res" "$out"
 rc=0
 case "${1:-stall}" in
-  stall)
-    for way in threads builders; do
-      flags="--stage-threads 1 --no-slot-builders"; [ "$way" = builders ] && flags="--stage-threads 4 --slot-builders"
+  stall)  # versions as peft files laid out by 4 slot builders, then as ready slot images (the trainer's way)
+    for way in builders images; do
+      flags="--stage-threads 4 --slot-builders"; [ "$way" = images ] && flags="--stage-threads 4 --sources images"
       timeout 280 python3 -m bench.sync_stall --shape 8b --num-gpus 1 --rank 32 --tenants 8 --streams 12 \
         --window-s 10 --rounds 1 --windows nosync one all all-inplace --profile-windows all-inplace \
         --machine h200 --label "$way" --out "$res/stall-$way" $flags > "$res/stall-$way.log" 2>&1 || rc=$?
       grep "bench.sync_stall wrote" "$res/stall-$way.log" | cut -c1-600
     done ;;
+  many)  # 32 tenants of rank 16, each syncing once every 4 s, ready slot images
+    timeout 400 python3 -m bench.sync_stall --shape 8b --num-gpus 1 --rank 16 --tenants 32 --streams 3 \
+      --window-s 12 --rounds 1 --all-period 4 --windows nosync one all all-inplace engine-wide \
+      --stage-threads 4 --sources images --machine h200 --label many --out "$res/stall-many" \
+      > "$res/stall-many.log" 2>&1 || rc=$?
+    grep "bench.sync_stall wrote" "$res/stall-many.log" | cut -c1-600 ;;
   publish)
     for way in files gpu-copy; do
       flags="--publish-images"; [ "$way" = files ] && flags="--no-publish-images"
@@ -33,7 +40,7 @@ case "${1:-stall}" in
     timeout 400 python3 -m bench.image_publish --shape 8b --rank 32 --num-gpus 1 --rounds 8 --machine h200 \
       --out "$res/image" > "$res/image.log" 2>&1 || rc=$?
     grep "bench.image_publish wrote" "$res/image.log" | cut -c1-800 ;;
-  *) echo "usage: $0 stall|publish|image"; exit 2 ;;
+  *) echo "usage: $0 stall|many|publish|image"; exit 2 ;;
 esac
 tar czf "$out/issue16-$(date +%H%M%S).tgz" -C "$res" .
 exit $rc
