@@ -5,8 +5,10 @@ tenants; a trainer on the same GPU whose base is views of the server's weights (
 trainer) trains tenant ``trainee`` and publishes each new version with ``save_weights_for_sampler``
 (written to shared memory, staged and flipped on the server). Per publication the parts are timed
 where they happen: the export, the sync (stage everywhere, then flip), and a one-token request for
-the new version sent right after the sync. Windows: ``idle`` (no one else sampling) and ``loaded``
-(every other tenant keeps ``--streams`` requests in flight).
+the new version sent when the call returns (what a caller sees), the same request again (the first
+token's own cost), and when the durable copy is on disk (written after the call returns). Windows:
+``idle`` (no one else sampling) and ``loaded`` (every other tenant keeps ``--streams`` requests in
+flight).
 
     python -m bench.publish_latency --num-gpus 1 --tenants 4 --streams 8 --publishes 8   # H200
 """
@@ -30,8 +32,12 @@ WINDOWS = ("idle", "loaded")
 
 
 async def _publishes(client: Any, trainer: Any, prompt_ids: list[int], datum: Any, count: int) -> list[dict[str, float]]:
+    """Per publication: its parts where they happen, what a caller that awaits the call sees (the
+    call's return, then a one-token request), the same request once more (the first token's own
+    cost, no publication in it), and when the durable copy was written (after the call returns)."""
     from skyrl_lora.training.protocol import AdamParams
 
+    one_token = {"max_tokens": 1, "temperature": 0.0}
     out = []
     for i in range(count):
         await trainer.forward_backward.remote(TRAINEE, [datum])
@@ -40,12 +46,19 @@ async def _publishes(client: Any, trainer: Any, prompt_ids: list[int], datum: An
         saved = await trainer.save_weights_for_sampler.remote(TRAINEE, f"v{i}")
         returned = time.perf_counter() - t0
         t1 = time.perf_counter()
-        await client.sample(prompt_ids, {"max_tokens": 1, "temperature": 0.0}, TRAINEE)
+        await client.sample(prompt_ids, one_token, TRAINEE)
         first = time.perf_counter() - t1
-        out.append({"export_ms": 1e3 * saved.export_s, "sync_ms": 1e3 * saved.sync_s, "first_token_ms": 1e3 * first,
-                    # the flip is done export + sync after the call; a request then has its token `first` later
-                    "save_to_first_token_ms": 1e3 * (saved.export_s + saved.sync_s + first),
-                    "call_returned_ms": 1e3 * returned})
+        t2 = time.perf_counter()
+        await client.sample(prompt_ids, one_token, TRAINEE)
+        again = time.perf_counter() - t2
+        await trainer.durable.remote(saved.path)
+        durable = time.perf_counter() - t0
+        out.append({"export_ms": 1e3 * saved.export_s, "sync_ms": 1e3 * saved.sync_s,
+                    # the new version serves export + sync after the call began
+                    "served_after_ms": 1e3 * (saved.export_s + saved.sync_s),
+                    "call_returned_ms": 1e3 * returned, "first_token_ms": 1e3 * first,
+                    "save_to_first_token_ms": 1e3 * (returned + first),
+                    "token_again_ms": 1e3 * again, "durable_after_ms": 1e3 * durable})
     return out
 
 
@@ -118,6 +131,8 @@ def plot(result: dict[str, Any], png: Path) -> None:
         values = [s[n][part] for n in s]
         ax.bar(list(s), values, bottom=bottom, label=part.removesuffix("_ms_p50"))
         bottom = [b + v for b, v in zip(bottom, values)]
+    ax.scatter(list(s), [s[n]["save_to_first_token_ms_p50"] for n in s], color="k", marker="_", s=600, zorder=3,
+               label="call returned + first token")
     ax.axhline(50, color="k", lw=0.8, ls="--")
     ax.set_ylabel("save_weights_for_sampler -> first token, ms (p50)")
     ax.legend()

@@ -142,6 +142,8 @@ async def _window(name: str, client: RemoteInferenceClient, url: str, prompt_ids
         # per tenant, so windows with different numbers of non-syncing tenants compare
         "others_tokens_per_s_per_tenant": sum(s.tokens for s in others) / max(s.seconds for s in others) / len(others),
         "requests": sum(s.requests for s in streams), "segments": sum(s.segments for s in streams),
+        "reprefill_tokens": sum(s.reprefill_tokens for s in streams),
+        "reprefill_tokens_per_sync": sum(s.reprefill_tokens for s in streams) / len(latencies) if latencies else None,
         "watch_p50_ms": 1e3 * gaps.quantile(0.5), "watch_p99_ms": 1e3 * gaps.quantile(0.99),
         "watch_max_ms": 1e3 * gaps.max_s, "watch_tokens": gaps.tokens, "syncs": len(latencies),
         "sync_p50_ms": 1e3 * statistics.median(latencies) if latencies else None,

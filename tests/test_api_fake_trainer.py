@@ -86,6 +86,9 @@ class FakeTrainer:
         Path(path).unlink(missing_ok=True)
         return True
 
+    async def durable(self, path: str) -> None:
+        return None
+
     async def metrics_text(self) -> str:
         return ""
 

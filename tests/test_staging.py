@@ -20,7 +20,7 @@ from skyrl_lora.inference.actor import start_server_actor
 from skyrl_lora.inference.client import FanOutError, InferenceError, RemoteInferenceClient
 from skyrl_lora.inference.server import ServerConfig
 
-from .conftest import server_gpus
+from .conftest import server_gpus, wait_for
 
 pytestmark = pytest.mark.vllm
 
@@ -230,8 +230,9 @@ async def test_staging_reaches_the_workers_without_the_engines_loop(vllm_server,
 async def test_trainer_publishes_through_shared_memory_and_keeps_a_durable_copy(vllm_server, tiny, tmp_path,
                                                                                word_ids, tok) -> None:
     """save_weights_for_sampler writes the version to shared memory, the server stages it from there,
-    the durable copy (what a tinker:// path names and a restarted server reloads) is written beside
-    the sync, and the shared-memory copy is freed once the servers have it."""
+    the durable copy (what a tinker:// path names and a restarted server reloads) is written after
+    the call returns (``durable`` waits for it), and the shared-memory copy is freed once the servers
+    have it and the durable copy is written."""
     import uuid
 
     from skyrl_lora.training.actor import start_trainer_actor
@@ -247,14 +248,19 @@ async def test_trainer_publishes_through_shared_memory_and_keeps_a_durable_copy(
         await trainer.create_lora.remote("shm-tenant", LoraSpec(rank=4))
         saved = await trainer.save_weights_for_sampler.remote("shm-tenant", "v1")
         assert saved.synced and Path(saved.path).is_relative_to(tmp_path / "adapters"), saved
+        await trainer.durable.remote(saved.path)
         assert (Path(saved.path) / "adapter_model.safetensors").is_file()
-        assert not any(p.is_file() for p in shm.rglob("*")), list(shm.rglob("*"))  # shared memory freed
+
+        async def shm_freed() -> bool:
+            return not any(p.is_file() for p in shm.rglob("*"))
+        await wait_for(shm_freed, timeout_s=30, what="the shared-memory export to be removed")
         (lora,) = await _tenant(client, "shm-tenant")
         assert lora.path == str(Path(saved.path).resolve()) and lora.version == 1
         (s,) = await client.sample(tok("x = 1")["input_ids"], {"max_tokens": 4, **GREEDY}, "shm-tenant")
         assert len(s.token_ids) == 4
         before = ray.get(vllm_server.actor.stage_timings.remote(), timeout=60)
         saved2 = await trainer.save_weights_for_sampler.remote("shm-tenant", "v2")
+        await trainer.durable.remote(saved2.path)
         (lora,) = await _tenant(client, "shm-tenant")
         assert lora.version == 2 and lora.path == str(Path(saved2.path).resolve())
         # published as the server's ready slot image (nothing built or loaded there) ...

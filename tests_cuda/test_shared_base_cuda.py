@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 import uuid
 from pathlib import Path
 
@@ -90,7 +91,11 @@ def test_colocated_trainer_on_the_servers_weights(ray_local, tiny, tok, tmp_path
         after_t = ray.get(server.stage_timings.remote())
         assert {k: len(after_t[k]) - len(before_t.get(k, [])) for k in ("gpu_copy_ms", "prebuilt_ms", "load_ms")} == \
             {"gpu_copy_ms": 1, "prebuilt_ms": 0, "load_ms": 0}, after_t
-        assert not any(p.is_file() for p in shm.rglob("*"))  # nothing left in shared memory
+        ray.get(shared.durable.remote(sw.path))  # the durable copy is written after the call returns
+        deadline = time.monotonic() + 30
+        while any(p.is_file() for p in shm.rglob("*")):  # then nothing is left in shared memory
+            assert time.monotonic() < deadline, list(shm.rglob("*"))
+            time.sleep(0.05)
         # ... whose slot holds bit for bit what vLLM's own load of the durable copy writes
         asyncio.run(client.load_lora_adapter("a-legacy", str(tiny.loras["woof"]), load_inplace=False))
         asyncio.run(client.update_lora("a-legacy", sw.path, off_loop=False))

@@ -38,6 +38,7 @@ class Sampling:
                 lora_name = model.tenant  # the live adapter, synced on every save
             else:
                 lora_name = f"{model.tenant}.{uuid.uuid4().hex[:8]}"  # pinned to these weights
+                await self.core.trainer.durable(adapter_path)  # a version just saved is copied there after the save
                 try:
                     await self.core.inference.load_lora_adapter(lora_name, adapter_path, load_inplace=False)
                 except (FanOutError, InferenceError) as exc:

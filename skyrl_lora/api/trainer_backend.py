@@ -38,6 +38,7 @@ class TrainerBackend(Protocol):
     async def save_weights_for_sampler(self, tenant: str, name: str) -> SamplerWeights: ...
     async def adapter_files(self, tenant: str) -> dict[str, bytes]: ...
     async def delete_checkpoint(self, path: str) -> bool: ...
+    async def durable(self, path: str) -> None: ...
     async def metrics_text(self) -> str: ...
 
 
@@ -96,6 +97,9 @@ class RayTrainer:
 
     async def delete_checkpoint(self, path: str) -> bool:
         return await call_actor(self.handle.delete_checkpoint, path)  # type: ignore[no-any-return]
+
+    async def durable(self, path: str) -> None:
+        await call_actor(self.handle.durable, path)
 
     async def metrics_text(self) -> str:
         return await call_actor(self.handle.metrics_text)  # type: ignore[no-any-return]

@@ -19,6 +19,9 @@ class StreamStats:
     tokens: int = 0
     requests: int = 0
     segments: int = 0
+    # tokens prefilled again where a cut request went on (its prompt plus the tokens it had): the
+    # work an ``abort`` sync costs beyond the flip; none of them is generated twice
+    reprefill_tokens: int = 0
     events: list[tuple[float, int]] = field(default_factory=list)  # (seconds since start, tokens)
     seconds: float = 0.0
 
@@ -45,7 +48,9 @@ async def run_streams(client: RemoteInferenceClient, tenant: str, prompt: Sequen
             (s,) = await client.sample_with_retry(prompt, params, tenant)
             stats.tokens += len(s.token_ids)
             stats.requests += 1
+            starts = sorted({v.start for v in s.version_spans})
             stats.segments += len({(v.version, v.start) for v in s.version_spans})
+            stats.reprefill_tokens += sum(len(prompt) + start for start in starts[1:])
             stats.events.append((time.perf_counter() - origin, len(s.token_ids)))
 
     await asyncio.gather(*(one_stream() for _ in range(streams)))

@@ -73,11 +73,31 @@ def plan_digest(plan: BuildPlan) -> str:
     return hashlib.sha256(plan.model_dump_json().encode()).hexdigest()
 
 
+def cast_flat(tensors: Mapping[str, Any], dtype: Any) -> dict[str, Any]:
+    """Copies of ``tensors`` in ``dtype``, as views of one new flat buffer on their device, made by
+    one multi-tensor copy. Per tensor, an 8B rank-32 adapter's 448 casts cost 8 ms of kernel
+    launches on the H200; this, 4 ms (``bench/results/h200-2026-12-02-s20/*ipc-parts*``)."""
+    import torch
+
+    if not tensors:
+        return {}
+    first = next(iter(tensors.values()))
+    flat = torch.empty(sum(t.numel() for t in tensors.values()), dtype=dtype, device=first.device)
+    views, offset = [], 0
+    for t in tensors.values():
+        views.append(flat[offset:offset + t.numel()].view(t.shape))
+        offset += t.numel()
+    torch._foreach_copy_(views, [t.detach() for t in tensors.values()])
+    return dict(zip(tensors, views))
+
+
 def assemble(plan: BuildPlan, tensors: Mapping[str, Any], scaling: float) -> tuple[Any, list[list[int]]]:
     """The flat image of ``tensors`` (peft names) on their device, and each entry's source shape.
     The builder's operations (``slot_builder.build_image``: cast to the slot dtype, then ``lora_B``
     times the scaling in that dtype, in the top-left corner of a zeroed slot), so the same bits; the
-    cast happens in the copy into the slot, and only padding and absent slots are zeroed."""
+    cast happens in the copy into the slot, and only padding and absent slots are zeroed. Slots a
+    tensor fills whole (every slot, where the adapter's rank is the server's) are copied and scaled
+    by multi-tensor kernels: one launch per kind of work instead of one per tensor."""
     import torch
 
     dtype = getattr(torch, plan.dtype)
@@ -87,6 +107,9 @@ def assemble(plan: BuildPlan, tensors: Mapping[str, Any], scaling: float) -> tup
     device = next(iter(tensors.values())).device if tensors else torch.device("cpu")
     image = torch.empty(plan.numel, dtype=dtype, device=device)
     shapes: list[list[int]] = []
+    whole_slots: list[Any] = []
+    whole_sources: list[Any] = []
+    whole_scaled: list[Any] = []
     for entry in plan.entries:
         tensor = tensors.get(entry.source) if entry.source is not None else None
         whole = entry.view(image)
@@ -97,13 +120,23 @@ def assemble(plan: BuildPlan, tensors: Mapping[str, Any], scaling: float) -> tup
         rows, cols = tensor.shape if tensor.dim() == 2 else (-1, -1)
         if not 0 < rows <= entry.rows or not 0 < cols <= entry.cols:
             raise ImageUnfit(f"{entry.source} has shape {list(tensor.shape)}; its slot is [{entry.rows}, {entry.cols}]")
+        shapes.append([rows, cols])
+        if (rows, cols) == (entry.rows, entry.cols):
+            whole_slots.append(whole)
+            whole_sources.append(tensor.detach())
+            if entry.scaled and scaling != 1:
+                whole_scaled.append(whole)
+            continue
         slot = whole[:rows, :cols]
         slot.copy_(tensor.detach())  # the cast to the slot dtype (round to nearest even, as .to() does)
         if entry.scaled and scaling != 1:
             slot.mul_(scaling)  # in the slot dtype, as vLLM's optimize() scales lora_B
         whole[rows:].zero_()
         whole[:rows, cols:].zero_()
-        shapes.append([rows, cols])
+    if whole_slots:
+        torch._foreach_copy_(whole_slots, whole_sources)
+    if whole_scaled:
+        torch._foreach_mul_(whole_scaled, scaling)
     return image, shapes
 
 

@@ -8,6 +8,7 @@ while it writes the adapter; the fan-out to the inference servers runs beside ot
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import shutil
@@ -26,6 +27,7 @@ from skyrl_lora.inference.slot_builder import BuildPlan
 from skyrl_lora.inference.slot_image import ImageUnfit
 from skyrl_lora.node_identity import node_identity
 from skyrl_lora.training.config import TrainerConfig
+from skyrl_lora.training.durable_copies import DurableCopies
 from skyrl_lora.training.protocol import (
     AdamParams,
     Datum,
@@ -57,6 +59,8 @@ class TrainerActor:
         self._client: RemoteInferenceClient | None = None
         self._image_plan: BuildPlan | None = None  # every server's slot layout, while they agree on one
         self._gpu_copies = True  # the colocated trainer publishes by a GPU copy until that fails once
+        self._durable = DurableCopies()  # published versions' copies in sampler_root, written after the call
+        self._cleanups: set[asyncio.Task[None]] = set()  # shared-memory exports removed once copied
         context = ray.get_runtime_context()
         # After a crash Ray restarts us with empty memory: every tenant comes back from its last saved
         # state (save_state) before any request runs; the restart itself triggers it, not a caller.
@@ -111,6 +115,7 @@ class TrainerActor:
         return await self._run(self.trainer.create_lora, tenant, spec)
 
     async def delete_lora(self, tenant: str, *, unload_from_inference: bool = True) -> None:
+        await self._durable.wait_tenant(tenant)  # a copy still being written would bring the directory back
         await self._run(self.trainer.delete_lora, tenant)
         client = self._inference()
         if client is not None and unload_from_inference:
@@ -147,13 +152,23 @@ class TrainerActor:
         return await self._run(self.trainer.adapter_files, tenant)
 
     async def delete_checkpoint(self, path: str) -> bool:
+        with contextlib.suppress(SkyrlError):  # written or failed: either way it can go now
+            await self._durable.wait(path)
+        self._durable.forget(path)
         return await asyncio.to_thread(self.trainer.delete_checkpoint, path)
+
+    async def durable(self, path: str) -> None:
+        """Return once the version ``save_weights_for_sampler`` named ``path`` is in ``sampler_root``
+        (its copy is written after the call returns); a 500 naming the path if writing it failed."""
+        await self._durable.wait(path)
 
     async def save_weights_for_sampler(self, tenant: str, name: str, *, sync: bool = True) -> SamplerWeights:
         """Export the tenant's adapter and swap it into every inference server, pausing only that tenant.
 
         The servers load the new version beside the old one, then flip the tenant's name to it and
         abort only that tenant's in-flight requests, which their clients continue on the new weights.
+        Where the servers read it from shared memory, the returned path (the durable copy) is written
+        after this returns: :meth:`durable` waits for it.
         """
         client = self._inference()
         publish = self.config.publish_root if client is not None and sync else None
@@ -222,8 +237,9 @@ class TrainerActor:
     async def _sync(self, client: RemoteInferenceClient, tenant: str, path: Path, load_from: Path | None,
                     persist: Callable[[], Path] | None, step: int, export_s: float) -> SamplerWeights:
         """Stage and flip ``path`` on every server (read from ``load_from`` now, when given), while
-        ``persist`` writes the durable copy; ``load_from`` is removed once both are done."""
-        persisted = asyncio.ensure_future(asyncio.to_thread(persist)) if persist is not None else None
+        ``persist`` writes the durable copy; that goes on after this returns (``DurableCopies``), and
+        ``load_from`` is removed once both are done."""
+        persisted = self._durable.start(tenant, path, persist) if persist is not None else None
         t0 = time.perf_counter()
         try:
             replies = await asyncio.wait_for(
@@ -237,14 +253,20 @@ class TrainerActor:
             raise SkyrlError(504, f"sync of '{tenant}' into inference took over {self.config.sync_timeout_s} s", "name") from exc
         finally:
             sync_s = time.perf_counter() - t0
-            if persisted is not None:
-                try:
-                    await persisted
-                finally:  # every server has read it (or given up): shared memory is freed
-                    if load_from is not None:
-                        await asyncio.to_thread(shutil.rmtree, load_from, True)
+            if load_from is not None:  # every server has read it (or given up); the copy may still need it
+                self._remove_when_copied(load_from, persisted)
         return SamplerWeights(tenant=tenant, path=str(path), step=step, synced=True, sync_s=sync_s, export_s=export_s,
                               versions=[r.lora.version for r in replies])
+
+    def _remove_when_copied(self, export: Path, persisted: asyncio.Task[Path] | None) -> None:
+        async def remove() -> None:
+            if persisted is not None:
+                await asyncio.wait([persisted])
+            await asyncio.to_thread(shutil.rmtree, export, True)
+
+        task = asyncio.get_running_loop().create_task(remove(), name=f"remove-{export.name}")
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
 
     # ------------------------------------------------------------------ tests and benchmarks
     async def snapshot_tensors(self, tenant: str) -> dict[str, Any]:
@@ -271,6 +293,9 @@ class TrainerActor:
                 "reserved": torch.cuda.memory_reserved()}
 
     async def shutdown(self) -> None:
+        await self._durable.drain()
+        if self._cleanups:
+            await asyncio.wait(list(self._cleanups))
         if self._client is not None:
             await self._client.aclose()
 

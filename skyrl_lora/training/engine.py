@@ -85,7 +85,9 @@ class LocalTrainingEngine:
         await self.actor.load_state.remote(tenant, path, with_optimizer)
 
     async def save_weights_for_sampler(self, tenant: str, name: str) -> str:
-        return cast(str, (await self.actor.save_weights_for_sampler.remote(tenant, name)).path)
+        path = cast(str, (await self.actor.save_weights_for_sampler.remote(tenant, name)).path)
+        await self.actor.durable.remote(path)  # the path this returns can be read at once
+        return path
 
 
 class RemoteTrainingEngine:

@@ -25,7 +25,7 @@ import torch
 from skyrl_lora.errors import SkyrlError
 from skyrl_lora.inference.protocol import LORA_NAME_PATTERN
 from skyrl_lora.inference.slot_builder import BuildPlan
-from skyrl_lora.inference.slot_image import share_image, write_image
+from skyrl_lora.inference.slot_image import cast_flat, share_image, write_image
 from skyrl_lora.training.adapters import AdapterSlots, Slot
 from skyrl_lora.training.batching import collate
 from skyrl_lora.training.config import TrainerConfig
@@ -308,7 +308,7 @@ class MultiTenantTrainer:
         slot = self._activate(tenant)
         spec = self.specs[tenant]
         dtype = getattr(torch, plan.dtype)
-        tensors = {k: p.detach().to(dtype, copy=True) for k, p in slot.params.items()}
+        tensors = cast_flat(slot.params, dtype)  # copies: training may go on while they are published
         scaling = spec.alpha / spec.rank
         shared: list[torch.Tensor] = []
         if share_on is not None:
@@ -389,7 +389,8 @@ class MultiTenantTrainer:
         def write(tmp: Path) -> None:
             tmp.mkdir()
             shutil.copyfile(export / "adapter_config.json", tmp / "adapter_config.json")
-            save_file({k: t.to("cpu").contiguous() for k, t in tensors.items()}, str(tmp / "adapter_model.safetensors"))
+            # each a copy of its own: the tensors are views of one buffer, which safetensors refuses
+            save_file({k: t.to("cpu", copy=True) for k, t in tensors.items()}, str(tmp / "adapter_model.safetensors"))
 
         return self._persist(export, write)
 
