@@ -93,13 +93,15 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                 t0 = time.perf_counter()
                 await asyncio.to_thread(_export, way, out, config_file, weights, layout.plan, alpha / args.rank)
                 t1 = time.perf_counter()
-                await client.update_lora(TENANT, str(out), mode="abort")
+                (reply,) = await client.update_lora(TENANT, str(out), mode="abort")
                 t2 = time.perf_counter()
                 await client.sample([1, 2, 3], {"max_tokens": 1, "temperature": 0.0}, TENANT)
                 t3 = time.perf_counter()
                 after = ray.get(actor.stage_timings.remote(), timeout=60)
                 worker = {k: sum(after[k][len(before.get(k, [])):]) for k in after if len(after[k]) > len(before.get(k, []))}
                 publications.append({"way": way, "round": r, "export_ms": 1000 * (t1 - t0), "sync_ms": 1000 * (t2 - t1),
+                                     # inside the sync: the server's check and staging; the flip's add_lora
+                                     "staging_ms": 1000 * reply.staging_s, "flip_ms": 1000 * reply.load_s,
                                      "first_token_ms": 1000 * (t3 - t2), "save_to_first_token_ms": 1000 * (t3 - t0),
                                      "worker_ms": worker})
                 logger.info("%s", publications[-1])
@@ -112,7 +114,8 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     for way in WAYS:
         mine = [p for p in publications if p["way"] == way]
         summary[way] = {f"{k}_p50": statistics.median(p[k] for p in mine)
-                        for k in ("export_ms", "sync_ms", "first_token_ms", "save_to_first_token_ms")}
+                        for k in ("export_ms", "sync_ms", "staging_ms", "flip_ms", "first_token_ms",
+                                  "save_to_first_token_ms")}
     summary["image_over_files"] = {k: summary["image"][k] / summary["files"][k] for k in summary["files"]}
     return {"machine": machine_name(args.machine), "date": today(),
             "config": {"shape": args.shape, "rank": args.rank, "rounds": args.rounds, "num_gpus": args.num_gpus,

@@ -31,7 +31,8 @@ TRAINEE = "trainee"
 WINDOWS = ("idle", "loaded")
 
 
-async def _publishes(client: Any, trainer: Any, prompt_ids: list[int], datum: Any, count: int) -> list[dict[str, float]]:
+async def _publishes(client: Any, trainer: Any, server: Any, prompt_ids: list[int], datum: Any,
+                     count: int) -> list[dict[str, Any]]:
     """Per publication: its parts where they happen, what a caller that awaits the call sees (the
     call's return, then a one-token request), the same request once more (the first token's own
     cost, no publication in it), and when the durable copy was written (after the call returns)."""
@@ -42,9 +43,11 @@ async def _publishes(client: Any, trainer: Any, prompt_ids: list[int], datum: An
     for i in range(count):
         await trainer.forward_backward.remote(TRAINEE, [datum])
         await trainer.optim_step.remote(TRAINEE, AdamParams(learning_rate=1e-4))
+        before = await server.stage_timings.remote()
         t0 = time.perf_counter()
         saved = await trainer.save_weights_for_sampler.remote(TRAINEE, f"v{i}")
         returned = time.perf_counter() - t0
+        after = await server.stage_timings.remote()
         t1 = time.perf_counter()
         await client.sample(prompt_ids, one_token, TRAINEE)
         first = time.perf_counter() - t1
@@ -54,11 +57,16 @@ async def _publishes(client: Any, trainer: Any, prompt_ids: list[int], datum: An
         await trainer.durable.remote(saved.path)
         durable = time.perf_counter() - t0
         out.append({"export_ms": 1e3 * saved.export_s, "sync_ms": 1e3 * saved.sync_s,
+                    # inside the sync: the server's check and staging, and the flip's add_lora round trip
+                    "staging_ms": 1e3 * (saved.staging_s or 0.0), "flip_ms": 1e3 * (saved.flip_s or 0.0),
                     # the new version serves export + sync after the call began
                     "served_after_ms": 1e3 * (saved.export_s + saved.sync_s),
                     "call_returned_ms": 1e3 * returned, "first_token_ms": 1e3 * first,
                     "save_to_first_token_ms": 1e3 * (returned + first),
-                    "token_again_ms": 1e3 * again, "durable_after_ms": 1e3 * durable})
+                    "token_again_ms": 1e3 * again, "durable_after_ms": 1e3 * durable,
+                    # the worker's own time for what it did (gpu_copy, prebuilt, load, flip), ms
+                    "worker": {k: sum(v[len(before.get(k, [])):]) for k, v in after.items()
+                               if len(v) > len(before.get(k, []))}})
     return out
 
 
@@ -94,14 +102,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 try:
                     if load:
                         await asyncio.sleep(2.0)  # every stream running
-                    pubs = await _publishes(client, trainer, prompt_ids, datum, args.publishes)
+                    pubs = await _publishes(client, trainer, pair.server, prompt_ids, datum, args.publishes)
                 finally:
                     for task in load:
                         task.cancel()
                     await asyncio.gather(*load, return_exceptions=True)
                 w = {"window": name, "round": r, "publishes": pubs,
-                     **{f"{k}_p50": statistics.median(p[k] for p in pubs) for k in pubs[0]},
-                     **{f"{k}_max": max(p[k] for p in pubs) for k in pubs[0]}}
+                     **{f"{k}_p50": statistics.median(p[k] for p in pubs) for k in pubs[0] if k != "worker"},
+                     **{f"{k}_max": max(p[k] for p in pubs) for k in pubs[0] if k != "worker"}}
                 logger.info("%s", {k: v for k, v in w.items() if k != "publishes"})
                 windows.append(w)
     finally:

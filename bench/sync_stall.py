@@ -224,14 +224,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     prompt_ids = tok(prompt_text)["input_ids"]
     shm = Path(tempfile.mkdtemp(prefix="sync-stall-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
     try:
+        images = None
         if args.sources == "images":
-            paths = await _as_images(client, paths, shm)
+            images = await _as_images(client, paths, shm)
         for t in tenants + [WATCHER]:  # warm every adapter and the graphs once
             await client.sample(prompt_ids, {"max_tokens": 8, "temperature": 0.0}, t)
         windows: list[dict[str, Any]] = []
         for r in range(args.rounds):
             for name in args.windows:
-                w = await _window(name, client, url, prompt_ids, prompt_text, tenants, paths, args, actor, r)
+                # the old in-loop load (legacy) reads peft files: it has no way to take a slot image
+                sources = images if images is not None and name != "legacy" else paths
+                w = await _window(name, client, url, prompt_ids, prompt_text, tenants, sources, args, actor, r)
                 logger.info("%s", w)
                 windows.append(w)
     finally:

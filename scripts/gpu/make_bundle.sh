@@ -25,7 +25,8 @@ for f in "$work"/part*; do n=${f##*/part}; mkdir -p ".stage/p$n"; mv "$f" ".stag
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d .stage/extra apache-tvm-ffi flashinfer-python==0.6.14 "pytest-asyncio==1.5.0" "pydantic-settings" "python-dotenv" \
-  tinker==0.38.0 h2 hpack hyperframe orjson pyqwest zstandard rich markdown-it-py mdurl pygments "sqlalchemy>=2.0" greenlet distro
+  tinker==0.38.0 h2 hpack hyperframe orjson pyqwest zstandard rich markdown-it-py mdurl pygments "sqlalchemy>=2.0" greenlet distro \
+  py-spy
 touch .stage/extra/.done
 mkdir -p .git/info && { grep -qx '/.stage/' .git/info/exclude 2>/dev/null || echo '/.stage/' >> .git/info/exclude; }
 du -sh .stage/*

@@ -256,7 +256,8 @@ class TrainerActor:
             if load_from is not None:  # every server has read it (or given up); the copy may still need it
                 self._remove_when_copied(load_from, persisted)
         return SamplerWeights(tenant=tenant, path=str(path), step=step, synced=True, sync_s=sync_s, export_s=export_s,
-                              versions=[r.lora.version for r in replies])
+                              versions=[r.lora.version for r in replies],
+                              staging_s=max(r.staging_s for r in replies), flip_s=max(r.load_s for r in replies))
 
     def _remove_when_copied(self, export: Path, persisted: asyncio.Task[Path] | None) -> None:
         async def remove() -> None:

@@ -115,6 +115,9 @@ class SamplerWeights(_Frozen):
     export_s: float | None = Field(None, description="writing the adapter out (to shared memory when publishing), "
                                    "before the sync starts")
     versions: list[int] = Field(default_factory=list, description="the adapter version now served, per server")
+    staging_s: float | None = Field(None, description="the slowest server's check and staging, inside sync_s")
+    flip_s: float | None = Field(None, description="the slowest server's flip (the engine's add_lora round trip), "
+                                 "inside sync_s")
 
 
 class TierStats(_Frozen):
