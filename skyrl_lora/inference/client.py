@@ -108,6 +108,7 @@ class RemoteInferenceClient:
         # server that Ray restarts at the same address rejoins routing by itself.
         self.down_cooloff_s = down_cooloff_s
         self._down_until: dict[str, float] = {}
+        self._nodes: dict[str, str | None] = {}  # each server's node, for publications (_nodes_of_servers)
         # loop -> (session, keeper): the keeper is an async generator whose ``finally`` closes the
         # session when the loop shuts its async generators down (``asyncio.run`` and pytest do).
         self._sessions: dict[asyncio.AbstractEventLoop, tuple[aiohttp.ClientSession, AsyncGenerator[None, None]]] = {}
@@ -174,10 +175,13 @@ class RemoteInferenceClient:
             await asyncio.sleep(CONTROL_RETRY_DELAY_S)
             return await self._post(url, path, body)
 
-    async def _each(self, call: Callable[[str], Awaitable[Any]]) -> tuple[list[Any], dict[str, BaseException]]:
-        """``call(url)`` on every server at once: (every result, in server order; the failures by URL)."""
-        results = await asyncio.gather(*(call(u) for u in self.urls), return_exceptions=True)
-        return results, {u: r for u, r in zip(self.urls, results) if isinstance(r, BaseException)}
+    async def _each(self, call: Callable[[str], Awaitable[Any]], urls: Sequence[str] | None = None
+                    ) -> tuple[list[Any], dict[str, BaseException]]:
+        """``call(url)`` on every server (or ``urls``) at once: (every result, in server order; the
+        failures by URL)."""
+        urls = self.urls if urls is None else urls
+        results = await asyncio.gather(*(call(u) for u in urls), return_exceptions=True)
+        return results, {u: r for u, r in zip(urls, results) if isinstance(r, BaseException)}
 
     async def _fan_out(self, path: str, body: BaseModel | dict[str, Any] | None) -> list[Any]:
         results, errors = await self._each(lambda u: self._post_retrying(u, path, body))
@@ -286,10 +290,8 @@ class RemoteInferenceClient:
     async def _sources(self, name: str, load_from: str, source_node: str) -> dict[str, dict[str, Any]]:
         """Per server, where it reads a new version from: ``load_from`` on the sender's node, else the
         files sent to it (an upload, in that server's node memory)."""
-        states, errors = await self._each(lambda u: self._get(u, "/skyrl/v1/state"))
-        if errors:
-            raise FanOutError(errors)
-        remote = [u for u, st in zip(self.urls, states) if st.get("node") != source_node]
+        nodes = await self._nodes_of_servers()
+        remote = [u for u in self.urls if nodes[u] != source_node]
         upload_id = f"{name}-{uuid.uuid4().hex[:16]}"
         if remote:
             sent = await asyncio.gather(*(self.upload_adapter(u, upload_id, load_from) for u in remote),
@@ -298,6 +300,17 @@ class RemoteInferenceClient:
             if failed:
                 raise FanOutError(failed)
         return {u: ({"upload_id": upload_id, "load_from": None} if u in remote else {}) for u in self.urls}
+
+    async def _nodes_of_servers(self) -> dict[str, str | None]:
+        """Each server's node (``/skyrl/v1/state``), asked once and kept: a URL names one host. A failed
+        sync forgets them (``update_lora``), in case a server came back elsewhere under its name."""
+        missing = [u for u in self.urls if u not in self._nodes]
+        if missing:
+            states, errors = await self._each(lambda u: self._get(u, "/skyrl/v1/state"), missing)
+            if errors:
+                raise FanOutError(errors)
+            self._nodes.update({u: st.get("node") for u, st in zip(missing, states)})
+        return {u: self._nodes[u] for u in self.urls}
 
     async def update_lora(self, name: str, path: str, mode: SyncMode = "abort", *, create: bool = False,
                           load_from: str | None = None, off_loop: bool | None = None,
@@ -313,9 +326,24 @@ class RemoteInferenceClient:
         nodes get the files sent instead and keep the version in their own node's memory."""
         body = {"lora_name": name, "lora_path": str(path), "mode": mode, "create": create, "load_from": load_from,
                 "off_loop": off_loop}
+        try:
+            return await self._update(name, body, load_from, source_node)
+        except FanOutError:
+            self._nodes.clear()
+            raise
+
+    async def _update(self, name: str, body: dict[str, Any], load_from: str | None,
+                      source_node: str | None) -> list[LoadLoraResponse]:
         per_server: dict[str, dict[str, Any]] = {u: {} for u in self.urls}
         if load_from is not None and source_node is not None:
             per_server = await self._sources(name, load_from, source_node)
+        if len(self.urls) == 1 and not per_server[self.urls[0]]:
+            # one server reading the version where it is: all or nothing needs no second phase, so
+            # staging and the flip go in one request (a round trip less on every sync)
+            (reply,), errors = await self._each(lambda u: self._post(u, "/skyrl/v1/update_lora", body))
+            if errors:
+                raise FanOutError(errors)
+            return [LoadLoraResponse.model_validate(reply)]
         staged, errors = await self._each(
             lambda u: self._post(u, "/skyrl/v1/stage_lora", {**body, **per_server[u]}))
         stage_ids = {u: r["stage_id"] for u, r in zip(self.urls, staged) if u not in errors}

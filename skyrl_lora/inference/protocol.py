@@ -138,6 +138,9 @@ class UpdateLoraRequest(_Frozen):
     lora_path: str = Field(min_length=1, max_length=4096)
     mode: SyncMode = "abort"
     create: bool = Field(False, description="load the LoRA if this server does not have it yet (a first sync)")
+    load_from: str | None = Field(None, min_length=1, max_length=4096,
+                                  description="read the weights from here now (as stage_lora's load_from)")
+    off_loop: bool | None = Field(None, description="as stage_lora's off_loop")
 
 
 class StageLoraRequest(_Frozen):
