@@ -32,6 +32,10 @@ class BackgroundTasks:
     def __len__(self) -> int:
         return len(self._tasks)
 
+    async def drain(self) -> None:
+        """Wait for every task started so far to finish (their failures are logged, not raised)."""
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
     async def cancel_all(self) -> None:
         for task in list(self._tasks):
             task.cancel()

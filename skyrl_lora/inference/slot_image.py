@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -83,12 +83,21 @@ def cast_flat(tensors: Mapping[str, Any], dtype: Any) -> dict[str, Any]:
         return {}
     first = next(iter(tensors.values()))
     flat = torch.empty(sum(t.numel() for t in tensors.values()), dtype=dtype, device=first.device)
-    views, offset = [], 0
-    for t in tensors.values():
-        views.append(flat[offset:offset + t.numel()].view(t.shape))
-        offset += t.numel()
+    views = flat_views(flat, [tuple(t.shape) for t in tensors.values()])
     torch._foreach_copy_(views, [t.detach() for t in tensors.values()])
     return dict(zip(tensors, views))
+
+
+def flat_views(flat: Any, shapes: Sequence[Sequence[int]]) -> list[Any]:
+    """Views of ``flat`` (one dimension) of the given shapes, one after another from its start."""
+    import math
+
+    views, offset = [], 0
+    for shape in shapes:
+        n = math.prod(shape)
+        views.append(flat[offset:offset + n].view(*shape))
+        offset += n
+    return views
 
 
 def assemble(plan: BuildPlan, tensors: Mapping[str, Any], scaling: float) -> tuple[Any, list[list[int]]]:

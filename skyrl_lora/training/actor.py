@@ -21,6 +21,7 @@ import ray
 import torch
 
 from skyrl_lora.actor_restart import call_self_after_restart
+from skyrl_lora.background import BackgroundTasks
 from skyrl_lora.errors import SkyrlError
 from skyrl_lora.inference.client import FanOutError, InferenceError, RemoteInferenceClient
 from skyrl_lora.inference.slot_builder import BuildPlan
@@ -60,7 +61,7 @@ class TrainerActor:
         self._image_plan: BuildPlan | None = None  # every server's slot layout, while they agree on one
         self._gpu_copies = True  # the colocated trainer publishes by a GPU copy until that fails once
         self._durable = DurableCopies()  # published versions' copies in sampler_root, written after the call
-        self._cleanups: set[asyncio.Task[None]] = set()  # shared-memory exports removed once copied
+        self._cleanups = BackgroundTasks("trainer actor")  # shared-memory exports removed once copied
         context = ray.get_runtime_context()
         # After a crash Ray restarts us with empty memory: every tenant comes back from its last saved
         # state (save_state) before any request runs; the restart itself triggers it, not a caller.
@@ -265,9 +266,7 @@ class TrainerActor:
                 await asyncio.wait([persisted])
             await asyncio.to_thread(shutil.rmtree, export, True)
 
-        task = asyncio.get_running_loop().create_task(remove(), name=f"remove-{export.name}")
-        self._cleanups.add(task)
-        task.add_done_callback(self._cleanups.discard)
+        self._cleanups.spawn(remove(), name=f"remove-{export.name}")
 
     # ------------------------------------------------------------------ tests and benchmarks
     async def snapshot_tensors(self, tenant: str) -> dict[str, Any]:
@@ -295,8 +294,7 @@ class TrainerActor:
 
     async def shutdown(self) -> None:
         await self._durable.drain()
-        if self._cleanups:
-            await asyncio.wait(list(self._cleanups))
+        await self._cleanups.drain()
         if self._client is not None:
             await self._client.aclose()
 

@@ -51,7 +51,14 @@ from skyrl_lora.inference.slot_builder import (
     UnplannedAdapter,
     read_image,
 )
-from skyrl_lora.inference.slot_image import IMAGE_FILE, ImageManifest, open_shared_image, plan_digest, read_manifest
+from skyrl_lora.inference.slot_image import (
+    IMAGE_FILE,
+    ImageManifest,
+    flat_views,
+    open_shared_image,
+    plan_digest,
+    read_manifest,
+)
 from skyrl_lora.inference.stage_channel import NOT_STAGED, StageCommand, WorkerStageChannel
 from skyrl_lora.inference.vllm_compat import FUSED_PROJECTIONS, make_lora_request
 
@@ -199,11 +206,7 @@ class _SlotLayout:
 
     def sources(self, buffer: Any) -> list[Any]:
         """One-slot views of a flat image, in the order of ``tensors``."""
-        views, offset = [], 0
-        for n, shape in zip(self._slot_numel, self._slot_shapes):
-            views.append(buffer[offset:offset + n].view(*shape))
-            offset += n
-        return views
+        return flat_views(buffer, self._slot_shapes)
 
     def targets(self, index: int) -> list[Any]:
         """Slot ``index`` of every stacked tensor (views, cached per slot)."""
