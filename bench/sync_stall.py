@@ -144,6 +144,10 @@ async def _window(name: str, client: RemoteInferenceClient, url: str, prompt_ids
         "requests": sum(s.requests for s in streams), "segments": sum(s.segments for s in streams),
         "reprefill_tokens": sum(s.reprefill_tokens for s in streams),
         "reprefill_tokens_per_sync": sum(s.reprefill_tokens for s in streams) / len(latencies) if latencies else None,
+        # of every token the engine took in (prompts, continuations' re-prefills, generated tokens),
+        # the share that was re-prefilled: work an abort sync adds (none is generated twice)
+        "reprefill_token_share": sum(s.reprefill_tokens for s in streams) / max(1, sum(
+            s.reprefill_tokens + s.tokens + s.requests * len(prompt_ids) for s in streams)),
         "watch_p50_ms": 1e3 * gaps.quantile(0.5), "watch_p99_ms": 1e3 * gaps.quantile(0.99),
         "watch_max_ms": 1e3 * gaps.max_s, "watch_tokens": gaps.tokens, "syncs": len(latencies),
         "sync_p50_ms": 1e3 * statistics.median(latencies) if latencies else None,
@@ -173,6 +177,8 @@ def summarize(windows: list[dict[str, Any]]) -> dict[str, Any]:
         out[f"{k}_others_ratio"] = m["others_tokens_per_s_per_tenant"] / base["others_tokens_per_s_per_tenant"]
         out[f"{k}_p99_gap_ratio"] = m["watch_p99_ms"] / base["watch_p99_ms"]
         out[f"{k}_max_gap_over_nosync_p99"] = m["watch_max_ms"] / base["watch_p99_ms"]
+    if "all" in med and "all-inplace" in med:  # what aborting costs beside flipping in place, side by side
+        out["abort_cost_vs_inplace"] = 1 - med["all"]["tokens_per_s"] / med["all-inplace"]["tokens_per_s"]
     return out
 
 

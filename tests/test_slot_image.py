@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from skyrl_lora.inference.slot_builder import BuildJob, build_image
+from skyrl_lora.inference.slot_builder import BuildJob, BuildPlan, PlanEntry, build_image
 from skyrl_lora.inference.slot_image import (
     IMAGE_FILE,
     MANIFEST_FILE,
+    FlatWeights,
     ImageUnfit,
+    _whole_order,
     assemble,
     plan_digest,
     read_manifest,
@@ -54,3 +56,25 @@ def test_manifests_are_checked(tmp_path: Path) -> None:
     (tmp_path / MANIFEST_FILE).write_text('{"plan_digest": "x", "dtype": "int8"}')
     with pytest.raises(ValueError, match="not a slot image manifest"):
         read_manifest(tmp_path)
+
+
+def test_flat_weights_make_the_same_image_as_named_tensors() -> None:
+    """A trainer slot's flat buffer (FlatWeights) takes the fast way where every tensor fills its
+    slot whole and the dict way otherwise; either way the same bits as from named tensors."""
+    gen = torch.Generator().manual_seed(2)
+    whole = BuildPlan(dtype="bfloat16", numel=8 * 6 + 5 * 8 + 8 * 6, entries=[
+        PlanEntry(offset=0, rows=8, cols=6, source=A, scaled=False),
+        PlanEntry(offset=48, rows=5, cols=8, source=B, scaled=True),
+        PlanEntry(offset=88, rows=8, cols=6, source=ABSENT, scaled=False)])
+    for plan, shapes in ((whole, {A: (8, 6), B: (5, 8)}), (PLAN, {A: (4, 6), B: (5, 4)})):
+        layout = [(B, shapes[B]), (A, shapes[A])]  # buffer order need not be the plan's
+        flat = FlatWeights(torch.randn(sum(r * c for r, c in shapes.values()), generator=gen), layout)
+        assert (_whole_order(plan, flat.layout) is not None) == (plan is whole)  # which way it takes
+        image, got_shapes = assemble(plan, flat, 1.875)
+        want, want_shapes = assemble(plan, flat.named(), 1.875)
+        assert got_shapes == want_shapes and torch.equal(image.view(torch.int16), want.view(torch.int16))
+        assert image[88:].eq(0).all()  # the absent tensor's slot
+    with pytest.raises(ImageUnfit, match="no slot for"):
+        assemble(whole, FlatWeights(torch.zeros(48), [("base_model.model.lm_head.lora_A.weight", (8, 6))]), 1.0)
+    with pytest.raises(ValueError, match="the layout holds 48"):
+        FlatWeights(torch.zeros(47), [(A, (8, 6))])

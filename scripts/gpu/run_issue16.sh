@@ -3,9 +3,10 @@
 # the two ways of building slot images side by side in one call (each call stays under 10 minutes).
 #   bash scripts/gpu/run_issue16.sh stall     # bench.sync_stall: slot builders, then ready slot images (~8 min)
 #   bash scripts/gpu/run_issue16.sh many      # bench.sync_stall: 32 tenants of rank 16 syncing every 4 s (~6 min)
-#   bash scripts/gpu/run_issue16.sh final     # every sync_stall window with ready images, then publish_latency (~9 min)
+#   bash scripts/gpu/run_issue16.sh final     # every sync_stall window with ready images (~5 min)
 #   bash scripts/gpu/run_issue16.sh publish   # bench.publish_latency (colocated trainer): peft files, then the
 #                                             # GPU copy into the server (publish_images, the default) (~8 min)
+#   bash scripts/gpu/run_issue16.sh latency   # bench.publish_latency by GPU copy alone (~4 min)
 #   bash scripts/gpu/run_issue16.sh image     # bench.image_publish: peft files against ready slot images (~4 min)
 # Results accumulate in /tmp/i16 while the machine stays warm; each call returns all of them, with
 # py-spy profiles of the all-tenant windows, in one tarball under $OUT.
@@ -25,21 +26,22 @@ case "${1:-stall}" in
       grep "bench.sync_stall wrote" "$res/stall-$way.log" | cut -c1-600
     done ;;
   final)  # issue 16's side-by-side run (versions as the trainer publishes them, every window, a
-          # profile of 8 tenants syncing in place), then save -> first token by GPU copy
+          # profile of 8 tenants syncing in place); save -> first token is `latency`, a call of its own
     timeout 300 python3 -m bench.sync_stall --shape 8b --num-gpus 1 --rank 32 --tenants 8 --streams 12 \
       --window-s 10 --rounds 1 --windows nosync one legacy all all-inplace engine-wide --stage-threads 4 \
       --sources images --profile-windows all-inplace --machine h200 --label final --out "$res/stall-final" \
       > "$res/stall-final.log" 2>&1 || rc=$?
-    grep "bench.sync_stall wrote" "$res/stall-final.log" | cut -c1-800
-    timeout 270 python3 -m bench.publish_latency --num-gpus 1 --tenants 4 --streams 8 --publishes 8 \
-      --machine h200 --out "$res/publish-final" --publish-images > "$res/publish-final.log" 2>&1 || rc=$?
-    grep "bench.publish_latency wrote" "$res/publish-final.log" | cut -c1-800 ;;
+    grep "bench.sync_stall wrote" "$res/stall-final.log" | cut -c1-800 ;;
   many)  # 32 tenants of rank 16, each syncing once every 4 s, ready slot images
     timeout 420 python3 -m bench.sync_stall --shape 8b --num-gpus 1 --rank 16 --tenants 32 --streams 3 \
       --window-s 12 --rounds 1 --all-period 4 --windows nosync one all all-inplace engine-wide \
       --stage-threads 4 --sources images --machine h200 --label many --out "$res/stall-many" \
       > "$res/stall-many.log" 2>&1 || rc=$?
     grep "bench.sync_stall wrote" "$res/stall-many.log" | cut -c1-600 ;;
+  latency)  # save -> first token by GPU copy alone (the colocated trainer's default)
+    timeout 300 python3 -m bench.publish_latency --num-gpus 1 --tenants 4 --streams 8 --publishes 8 \
+      --machine h200 --out "$res/publish-latency" --publish-images > "$res/publish-latency.log" 2>&1 || rc=$?
+    grep "bench.publish_latency wrote" "$res/publish-latency.log" | cut -c1-800 ;;
   publish)
     for way in files gpu-copy; do
       flags="--publish-images"; [ "$way" = files ] && flags="--no-publish-images"
@@ -51,7 +53,7 @@ case "${1:-stall}" in
     timeout 400 python3 -m bench.image_publish --shape 8b --rank 32 --num-gpus 1 --rounds 8 --machine h200 \
       --out "$res/image" > "$res/image.log" 2>&1 || rc=$?
     grep "bench.image_publish wrote" "$res/image.log" | cut -c1-800 ;;
-  *) echo "usage: $0 stall|final|many|publish|image"; exit 2 ;;
+  *) echo "usage: $0 stall|final|many|latency|publish|image"; exit 2 ;;
 esac
 tar czf "$out/issue16-$(date +%H%M%S).tgz" -C "$res" .
 exit $rc

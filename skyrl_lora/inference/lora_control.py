@@ -44,7 +44,7 @@ from skyrl_lora.inference.adapter_check import (
 from skyrl_lora.inference.gate import PauseGates
 from skyrl_lora.inference.protocol import LoraInfo, ServerState, SlotPlanResponse
 from skyrl_lora.inference.slot_builder import BuildPlan
-from skyrl_lora.inference.slot_image import plan_digest, read_manifest
+from skyrl_lora.inference.slot_image import ImageManifest, plan_digest, read_manifest
 from skyrl_lora.inference.stage_channel import NOT_STAGED, Expected, ServerStageChannel, StageCommand
 from skyrl_lora.inference.uploads import UploadStore
 
@@ -345,14 +345,17 @@ class LoraController:
         t0 = time.perf_counter()
         max_rank = getattr(self._lora_cfg, "max_lora_rank", None)
         try:
-            manifest = await asyncio.to_thread(read_manifest, source)
+            # a ready slot image's shape is the plan's, and the workers check its values: its config
+            # is checked in the same trip off the loop
+            manifest = await asyncio.to_thread(_read_image_manifest, Path(source), self._model_shape, max_rank)
         except ValueError as exc:
             raise LoraError(400, f"lora_path '{source}': {exc}", "lora_path") from exc
+        except AdapterCheckError as exc:
+            raise LoraError(exc.status, exc.message, exc.field) from exc
         try:
             if manifest is None:
                 await self.checker.check(Path(source), self._model_shape, max_rank)
-            else:  # a ready slot image: its shape is the plan's; the workers check its values
-                await asyncio.to_thread(check_adapter_config, Path(source), self._model_shape, max_rank)
+            else:
                 if manifest.plan_digest != (await self.slot_plan()).digest:
                     raise AdapterCheckError(source, "the slot image was laid out for another server layout "
                                             "(GET /skyrl/v1/slot_plan gives this server's)")
@@ -615,3 +618,12 @@ class LoraController:
 
 def new_request_id(prefix: str = "skyrl") -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def _read_image_manifest(source: Path, shape: ModelShape | None, max_rank: int | None) -> ImageManifest | None:
+    """The slot image manifest of ``source`` (None: peft files), with its adapter config checked.
+    Raises ValueError for a broken manifest, AdapterCheckError for a config the server cannot serve."""
+    manifest = read_manifest(source)
+    if manifest is not None:
+        check_adapter_config(source, shape, max_rank)
+    return manifest

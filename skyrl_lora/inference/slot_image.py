@@ -17,11 +17,13 @@ A published directory holds ``adapter_config.json`` (the adapter's shape, as pef
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
+from cachetools import LRUCache
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from skyrl_lora.inference.slot_builder import BuildPlan
@@ -70,28 +72,42 @@ class ImageUnfit(ValueError):
 
 
 def plan_digest(plan: BuildPlan) -> str:
-    return hashlib.sha256(plan.model_dump_json().encode()).hexdigest()
+    """sha256 of the plan's JSON; remembered per plan object (each publication's manifest names it)."""
+    cached = _DIGESTS.get(id(plan))
+    if cached is not None and cached[0] is plan:
+        return cached[1]
+    digest = hashlib.sha256(plan.model_dump_json().encode()).hexdigest()
+    _DIGESTS[id(plan)] = (plan, digest)
+    return digest
 
 
-def cast_flat(tensors: Mapping[str, Any], dtype: Any) -> dict[str, Any]:
-    """Copies of ``tensors`` in ``dtype``, as views of one new flat buffer on their device, made by
-    one multi-tensor copy. Per tensor, an 8B rank-32 adapter's 448 casts cost 8 ms of kernel
-    launches on the H200; this, 4 ms (``bench/results/h200-2026-12-02-s20/*ipc-parts*``)."""
-    import torch
+_DIGESTS: LRUCache[int, tuple[BuildPlan, str]] = LRUCache(maxsize=32)
 
-    if not tensors:
-        return {}
-    first = next(iter(tensors.values()))
-    flat = torch.empty(sum(t.numel() for t in tensors.values()), dtype=dtype, device=first.device)
-    views = flat_views(flat, [tuple(t.shape) for t in tensors.values()])
-    torch._foreach_copy_(views, [t.detach() for t in tensors.values()])
-    return dict(zip(tensors, views))
+
+class FlatWeights:
+    """Named tensors kept as consecutive segments of one flat buffer, in ``layout`` order, as a
+    trainer slot keeps its weights (``training/adapters.py``). A cast of them all is one kernel, and
+    an image is laid out from their segments by multi-tensor copies: at 8B rank 32 the 448 per-tensor
+    views the way through a dict of tensors made cost more host time than the GPU's work."""
+
+    def __init__(self, flat: Any, layout: Sequence[tuple[str, Sequence[int]]]) -> None:
+        self.flat = flat
+        self.layout = tuple((name, tuple(shape)) for name, shape in layout)
+        self.sizes = [math.prod(shape) for _, shape in self.layout]
+        if sum(self.sizes) != flat.numel():
+            raise ValueError(f"the layout holds {sum(self.sizes)} elements; the buffer {flat.numel()}")
+
+    def named(self) -> dict[str, Any]:
+        """name -> a view of its segment, in its shape."""
+        return dict(zip((name for name, _ in self.layout), flat_views(self.flat, [s for _, s in self.layout])))
+
+    def segments(self) -> list[Any]:
+        """Each tensor's segment, one-dimensional (one split, no view per tensor)."""
+        return list(self.flat.split(self.sizes))
 
 
 def flat_views(flat: Any, shapes: Sequence[Sequence[int]]) -> list[Any]:
     """Views of ``flat`` (one dimension) of the given shapes, one after another from its start."""
-    import math
-
     views, offset = [], 0
     for shape in shapes:
         n = math.prod(shape)
@@ -100,15 +116,76 @@ def flat_views(flat: Any, shapes: Sequence[Sequence[int]]) -> list[Any]:
     return views
 
 
-def assemble(plan: BuildPlan, tensors: Mapping[str, Any], scaling: float) -> tuple[Any, list[list[int]]]:
+class _WholeOrder(NamedTuple):
+    """How a :class:`FlatWeights` layout fills a plan where every tensor fills its slot whole."""
+
+    sizes: list[int]  # each entry's numel, in plan order
+    sources: list[int]  # per filled entry, its tensor's index in the layout
+    filled: list[int]  # entries with a tensor
+    scaled: list[int]  # filled lora_B entries
+    empty: list[int]  # entries no tensor fills: zeros
+    shapes: list[list[int]]  # per entry, its source's (rows, cols); [] where none
+
+
+# per (plan object, layout): the plan it was made for (ids are reused) and its order
+_ORDERS: LRUCache[tuple[int, tuple[tuple[str, tuple[int, ...]], ...]], tuple[BuildPlan, _WholeOrder | None]] = \
+    LRUCache(maxsize=32)
+
+
+def _whole_order(plan: BuildPlan, layout: tuple[tuple[str, tuple[int, ...]], ...]) -> _WholeOrder | None:
+    """None where a tensor is smaller than its slot, or the plan's entries do not tile the image."""
+    key = (id(plan), layout)
+    cached = _ORDERS.get(key)
+    if cached is not None and cached[0] is plan:
+        return cached[1]
+    index = {name: i for i, (name, _) in enumerate(layout)}
+    order: _WholeOrder | None = _WholeOrder([], [], [], [], [], [])
+    offset = 0
+    for k, entry in enumerate(plan.entries):
+        assert order is not None
+        i = index.get(entry.source) if entry.source is not None else None
+        if entry.offset != offset or (i is not None and layout[i][1] != (entry.rows, entry.cols)):
+            order = None
+            break
+        offset += entry.rows * entry.cols
+        order.sizes.append(entry.rows * entry.cols)
+        order.shapes.append([entry.rows, entry.cols] if i is not None else [])
+        if i is None:
+            order.empty.append(k)
+            continue
+        order.sources.append(i)
+        order.filled.append(k)
+        if entry.scaled:
+            order.scaled.append(k)
+    if order is not None and offset != plan.numel:
+        order = None
+    _ORDERS[key] = (plan, order)
+    return order
+
+
+def assemble(plan: BuildPlan, tensors: Mapping[str, Any] | FlatWeights, scaling: float) -> tuple[Any, list[list[int]]]:
     """The flat image of ``tensors`` (peft names) on their device, and each entry's source shape.
     The builder's operations (``slot_builder.build_image``: cast to the slot dtype, then ``lora_B``
     times the scaling in that dtype, in the top-left corner of a zeroed slot), so the same bits; the
     cast happens in the copy into the slot, and only padding and absent slots are zeroed. Slots a
     tensor fills whole (every slot, where the adapter's rank is the server's) are copied and scaled
-    by multi-tensor kernels: one launch per kind of work instead of one per tensor."""
+    by multi-tensor kernels: one launch per kind of work instead of one per tensor; from
+    :class:`FlatWeights` that fill every slot whole, with no view made per tensor either."""
     import torch
 
+    if isinstance(tensors, FlatWeights):
+        names = {name for name, _ in tensors.layout}
+        order = _whole_order(plan, tensors.layout) if names <= {e.source for e in plan.entries} else None
+        if order is None:
+            return assemble(plan, tensors.named(), scaling)
+        image = torch.empty(plan.numel, dtype=getattr(torch, plan.dtype), device=tensors.flat.device)
+        parts, segments = image.split(order.sizes), tensors.segments()  # type: ignore[no-untyped-call]
+        torch._foreach_copy_([parts[k] for k in order.filled], [segments[i] for i in order.sources])
+        if order.scaled and scaling != 1:
+            torch._foreach_mul_([parts[k] for k in order.scaled], scaling)
+        if order.empty:
+            torch._foreach_zero_([parts[k] for k in order.empty])
+        return image, order.shapes
     dtype = getattr(torch, plan.dtype)
     planned = {e.source for e in plan.entries if e.source is not None}
     if set(tensors) - planned:
@@ -149,7 +226,7 @@ def assemble(plan: BuildPlan, tensors: Mapping[str, Any], scaling: float) -> tup
     return image, shapes
 
 
-def write_image(out_dir: Path, plan: BuildPlan, tensors: Mapping[str, Any], scaling: float) -> ImageManifest:
+def write_image(out_dir: Path, plan: BuildPlan, tensors: Mapping[str, Any] | FlatWeights, scaling: float) -> ImageManifest:
     """Write the image and its manifest into ``out_dir`` (the adapter_config.json is the caller's).
     Raises ImageUnfit where the plan cannot hold the adapter."""
     import torch
@@ -161,7 +238,7 @@ def write_image(out_dir: Path, plan: BuildPlan, tensors: Mapping[str, Any], scal
     return _write_manifest(out_dir, plan, scaling, shapes, None)
 
 
-def share_image(out_dir: Path, plan: BuildPlan, tensors: Mapping[str, Any], scaling: float,
+def share_image(out_dir: Path, plan: BuildPlan, tensors: Mapping[str, Any] | FlatWeights, scaling: float,
                 device_uuid: str) -> tuple[ImageManifest, Any]:
     """Lay the image out on the tensors' GPU and describe it for a worker on that GPU (``cuda_ipc``)
     in the manifest written to ``out_dir``. Returns the manifest and the image, which the caller keeps

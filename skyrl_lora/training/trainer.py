@@ -25,7 +25,7 @@ import torch
 from skyrl_lora.errors import SkyrlError
 from skyrl_lora.inference.protocol import LORA_NAME_PATTERN
 from skyrl_lora.inference.slot_builder import BuildPlan
-from skyrl_lora.inference.slot_image import cast_flat, share_image, write_image
+from skyrl_lora.inference.slot_image import FlatWeights, share_image, write_image
 from skyrl_lora.training.adapters import AdapterSlots, Slot
 from skyrl_lora.training.batching import collate
 from skyrl_lora.training.config import TrainerConfig
@@ -297,7 +297,7 @@ class MultiTenantTrainer:
         return out
 
     def export_image(self, tenant: str, name: str, root: Path, plan: BuildPlan,
-                     share_on: str | None = None) -> tuple[Path, dict[str, torch.Tensor], torch.Tensor | None]:
+                     share_on: str | None = None) -> tuple[Path, FlatWeights, torch.Tensor | None]:
         """The tenant's adapter laid out as the servers' slot image (``inference/slot_image.py``):
         nothing for a server to check or build before the flip. ``share_on``: the uuid of this GPU,
         which the one server shares (the colocated trainer): the image stays in GPU memory for the
@@ -308,7 +308,8 @@ class MultiTenantTrainer:
         slot = self._activate(tenant)
         spec = self.specs[tenant]
         dtype = getattr(torch, plan.dtype)
-        tensors = cast_flat(slot.params, dtype)  # copies: training may go on while they are published
+        # a copy (training may go on while it is published): the slot's weights are one flat buffer
+        tensors = FlatWeights(slot.flat["w"].to(dtype, copy=True), slot.layout)
         scaling = spec.alpha / spec.rank
         shared: list[torch.Tensor] = []
         if share_on is not None:
@@ -380,7 +381,7 @@ class MultiTenantTrainer:
         once the servers have loaded it."""
         return self._persist(export, lambda tmp: shutil.copytree(export, tmp))
 
-    def persist_tensors(self, export: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    def persist_tensors(self, export: Path, tensors: FlatWeights) -> Path:
         """The durable copy of an image export (:meth:`export_image`): a peft directory of
         ``tensors`` in ``sampler_root``, which a restarted server reloads and a tinker:// path names.
         Runs off the training lock, like :meth:`persist_export`."""
@@ -389,8 +390,9 @@ class MultiTenantTrainer:
         def write(tmp: Path) -> None:
             tmp.mkdir()
             shutil.copyfile(export / "adapter_config.json", tmp / "adapter_config.json")
-            # each a copy of its own: the tensors are views of one buffer, which safetensors refuses
-            save_file({k: t.to("cpu", copy=True) for k, t in tensors.items()}, str(tmp / "adapter_model.safetensors"))
+            # one copy off the device, then each tensor a copy of its own: safetensors refuses views of one buffer
+            host = FlatWeights(tensors.flat.to("cpu"), tensors.layout).named()
+            save_file({k: t.clone() for k, t in host.items()}, str(tmp / "adapter_model.safetensors"))
 
         return self._persist(export, write)
 
