@@ -82,7 +82,7 @@ async def soak(urls: list[str], tenants: list[str], paths: tuple[str, str], prom
             want = twins[(tenant, i)]
             counts.requests += 1
             counts.tokens += len(s.token_ids)
-            counts.aborted_segments += len({(v.version, v.start) for v in s.version_spans}) - 1
+            counts.aborted_segments += s.continuations
             if s.token_ids != want:
                 counts.mismatched_requests += 1
                 counts.mismatched_tokens += sum(a != b for a, b in zip(s.token_ids, want)) + abs(len(s.token_ids)

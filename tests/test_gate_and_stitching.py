@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from skyrl_lora.inference.gate import PauseGates
+from skyrl_lora.inference.loadgen import reprefill_tokens
 from skyrl_lora.inference.protocol import SampleOut, SamplingParamsIn, VersionSpan
 from skyrl_lora.inference.stitching import StitchedSample, continuation_params, find_seam_stop
 
@@ -61,7 +62,7 @@ def test_stitching_concatenates_tokens_logprobs_and_versions() -> None:
     s.add(_seg([6], "length", 2))
     out = s.as_sample()
     assert out.token_ids == [1, 2, 3, 4, 5, 6] and len(out.logprobs) == 6
-    assert out.finish_reason == "length" and s.segments == 4
+    assert out.finish_reason == "length" and s.segments == 4 and out.continuations == 3
     assert [(v.version, v.start, v.end) for v in out.version_spans] == [(1, 0, 3), (2, 3, 6)]
     with pytest.raises(ValueError):
         StitchedSample().add(SampleOut(token_ids=[1], logprobs=[], finish_reason="stop"))
@@ -110,3 +111,14 @@ def test_adapter_paths_are_confined_to_the_roots(tmp_path) -> None:
         with pytest.raises(LoraError) as e:
             LoraController._check_path(ctl, bad)
         assert e.value.status == 403 and "lora_path" in e.value.message, bad
+
+
+def test_reprefill_counts_only_continuations() -> None:
+    """An abort sync's re-read tokens (bench.sync_stall): each continuation re-reads the prompt and
+    the tokens before it; a version change without a cut (an in-place flip) costs none."""
+    spans = [VersionSpan(version=1, start=0, end=3), VersionSpan(version=2, start=3, end=7),
+             VersionSpan(version=3, start=7, end=9)]
+    sample = SampleOut(token_ids=list(range(9)), logprobs=[0.0] * 9, finish_reason="length", version_spans=spans)
+    assert reprefill_tokens(10, sample) == 0  # in place: versions changed, nothing was cut
+    assert reprefill_tokens(10, sample.model_copy(update={"continuations": 2})) == (10 + 3) + (10 + 7)
+    assert reprefill_tokens(10, sample.model_copy(update={"continuations": 1})) == 10 + 7

@@ -78,3 +78,22 @@ def test_flat_weights_make_the_same_image_as_named_tensors() -> None:
         assemble(whole, FlatWeights(torch.zeros(48), [("base_model.model.lm_head.lora_A.weight", (8, 6))]), 1.0)
     with pytest.raises(ValueError, match="the layout holds 48"):
         FlatWeights(torch.zeros(47), [(A, (8, 6))])
+
+
+def test_flat_weights_save_a_safetensors_file_that_loads_back(tmp_path: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    gen = torch.Generator().manual_seed(3)
+    layout = [(B, (5, 3)), (A, (3, 6)), (ABSENT, (1, 1))]
+    for dtype in (torch.bfloat16, torch.float32):
+        flat = FlatWeights(torch.randn(15 + 18 + 1, generator=gen).to(dtype), layout)
+        flat.save(tmp_path / "a.safetensors")
+        loaded = load_file(str(tmp_path / "a.safetensors"))
+        assert loaded.keys() == flat.named().keys()
+        for name, tensor in flat.named().items():
+            assert loaded[name].dtype == dtype and torch.equal(loaded[name], tensor)
+        with safe_open(str(tmp_path / "a.safetensors"), "pt") as f:
+            assert f.get_slice(A).get_shape() == [3, 6]
+    with pytest.raises(ValueError, match="no safetensors name"):
+        FlatWeights(torch.zeros(1, dtype=torch.int8), [(A, (1, 1))]).save(tmp_path / "b.safetensors")

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from skyrl_lora.inference.client import RemoteInferenceClient
+from skyrl_lora.inference.protocol import SampleOut
 
 
 @dataclass
@@ -48,14 +49,23 @@ async def run_streams(client: RemoteInferenceClient, tenant: str, prompt: Sequen
             (s,) = await client.sample_with_retry(prompt, params, tenant)
             stats.tokens += len(s.token_ids)
             stats.requests += 1
-            starts = sorted({v.start for v in s.version_spans})
-            stats.segments += len({(v.version, v.start) for v in s.version_spans})
-            stats.reprefill_tokens += sum(len(prompt) + start for start in starts[1:])
+            stats.segments += 1 + s.continuations
+            stats.reprefill_tokens += reprefill_tokens(len(prompt), s)
             stats.events.append((time.perf_counter() - origin, len(s.token_ids)))
 
     await asyncio.gather(*(one_stream() for _ in range(streams)))
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def reprefill_tokens(prompt_len: int, sample: SampleOut) -> int:
+    """Tokens the engine read again to continue ``sample`` after aborts: per continuation, the prompt
+    and the tokens generated before it. A continuation starts where a version does; an in-place
+    flip changes versions too, with no request cut, so only the last ``continuations`` starts count."""
+    if not sample.continuations:
+        return 0
+    starts = sorted({v.start for v in sample.version_spans})[1:]
+    return sum(prompt_len + start for start in starts[-sample.continuations:])
 
 
 async def every(period_s: float, duration_s: float, action: Callable[[int], Awaitable[float]]) -> list[float]:

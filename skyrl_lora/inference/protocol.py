@@ -73,6 +73,9 @@ class SampleOut(_Frozen):
     # logprob of each prompt token given the ones before it (None for the first), when asked for
     prompt_logprobs: list[float | None] | None = None
     prompt_top_logprobs: list[dict[int, float] | None] | None = None
+    # requests sent after the first to finish it (``sample_with_retry``: each after an abort cut it,
+    # re-reading prompt + tokens so far); 0 from a server
+    continuations: int = Field(0, ge=0)
 
 
 class GenerateResponse(_Frozen):

@@ -78,6 +78,9 @@ class ServerSettings(BaseModel):
     check_processes: int = Field(1, ge=0, le=8, description="processes that check adapters (shapes, NaN/Inf) before "
                                  "staging; 0 = a thread of the server's process, where reading a large adapter holds "
                                  "the interpreter lock every tenant's token stream needs (adapter_check.AdapterChecker)")
+    restore_wait_s: float = Field(10.0, ge=0, le=600, description="on a restart, how long to wait for a version "
+                                  "the manifest names whose durable copy is still being written (the trainer writes it "
+                                  "after save_weights_for_sampler returns, ~0.3 s at 8B) before giving that tenant up")
     startup_timeout_s: float = 600.0
 
 
@@ -330,18 +333,31 @@ class EmbeddedVLLMServer:
 
     async def _load_initial_adapters(self, controller: Any, manifest: Any) -> None:
         """The configured LoRAs, then whatever the manifest says is current (newest change wins)."""
-        wanted: dict[str, str | None] = dict(self.config.loras)
+        listed: dict[str, str | None] = dict(self.config.loras)
         if manifest is not None:
-            wanted.update(manifest.current())
+            listed.update(manifest.current())
+        wanted = {name: path for name, path in listed.items() if path is not None}
+        # a version published just before a crash may have no durable copy yet: the others first
+        pending = {name: path for name, path in wanted.items() if not os.path.exists(path)}
         for name, path in wanted.items():
-            if path is None:
-                continue
-            try:
-                await controller.load(name, path, load_inplace=False)
-            except Exception as exc:  # one bad entry must not keep the server (and every other tenant) down
-                if name in self.config.loras and path == self.config.loras[name]:
-                    raise
-                logger.error("could not restore LoRA %s from %s: %s", name, path, exc)
+            if name not in pending:
+                await self._restore(controller, name, path)
+        if pending:
+            present = await wait_for_paths(set(pending.values()), self.config.restore_wait_s)
+            for name, path in pending.items():
+                if path not in present:
+                    logger.error("could not restore LoRA %s: %s did not appear within %.0f s", name, path,
+                                 self.config.restore_wait_s)
+                else:
+                    await self._restore(controller, name, path)
+
+    async def _restore(self, controller: Any, name: str, path: str) -> None:
+        try:
+            await controller.load(name, path, load_inplace=False)
+        except Exception as exc:  # one bad entry must not keep the server (and every other tenant) down
+            if name in self.config.loras and path == self.config.loras[name]:
+                raise
+            logger.error("could not restore LoRA %s from %s: %s", name, path, exc)
 
     async def vllm_assumptions(self) -> list[str]:
         """The vLLM internals we rely on that do not hold on this server (see ``vllm_compat``)."""
@@ -425,3 +441,13 @@ async def _main() -> None:
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
     asyncio.run(_main())
+
+
+async def wait_for_paths(paths: set[str], timeout_s: float, poll_s: float = 0.05) -> set[str]:
+    """Those of ``paths`` that exist within ``timeout_s`` (checked every ``poll_s``, off the loop)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        present = {p for p in paths if await asyncio.to_thread(os.path.exists, p)}
+        if present == paths or time.monotonic() >= deadline:
+            return present
+        await asyncio.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))

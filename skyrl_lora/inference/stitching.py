@@ -50,7 +50,8 @@ class StitchedSample:
         return SampleOut(token_ids=self.token_ids, logprobs=self.logprobs, top_logprobs=self.top_logprobs,
                          finish_reason=self.finish_reason, stop_reason=self.stop_reason,
                          version_spans=self.version_spans, num_cached_tokens=self.num_cached_tokens,
-                         prompt_logprobs=self.prompt_logprobs, prompt_top_logprobs=self.prompt_top_logprobs)
+                         prompt_logprobs=self.prompt_logprobs, prompt_top_logprobs=self.prompt_top_logprobs,
+                         continuations=max(0, self.segments - 1))
 
 
 def continuation_params(params: SamplingParamsIn, generated: int, segment_index: int) -> SamplingParamsIn | None:

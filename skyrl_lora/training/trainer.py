@@ -385,14 +385,11 @@ class MultiTenantTrainer:
         """The durable copy of an image export (:meth:`export_image`): a peft directory of
         ``tensors`` in ``sampler_root``, which a restarted server reloads and a tinker:// path names.
         Runs off the training lock, like :meth:`persist_export`."""
-        from safetensors.torch import save_file
 
         def write(tmp: Path) -> None:
             tmp.mkdir()
             shutil.copyfile(export / "adapter_config.json", tmp / "adapter_config.json")
-            # one copy off the device, then each tensor a copy of its own: safetensors refuses views of one buffer
-            host = FlatWeights(tensors.flat.to("cpu"), tensors.layout).named()
-            save_file({k: t.clone() for k, t in host.items()}, str(tmp / "adapter_model.safetensors"))
+            tensors.save(tmp / "adapter_model.safetensors")  # one copy off the device, one write
 
         return self._persist(export, write)
 
