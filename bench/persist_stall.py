@@ -1,14 +1,16 @@
-"""How long writing a durable copy keeps an asyncio loop from running, the two ways side by side.
+"""Writing a durable copy from host memory, the two ways side by side: how long, and how long an
+asyncio loop on another thread waits meanwhile.
 
 The trainer actor writes each published version's durable copy on a thread after
-``save_weights_for_sampler`` returns, while its event loop answers calls. Written with safetensors'
-``save_file`` (every tensor copied into ``bytes`` with the interpreter lock held), the 168 MB copy of
-an 8B rank-32 version delayed the call's own answer by ~115 ms on the H200. ``FlatWeights.save``
-writes the header and then the flat buffer in one write, which releases the lock. A heartbeat
-coroutine wakes every millisecond; its largest gap during each write is what a caller of the actor
-waited at worst. Rounds alternate the two ways.
+``save_weights_for_sampler`` returns, while its event loop answers calls. safetensors' ``save_file``
+copies every tensor into ``bytes`` before writing; ``FlatWeights.save`` writes a header and then the
+flat buffer in one write. A heartbeat coroutine wakes every millisecond; its largest gap during a
+write is what a caller of the actor would wait at worst for the interpreter lock. Rounds alternate
+the two ways. (On the 2-core CPU, 2026-12-02: 350 against 198 ms per write, gaps 7.0 against
+4.6 ms: the lock is not what delayed the actor's answer on the H200; the copy off the GPU was,
+``scripts/gpu/persist_lock.py``.)
 
-    python -m bench.persist_stall --machine cpu2       # CPU is enough: the write is host work
+    python -m bench.persist_stall --machine cpu2       # host work: a CPU is enough
 """
 
 from __future__ import annotations

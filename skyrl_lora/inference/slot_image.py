@@ -107,17 +107,30 @@ class FlatWeights:
 
     def save(self, path: Path) -> None:
         """Write them as a safetensors file (what peft and vLLM read): the header, then the buffer,
-        already in the file's order, in one write from its host copy. safetensors' ``save_file``
-        copies every tensor into ``bytes`` holding the interpreter lock; for the durable copy of an
-        8B rank-32 version (168 MB) that kept the trainer actor's loop from answering the
-        ``save_weights_for_sampler`` it was written for by ~115 ms (H200, 2026-12-02). A file's write
-        releases the lock."""
+        already in the file's order, in one write from one host copy.
+
+        From a GPU the host copy goes into pinned memory, asynchronously, and this thread waits for
+        its event. One 168 MB copy into pageable memory (an 8B rank-32 version's durable copy) held
+        up every other thread's CUDA calls for 109 ms on the H200, and so the trainer actor's answer
+        to the ``save_weights_for_sampler`` the copy was for; into pinned memory it takes 3.5 ms and
+        no call waits over 0.1 ms (``scripts/gpu/persist_lock.py``,
+        ``bench/results/h200-2026-12-02-s21/*persist-lock.json``). safetensors' ``save_file`` would
+        also copy every tensor into ``bytes`` first (on this CPU: 350 ms against 198 ms for the
+        same file, ``bench/persist_stall.py``)."""
         import json
         import struct
 
         import torch
 
-        host = self.flat.detach().to("cpu").contiguous()
+        flat = self.flat.detach().contiguous()
+        if flat.device.type == "cuda":
+            host = torch.empty(flat.numel(), dtype=flat.dtype, pin_memory=True)
+            host.copy_(flat, non_blocking=True)
+            copied = torch.cuda.Event()  # type: ignore[no-untyped-call]  # unannotated in torch
+            copied.record(torch.cuda.current_stream(flat.device))
+            copied.synchronize()
+        else:
+            host = flat.to("cpu")
         dtype = _SAFETENSORS_DTYPES.get(str(host.dtype))
         if dtype is None:
             raise ValueError(f"no safetensors name for {host.dtype}")
@@ -129,9 +142,10 @@ class FlatWeights:
             offset = end
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        data: Any = host.view(torch.uint8).numpy()  # the buffer's own bytes, no copy
         with open(path, "wb") as f:
             f.write(struct.pack("<Q", len(raw)) + raw)
-            f.write(memoryview(host.view(torch.uint8).numpy()))
+            f.write(memoryview(data))
 
 
 _SAFETENSORS_DTYPES = {"torch.float32": "F32", "torch.bfloat16": "BF16", "torch.float16": "F16"}
