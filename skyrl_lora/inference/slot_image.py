@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -73,14 +74,17 @@ class ImageUnfit(ValueError):
 
 def plan_digest(plan: BuildPlan) -> str:
     """sha256 of the plan's JSON; remembered per plan object (each publication's manifest names it)."""
-    cached = _DIGESTS.get(id(plan))
+    with _CACHE_LOCK:
+        cached = _DIGESTS.get(id(plan))
     if cached is not None and cached[0] is plan:
         return cached[1]
     digest = hashlib.sha256(plan.model_dump_json().encode()).hexdigest()
-    _DIGESTS[id(plan)] = (plan, digest)
+    with _CACHE_LOCK:
+        _DIGESTS[id(plan)] = (plan, digest)  # the plan kept with it: its id is not reused meanwhile
     return digest
 
 
+_CACHE_LOCK = threading.Lock()  # the caches below are read by a trainer's and a worker's threads
 _DIGESTS: LRUCache[int, tuple[BuildPlan, str]] = LRUCache(maxsize=32)
 
 
@@ -180,7 +184,8 @@ _ORDERS: LRUCache[tuple[int, tuple[tuple[str, tuple[int, ...]], ...]], tuple[Bui
 def _whole_order(plan: BuildPlan, layout: tuple[tuple[str, tuple[int, ...]], ...]) -> _WholeOrder | None:
     """None where a tensor is smaller than its slot, or the plan's entries do not tile the image."""
     key = (id(plan), layout)
-    cached = _ORDERS.get(key)
+    with _CACHE_LOCK:
+        cached = _ORDERS.get(key)
     if cached is not None and cached[0] is plan:
         return cached[1]
     index = {name: i for i, (name, _) in enumerate(layout)}
@@ -204,7 +209,8 @@ def _whole_order(plan: BuildPlan, layout: tuple[tuple[str, tuple[int, ...]], ...
             order.scaled.append(k)
     if order is not None and offset != plan.numel:
         order = None
-    _ORDERS[key] = (plan, order)
+    with _CACHE_LOCK:
+        _ORDERS[key] = (plan, order)
     return order
 
 

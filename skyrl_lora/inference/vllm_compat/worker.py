@@ -125,7 +125,7 @@ class _SlotLayout:
         # allocations on the stream it was made on (a new stream per image grew the cache until it had
         # to free, which synchronises the whole device)
         # of high priority: its work (a copy and a sum, well under a millisecond at 8B) is scheduled
-        # ahead of the steps the engine has queued, which under load kept a staging waiting a step
+        # ahead of the kernels of the steps the engine has queued, which a staging need not wait for
         self._stream: torch.cuda.Stream | None = None
         if first.device.type == "cuda":
             self._stream = torch.cuda.Stream(first.device, priority=-1)  # type: ignore[no-untyped-call]  # unannotated in torch
