@@ -355,10 +355,9 @@ class LoraController:
         try:
             if manifest is None:
                 await self.checker.check(Path(source), self._model_shape, max_rank)
-            else:
-                if manifest.plan_digest != (await self.slot_plan()).digest:
-                    raise AdapterCheckError(source, "the slot image was laid out for another server layout "
-                                            "(GET /skyrl/v1/slot_plan gives this server's)")
+            elif manifest.plan_digest != (await self.slot_plan()).digest:
+                raise AdapterCheckError(source, "the slot image was laid out for another server layout "
+                                        "(GET /skyrl/v1/slot_plan gives this server's)")
         except AdapterCheckError as exc:
             raise LoraError(exc.status, exc.message, exc.field) from exc
         old = self.tenants.get(name)

@@ -338,7 +338,8 @@ class EmbeddedVLLMServer:
             listed.update(manifest.current())
         wanted = {name: path for name, path in listed.items() if path is not None}
         # a version published just before a crash may have no durable copy yet: the others first
-        pending = {name: path for name, path in wanted.items() if not os.path.exists(path)}
+        there = await wait_for_paths(set(wanted.values()), 0.0)
+        pending = {name: path for name, path in wanted.items() if path not in there}
         for name, path in wanted.items():
             if name not in pending:
                 await self._restore(controller, name, path)

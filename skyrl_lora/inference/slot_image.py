@@ -20,15 +20,16 @@ import hashlib
 import math
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, TypeVar
 
 from cachetools import LRUCache
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from skyrl_lora.inference.slot_builder import BuildPlan
 
+T = TypeVar("T")
 IMAGE_FILE = "slot_image.bin"
 MANIFEST_FILE = "slot_image.json"
 
@@ -74,14 +75,20 @@ class ImageUnfit(ValueError):
 
 def plan_digest(plan: BuildPlan) -> str:
     """sha256 of the plan's JSON; remembered per plan object (each publication's manifest names it)."""
+    return _per_plan(_DIGESTS, id(plan), plan, lambda: hashlib.sha256(plan.model_dump_json().encode()).hexdigest())
+
+
+def _per_plan(cache: LRUCache[Any, tuple[BuildPlan, T]], key: Any, plan: BuildPlan, make: Callable[[], T]) -> T:
+    """``make()``, remembered in ``cache`` under ``key`` for this plan object. The plan is kept with the
+    value, so its id is not reused while cached, and a hit must be the same object."""
     with _CACHE_LOCK:
-        cached = _DIGESTS.get(id(plan))
+        cached = cache.get(key)
     if cached is not None and cached[0] is plan:
         return cached[1]
-    digest = hashlib.sha256(plan.model_dump_json().encode()).hexdigest()
+    value = make()
     with _CACHE_LOCK:
-        _DIGESTS[id(plan)] = (plan, digest)  # the plan kept with it: its id is not reused meanwhile
-    return digest
+        cache[key] = (plan, value)
+    return value
 
 
 _CACHE_LOCK = threading.Lock()  # the caches below are read by a trainer's and a worker's threads
@@ -176,27 +183,27 @@ class _WholeOrder(NamedTuple):
     shapes: list[list[int]]  # per entry, its source's (rows, cols); [] where none
 
 
-# per (plan object, layout): the plan it was made for (ids are reused) and its order
+# per (plan object, layout): the plan it was made for and its order (``_per_plan``)
 _ORDERS: LRUCache[tuple[int, tuple[tuple[str, tuple[int, ...]], ...]], tuple[BuildPlan, _WholeOrder | None]] = \
     LRUCache(maxsize=32)
 
 
 def _whole_order(plan: BuildPlan, layout: tuple[tuple[str, tuple[int, ...]], ...]) -> _WholeOrder | None:
-    """None where a tensor is smaller than its slot, or the plan's entries do not tile the image."""
-    key = (id(plan), layout)
-    with _CACHE_LOCK:
-        cached = _ORDERS.get(key)
-    if cached is not None and cached[0] is plan:
-        return cached[1]
+    """None where a tensor has no slot or is smaller than its slot, or the plan's entries do not tile
+    the image (the dict way handles, or refuses, those)."""
+    return _per_plan(_ORDERS, (id(plan), layout), plan, lambda: _plan_order(plan, layout))
+
+
+def _plan_order(plan: BuildPlan, layout: tuple[tuple[str, tuple[int, ...]], ...]) -> _WholeOrder | None:
     index = {name: i for i, (name, _) in enumerate(layout)}
-    order: _WholeOrder | None = _WholeOrder([], [], [], [], [], [])
+    if set(index) - {e.source for e in plan.entries}:
+        return None
+    order = _WholeOrder([], [], [], [], [], [])
     offset = 0
     for k, entry in enumerate(plan.entries):
-        assert order is not None
         i = index.get(entry.source) if entry.source is not None else None
         if entry.offset != offset or (i is not None and layout[i][1] != (entry.rows, entry.cols)):
-            order = None
-            break
+            return None
         offset += entry.rows * entry.cols
         order.sizes.append(entry.rows * entry.cols)
         order.shapes.append([entry.rows, entry.cols] if i is not None else [])
@@ -207,11 +214,7 @@ def _whole_order(plan: BuildPlan, layout: tuple[tuple[str, tuple[int, ...]], ...
         order.filled.append(k)
         if entry.scaled:
             order.scaled.append(k)
-    if order is not None and offset != plan.numel:
-        order = None
-    with _CACHE_LOCK:
-        _ORDERS[key] = (plan, order)
-    return order
+    return order if offset == plan.numel else None
 
 
 def assemble(plan: BuildPlan, tensors: Mapping[str, Any] | FlatWeights, scaling: float) -> tuple[Any, list[list[int]]]:
@@ -225,8 +228,7 @@ def assemble(plan: BuildPlan, tensors: Mapping[str, Any] | FlatWeights, scaling:
     import torch
 
     if isinstance(tensors, FlatWeights):
-        names = {name for name, _ in tensors.layout}
-        order = _whole_order(plan, tensors.layout) if names <= {e.source for e in plan.entries} else None
+        order = _whole_order(plan, tensors.layout)
         if order is None:
             return assemble(plan, tensors.named(), scaling)
         image = torch.empty(plan.numel, dtype=getattr(torch, plan.dtype), device=tensors.flat.device)
