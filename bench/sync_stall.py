@@ -9,7 +9,9 @@ Windows (interleaved, ``--rounds`` times): ``nosync``; ``one``: t0 syncs once a 
 every tenant syncs once every ``--all-period`` seconds (staggered); ``engine-wide``: t0 syncs once a
 second under an engine-wide pause (vLLM's stock way); ``legacy``: like ``one``, but the engine reads
 the adapter inside ``add_lora`` on its step loop (this project's path before staging);
-``all-inplace``: like ``all`` in ``inplace`` mode (running requests take the new weights, no abort).
+``all-inplace`` and ``one-inplace``: like ``all`` and ``one`` in ``inplace`` mode (running requests
+take the new weights, no abort, so no re-prefill: what a sync costs the others without the syncing
+tenant's own re-prefills).
 
 ``--sources images`` publishes every version as a ready slot image in shared memory, laid out by the
 server's plan (what ``save_weights_for_sampler`` publishes when the trainer is on the servers' node),
@@ -110,8 +112,8 @@ async def _stage_timings(actor: Any) -> dict[str, list[float]]:
 async def _window(name: str, client: RemoteInferenceClient, url: str, prompt_ids: list[int], prompt_text: str,
                   tenants: list[str], paths: dict[str, list[str]], args: argparse.Namespace,
                   actor: Any, rnd: int) -> dict[str, Any]:
-    syncing = {"nosync": [], "one": tenants[:1], "legacy": tenants[:1], "engine-wide": tenants[:1],
-               "all": tenants, "all-inplace": tenants}[name]
+    syncing = {"nosync": [], "one": tenants[:1], "one-inplace": tenants[:1], "legacy": tenants[:1],
+               "engine-wide": tenants[:1], "all": tenants, "all-inplace": tenants}[name]
     period = args.all_period if name.startswith("all") else 1.0
     parts: list[tuple[float, float]] = []
     before = {k: len(v) for k, v in (await _stage_timings(actor)).items()}
@@ -120,7 +122,7 @@ async def _window(name: str, client: RemoteInferenceClient, url: str, prompt_ids
     jobs.append(watch_gaps(url, WATCHER, prompt_text, duration_s=args.window_s, max_tokens=args.max_tokens))
     if syncing:
         jobs.append(_syncs(client, syncing, paths, period, args.window_s, off_loop=name != "legacy",
-                           engine_wide=name == "engine-wide", mode="inplace" if name == "all-inplace" else "abort",
+                           engine_wide=name == "engine-wide", mode="inplace" if name.endswith("-inplace") else "abort",
                            parts=parts))
     recordings = []
     if name in args.profile_windows and args.py_spy:
@@ -280,7 +282,8 @@ def main() -> None:
     parser.add_argument("--sources", choices=("files", "images"), default="files",
                         help="versions as peft files, or as ready slot images laid out by the server's plan")
     parser.add_argument("--all-period", type=float, default=1.0, help="each tenant's sync period in the 'all' window")
-    parser.add_argument("--windows", nargs="+", default=["nosync", "one", "legacy", "all", "all-inplace", "engine-wide"])
+    parser.add_argument("--windows", nargs="+", default=["nosync", "one", "legacy", "all", "all-inplace", "engine-wide"],
+                        choices=["nosync", "one", "one-inplace", "legacy", "all", "all-inplace", "engine-wide"])
     parser.add_argument("--profile-windows", nargs="*", default=[],
                         help="windows whose server processes py-spy samples (bench/pyspy.py; needs py-spy)")
     parser.add_argument("--py-spy", default=None, help="the py-spy binary (default: found on PATH or PYTHONPATH)")

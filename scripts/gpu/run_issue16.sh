@@ -3,7 +3,7 @@
 # the two ways of building slot images side by side in one call (each call stays under 10 minutes).
 #   bash scripts/gpu/run_issue16.sh stall     # bench.sync_stall: slot builders, then ready slot images (~8 min)
 #   bash scripts/gpu/run_issue16.sh many      # bench.sync_stall: 32 tenants of rank 16 syncing every 4 s (~6 min)
-#   bash scripts/gpu/run_issue16.sh final     # every sync_stall window with ready images (~5 min)
+#   bash scripts/gpu/run_issue16.sh final     # every sync_stall window with ready images, two rounds (~8 min)
 #   bash scripts/gpu/run_issue16.sh publish   # bench.publish_latency (colocated trainer): peft files, then the
 #                                             # GPU copy into the server (publish_images, the default) (~8 min)
 #   bash scripts/gpu/run_issue16.sh latency   # bench.publish_latency by GPU copy alone (~4 min)
@@ -27,8 +27,10 @@ case "${1:-stall}" in
     done ;;
   final)  # issue 16's side-by-side run (versions as the trainer publishes them, every window, a
           # profile of 8 tenants syncing in place); save -> first token is `latency`, a call of its own
-    timeout 300 python3 -m bench.sync_stall --shape 8b --num-gpus 1 --rank 32 --tenants 8 --streams 12 \
-      --window-s 10 --rounds 1 --windows nosync one legacy all all-inplace engine-wide --stage-threads 4 \
+    # two rounds of interleaved windows: each ratio the median of two, where one 10 s window's p99 rests
+    # on ~8 gaps (four runs of one round on 2026-12-02 moved the no-sync p99 24-30 ms)
+    timeout 480 python3 -m bench.sync_stall --shape 8b --num-gpus 1 --rank 32 --tenants 8 --streams 12 \
+      --window-s 10 --rounds 2 --windows nosync one one-inplace legacy all all-inplace engine-wide --stage-threads 4 \
       --sources images --profile-windows all-inplace --machine h200 --label final --out "$res/stall-final" \
       > "$res/stall-final.log" 2>&1 || rc=$?
     grep "bench.sync_stall wrote" "$res/stall-final.log" | cut -c1-800 ;;
