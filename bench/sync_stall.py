@@ -41,6 +41,8 @@ from skyrl_lora.models.synthetic import LLAMA_8B, MID_CPU, write_dummy_model, wr
 logger = logging.getLogger("bench.sync_stall")
 SHAPES = {"8b": LLAMA_8B, "mid-cpu": MID_CPU}
 WATCHER = "watch"
+# the "all" windows sync every tenant, the others but nosync the first one
+WINDOWS = ("nosync", "one", "one-inplace", "legacy", "all", "all-inplace", "engine-wide")
 
 
 def _tenant(i: int) -> str:
@@ -112,8 +114,8 @@ async def _stage_timings(actor: Any) -> dict[str, list[float]]:
 async def _window(name: str, client: RemoteInferenceClient, url: str, prompt_ids: list[int], prompt_text: str,
                   tenants: list[str], paths: dict[str, list[str]], args: argparse.Namespace,
                   actor: Any, rnd: int) -> dict[str, Any]:
-    syncing = {"nosync": [], "one": tenants[:1], "one-inplace": tenants[:1], "legacy": tenants[:1],
-               "engine-wide": tenants[:1], "all": tenants, "all-inplace": tenants}[name]
+    assert name in WINDOWS, name
+    syncing = [] if name == "nosync" else tenants if name.startswith("all") else tenants[:1]
     period = args.all_period if name.startswith("all") else 1.0
     parts: list[tuple[float, float]] = []
     before = {k: len(v) for k, v in (await _stage_timings(actor)).items()}
@@ -283,7 +285,7 @@ def main() -> None:
                         help="versions as peft files, or as ready slot images laid out by the server's plan")
     parser.add_argument("--all-period", type=float, default=1.0, help="each tenant's sync period in the 'all' window")
     parser.add_argument("--windows", nargs="+", default=["nosync", "one", "legacy", "all", "all-inplace", "engine-wide"],
-                        choices=["nosync", "one", "one-inplace", "legacy", "all", "all-inplace", "engine-wide"])
+                        choices=WINDOWS)
     parser.add_argument("--profile-windows", nargs="*", default=[],
                         help="windows whose server processes py-spy samples (bench/pyspy.py; needs py-spy)")
     parser.add_argument("--py-spy", default=None, help="the py-spy binary (default: found on PATH or PYTHONPATH)")
