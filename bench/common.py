@@ -166,10 +166,10 @@ class Colocated:
 
 
 def start_colocated(args: Any, name: str, tenants: list[str], *, shape: str = "8b", publish: bool = False,
-                    publish_images: bool = True, **server: Any) -> Colocated:
+                    publish_images: bool = True, sync_mode: str = "abort", **server: Any) -> Colocated:
     """``tenants`` get random rank-``args.rank`` adapters on the server; ``publish``: the trainer
     syncs into the server through shared memory (``save_weights_for_sampler``), as ready slot images
-    (``publish_images``) or as files."""
+    (``publish_images``) or as files, in ``sync_mode``."""
     from skyrl_lora.inference.actor import start_server_actor
     from skyrl_lora.inference.server import ServerConfig
     from skyrl_lora.models.synthetic import LLAMA_8B, write_dummy_model, write_random_adapter
@@ -194,5 +194,6 @@ def start_colocated(args: Any, name: str, tenants: list[str], *, shape: str = "8
         base_model=str(model), state_dir=work / "trainer", sampler_root=work / "adapters", max_lora_rank=args.rank,
         resident_budget_bytes=64 << 30, base_weights="shared" if shape == "8b" else "shared_or_own", share_from=name,
         publish_root=Path(tempfile.mkdtemp(prefix=f"{name}-", dir=shm)) if publish else None,
-        publish_images=publish_images, inference_urls=(url,) if publish else ()), num_gpus=args.num_gpus * 0.4)
+        publish_images=publish_images, inference_urls=(url,) if publish else (), sync_mode=sync_mode),
+        num_gpus=args.num_gpus * 0.4)
     return Colocated(server_actor, url, trainer, model, work, adapters, server_start_s, time.perf_counter() - t0)

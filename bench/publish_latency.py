@@ -6,9 +6,12 @@ trainer) trains tenant ``trainee`` and publishes each new version with ``save_we
 (written to shared memory, staged and flipped on the server). Per publication the parts are timed
 where they happen: the export, the sync (stage everywhere, then flip), and a one-token request for
 the new version sent when the call returns (what a caller sees), the same request again (the first
-token's own cost), and when the durable copy is on disk (written after the call returns). Windows:
-``idle`` (no one else sampling) and ``loaded`` (every other tenant keeps ``--streams`` requests in
-flight).
+token's own cost), and when the durable copy is on disk (written after the call returns). Windows
+(``WINDOWS``): ``idle`` (no one else sampling), ``inflight`` (the trainee's own ``--streams`` streamed
+requests in flight: with an armed flip the worker names each request's first token on the new
+version, and its arrival here is timed, one clock for every process of the host) and ``loaded``
+(every other tenant keeps ``--streams`` requests in flight); ``-addlora``: armed flips off (the flip
+is the engine's add_lora round trip), side by side in the same run.
 
     python -m bench.publish_latency --num-gpus 1 --tenants 4 --streams 8 --publishes 8   # H200
 """
@@ -17,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +33,90 @@ from bench import common
 logger = logging.getLogger("bench.publish_latency")
 SERVER = "skyrl-bench-publish-latency"
 TRAINEE = "trainee"
-WINDOWS = ("idle", "loaded")
+# idle: nobody else samples; inflight: the trainee keeps --streams requests of its own in flight (the
+# first token each makes on the new version is timed exactly, where the worker armed the flip);
+# loaded: every other tenant keeps --streams requests in flight. "-addlora": the same with armed
+# flips off (the flip is the engine's add_lora round trip), side by side in the same run.
+WINDOWS = ("idle", "inflight", "loaded", "idle-addlora", "loaded-addlora")
+
+
+@dataclass
+class TokenStream:
+    """One streamed completion: its id and each output token's arrival (``time.monotonic``)."""
+
+    id: str | None = None
+    arrivals: list[float] = field(default_factory=list)
+
+
+async def _stream_tokens(session: Any, url: str, prompt_ids: list[int], max_tokens: int,
+                         out: list[TokenStream]) -> None:
+    """Streamed completions of the trainee back to back (vLLM's /v1/completions: its usage on every
+    chunk counts the tokens, so tokens merged into one chunk are each timed at its arrival)."""
+    body = {"model": TRAINEE, "prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0.0,
+            "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    while True:
+        stream = TokenStream()
+        out.append(stream)
+        async with session.post(url + "/v1/completions", json=body) as resp:
+            resp.raise_for_status()
+            async for raw in resp.content:
+                line = raw.strip()
+                if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                    continue
+                now = time.monotonic()
+                chunk = json.loads(line[len(b"data: "):])
+                stream.id = chunk.get("id") or stream.id
+                usage = chunk.get("usage") or {}
+                count = int(usage.get("completion_tokens", len(stream.arrivals) + bool(chunk.get("choices"))))
+                stream.arrivals.extend([now] * (count - len(stream.arrivals)))
+
+
+async def _first_new_token(server: Any, logged: int, streams: list[TokenStream], prompt_len: int, t0: float,
+                           timeout_s: float = 10.0) -> dict[str, Any]:
+    """The armed flip after the first ``logged`` of the worker's log, and when the first token the
+    new version made reached a stream here: ms after ``t0``; or, under ``note``, why not (no flip
+    applied, a flip logged without the step's token positions, no stream of the requests it names)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        log = await server.flip_log.remote()
+        if len(log) > logged or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.002)
+    if len(log) <= logged:
+        return {"note": "no armed flip was applied"}
+    entry = log[logged]
+    out: dict[str, Any] = {"armed_after_ms": 1e3 * (entry["armed_at"] - t0),
+                           "applied_after_ms": 1e3 * (entry["applied_at"] - t0)}
+    if not entry.get("made_positions"):
+        return {**out, "note": f"the worker names no positions: {entry.get('made_positions')!r}"}
+    arrivals: list[float] = []
+    for rid, position in entry["made_positions"].items():
+        stream = next((s for s in streams if s.id and rid.startswith(s.id)), None)
+        if stream is None:
+            continue
+        index = max(0, position - prompt_len)  # the output token that step made
+        while len(stream.arrivals) <= index and time.monotonic() < deadline:
+            await asyncio.sleep(0.002)
+        if len(stream.arrivals) > index:
+            arrivals.append(stream.arrivals[index])
+    if not arrivals:
+        ids = sorted(s.id or "" for s in streams)[-3:]
+        return {**out, "note": f"no stream here made {sorted(entry['made_positions'])[:3]} (streams: {ids})"}
+    return {**out, "inflight_first_new_token_ms": 1e3 * (min(arrivals) - t0)}
+
+
+def _gaps_ms(streams: list[TokenStream], since: float) -> list[float]:
+    return [1e3 * (b - a) for s in streams for a, b in zip(s.arrivals, s.arrivals[1:]) if a >= since]
 
 
 async def _publishes(client: Any, trainer: Any, server: Any, prompt_ids: list[int], datum: Any,
-                     count: int) -> list[dict[str, Any]]:
+                     count: int, streams: list[TokenStream] | None) -> list[dict[str, Any]]:
     """Per publication: its parts where they happen, what a caller that awaits the call sees (the
     call's return, then a one-token request), the same request once more (the first token's own
-    cost, no publication in it), and when the durable copy was written (after the call returns)."""
+    cost, no publication in it), and when the durable copy was written (after the call returns).
+    With ``streams`` (the trainee's own, in flight) also when the first token the new version made
+    reached one of them (armed flips: the worker names that token)."""
     from skyrl_lora.training.protocol import AdamParams
 
     one_token = {"max_tokens": 1, "temperature": 0.0}
@@ -44,33 +125,52 @@ async def _publishes(client: Any, trainer: Any, server: Any, prompt_ids: list[in
         await trainer.forward_backward.remote(TRAINEE, [datum])
         await trainer.optim_step.remote(TRAINEE, AdamParams(learning_rate=1e-4))
         before = await server.stage_timings.remote()
-        t0 = time.perf_counter()
+        logged = len(await server.flip_log.remote())
+        t0 = time.monotonic()
         saved = await trainer.save_weights_for_sampler.remote(TRAINEE, f"v{i}")
-        returned = time.perf_counter() - t0
+        returned = time.monotonic() - t0
+        inflight = await _first_new_token(server, logged, streams, len(prompt_ids), t0) if streams is not None else {}
         after = await server.stage_timings.remote()
-        t1 = time.perf_counter()
+        t1 = time.monotonic()
         await client.sample(prompt_ids, one_token, TRAINEE)
-        first = time.perf_counter() - t1
-        t2 = time.perf_counter()
+        first = time.monotonic() - t1
+        t2 = time.monotonic()
         await client.sample(prompt_ids, one_token, TRAINEE)
-        again = time.perf_counter() - t2
+        again = time.monotonic() - t2
         await trainer.durable.remote(saved.path)
-        durable = time.perf_counter() - t0
+        durable = time.monotonic() - t0
         out.append({"export_ms": 1e3 * saved.export_s, "sync_ms": 1e3 * saved.sync_s,
                     # inside the sync: the server's check and staging, and the flip's add_lora round trip
                     "staging_ms": 1e3 * (saved.staging_s or 0.0), "flip_ms": 1e3 * (saved.flip_s or 0.0),
-                    # the new version serves export + sync after the call began
+                    # the new version serves export + sync after the call began (armed: from the next step)
                     "served_after_ms": 1e3 * (saved.export_s + saved.sync_s),
                     "call_returned_ms": 1e3 * returned, "first_token_ms": 1e3 * first,
                     "save_to_first_token_ms": 1e3 * (returned + first),
                     "token_again_ms": 1e3 * again, "durable_after_ms": 1e3 * durable,
+                    **{k: v for k, v in inflight.items() if k != "note"},
+                    "notes": [inflight["note"]] if "note" in inflight else [],
                     # the worker's own time for what it did (gpu_copy, prebuilt, load, flip), ms
                     "worker": {k: sum(v[len(before.get(k, [])):]) for k, v in after.items()
                                if len(v) > len(before.get(k, []))}})
     return out
 
 
+def _window(name: str, r: int, pubs: list[dict[str, Any]], gaps: list[float]) -> dict[str, Any]:
+    keys = sorted({k for p in pubs for k in p if k not in ("worker", "notes")})
+    w: dict[str, Any] = {"window": name, "round": r, "publishes": pubs}
+    for k in keys:
+        values = [p[k] for p in pubs if k in p]
+        w[f"{k}_p50"], w[f"{k}_max"] = statistics.median(values), max(values)
+        if k == "inflight_first_new_token_ms":
+            w["inflight_first_new_token_ms_p90"] = statistics.quantiles(values, n=10)[-1] if len(values) > 1 else values[0]
+            w["inflight_measured"] = len(values)
+    if gaps:  # the trainee's streams' token gaps: one engine step and its delivery
+        w["stream_gap_ms_p50"], w["stream_gap_ms_p90"] = statistics.median(gaps), statistics.quantiles(gaps, n=10)[-1]
+    return w
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
+    import aiohttp
     from transformers import AutoTokenizer
 
     from skyrl_lora.inference.client import RemoteInferenceClient
@@ -81,51 +181,65 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     tenants = [f"t{i}" for i in range(args.tenants)]
     pair = common.start_colocated(args, SERVER, tenants, shape=args.shape, publish=True,
                                   publish_images=args.publish_images, slot_builders=args.slot_builders,
-                                  stage_channel=args.stage_channel)
+                                  stage_channel=args.stage_channel, sync_mode=args.sync_mode)
     trainer = pair.trainer
     client = RemoteInferenceClient(pair.url)
     tok = AutoTokenizer.from_pretrained(build_fixtures().base)
     prompt_ids = tok("def handle(request):\n    user = request.user\n")["input_ids"]
     datum = common.training_datum(args.seq_len)
     windows: list[dict[str, Any]] = []
+    session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_read=60))
     try:
         await trainer.create_lora.remote(TRAINEE, LoraSpec(rank=args.rank, alpha=float(args.rank)))
         await trainer.forward_backward.remote(TRAINEE, [datum])
         await trainer.save_weights_for_sampler.remote(TRAINEE, "warm")  # the first sync creates the tenant
+        await trainer.save_weights_for_sampler.remote(TRAINEE, "warm-again")  # and the first in-place one
+        if args.num_gpus > 0 and args.publish_images and not (await pair.server.stage_timings.remote()).get("gpu_copy_ms"):
+            # the trainer falls back to shared memory for good after a failed GPU copy: nothing here
+            # would then be what this benchmark is about
+            raise RuntimeError("the colocated trainer did not publish by a GPU copy (the trainer actor's log says why)")
         for t in tenants + [TRAINEE]:
             await client.sample(prompt_ids, {"max_tokens": 8, "temperature": 0.0}, t)
         for r in range(args.rounds):
-            for name in WINDOWS:
-                load = [asyncio.create_task(run_streams(client, t, prompt_ids, streams=args.streams,
+            for name in args.windows:
+                await pair.server.set_armed_flips.remote(not name.endswith("-addlora"))
+                load: list[asyncio.Task[Any]] = [asyncio.create_task(run_streams(client, t, prompt_ids, streams=args.streams,
                                                         max_tokens=args.max_tokens, duration_s=3600))
-                        for t in tenants] if name == "loaded" else []
+                        for t in tenants] if name.startswith("loaded") else []
+                streams: list[TokenStream] | None = [] if name == "inflight" else None
+                if streams is not None:
+                    load += [asyncio.create_task(_stream_tokens(session, pair.url, prompt_ids, args.max_tokens, streams))
+                             for _ in range(args.streams)]
                 try:
                     if load:
                         await asyncio.sleep(2.0)  # every stream running
-                    pubs = await _publishes(client, trainer, pair.server, prompt_ids, datum, args.publishes)
+                    since = time.monotonic()
+                    pubs = await _publishes(client, trainer, pair.server, prompt_ids, datum, args.publishes, streams)
                 finally:
                     for task in load:
                         task.cancel()
                     await asyncio.gather(*load, return_exceptions=True)
-                w = {"window": name, "round": r, "publishes": pubs,
-                     **{f"{k}_p50": statistics.median(p[k] for p in pubs) for k in pubs[0] if k != "worker"},
-                     **{f"{k}_max": max(p[k] for p in pubs) for k in pubs[0] if k != "worker"}}
+                w = _window(name, r, pubs, _gaps_ms(streams, since) if streams else [])
                 logger.info("%s", {k: v for k, v in w.items() if k != "publishes"})
                 windows.append(w)
     finally:
+        await pair.server.set_armed_flips.remote(True)
+        await session.close()
         await client.aclose()
         pair.stop()
+    names = list(args.windows)
     return {"machine": common.machine_name(args.machine), "date": common.today(),
             "config": {"model": "llama-8b-shape (dummy weights, bf16)" if args.shape == "8b" else "tiny",
-                       "rank": args.rank, "tenants": args.tenants,
+                       "rank": args.rank, "tenants": args.tenants, "sync_mode": args.sync_mode,
                        "streams": args.streams, "publishes": args.publishes, "rounds": args.rounds,
                        "slot_builders": args.slot_builders, "stage_channel": args.stage_channel,
                        "publish_images": args.publish_images,
                        "trainer": "colocated (base on the server's weights)",
-                       "cuda_graphs": True},
+                       "cuda_graphs": args.num_gpus > 0},
             "windows": windows,
-            "summary": {name: {k: statistics.median(w[k] for w in windows if w["window"] == name)
-                               for k in windows[0] if k.endswith(("_p50", "_max"))} for name in WINDOWS}}
+            "summary": {name: {k: statistics.median(w[k] for w in windows if w["window"] == name and k in w)
+                               for k in sorted({k for w in windows if w["window"] == name for k in w})
+                               if k.endswith(("_p50", "_p90", "_max"))} for name in names}}
 
 
 def plot(result: dict[str, Any], png: Path) -> None:
@@ -141,7 +255,11 @@ def plot(result: dict[str, Any], png: Path) -> None:
         bottom = [b + v for b, v in zip(bottom, values)]
     ax.scatter(list(s), [s[n]["save_to_first_token_ms_p50"] for n in s], color="k", marker="_", s=600, zorder=3,
                label="call returned + first token")
+    inflight = [n for n in s if "inflight_first_new_token_ms_p50" in s[n]]
+    ax.scatter(inflight, [s[n]["inflight_first_new_token_ms_p50"] for n in inflight], color="r", marker="_", s=600,
+               zorder=3, label="first token on the new version in flight")
     ax.axhline(50, color="k", lw=0.8, ls="--")
+    ax.axhline(10, color="r", lw=0.8, ls="--")
     ax.set_ylabel("save_weights_for_sampler -> first token, ms (p50)")
     ax.legend()
     common.finish_figure(fig, png, f"{result['machine']}: 8B-shape, rank {result['config']['rank']}, colocated trainer")
@@ -159,6 +277,9 @@ def main() -> None:
                         help="the trainer writes the server's slot image (slot_image), or peft files")
     parser.add_argument("--stage-channel", action=argparse.BooleanOptionalAction, default=True,
                         help="staging around the engine's loop (stage_channel), or through collective_rpc")
+    parser.add_argument("--sync-mode", choices=("abort", "inplace"), default="inplace",
+                        help="the trainer's sync_mode: inplace (issue 17's armed flip) or abort")
+    parser.add_argument("--windows", nargs="+", choices=WINDOWS, default=list(WINDOWS))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from skyrl_lora.cluster import start_local_ray

@@ -227,6 +227,57 @@ async def test_staging_reaches_the_workers_without_the_engines_loop(vllm_server,
         await client.unload_lora_adapter(name)
 
 
+@pytest.mark.gpu
+async def test_an_inplace_version_is_armed_and_flips_before_the_next_step(vllm_server, tiny, tok, word_ids) -> None:
+    """Issue 17: an in-place sync on a one-worker server is armed on the worker once staged, and the
+    engine's own thread flips it in before its next step (no add_lora round trip after the reply). A
+    request sent after the reply is wholly on the new version; a request in flight switches words
+    exactly at the token the worker names as the new version's first; nothing stays staged; with
+    armed flips off the same sync goes through the engine's add_lora and is logged by no worker."""
+    client = RemoteInferenceClient(vllm_server.url)
+    actor = vllm_server.actor
+    name = "armed"
+    prompt = tok("x = 1")["input_ids"]
+    meow, woof = word_ids["meow"], word_ids["woof"]
+
+    async def generating() -> bool:
+        (st,) = await client.state()
+        return any(info.name == name and info.in_flight_tokens >= 8 for info in st.loras)
+
+    await client.load_lora_adapter(name, str(tiny.loras["meow"]), load_inplace=False)
+    try:
+        logged = len(await actor.flip_log.remote())
+        (resp,) = await client.update_lora(name, str(tiny.loras["woof"]), mode="inplace")
+        (s,) = await client.sample(prompt, {"max_tokens": 3, **GREEDY}, name)
+        assert s.token_ids == [woof] * 3
+        log = await actor.flip_log.remote()
+        assert len(log) == logged + 1 and log[-1]["applied_at"] >= log[-1]["armed_at"]
+        # applied before the new request's prefill: its first token is the new version's
+        assert list(log[-1]["made_positions"].values()) == [len(prompt)]
+
+        task = asyncio.create_task(client.sample(prompt, {"max_tokens": 160, **GREEDY}, name))
+        await wait_for(generating, what="a request generating")
+        (resp,) = await client.update_lora(name, str(tiny.loras["meow"]), mode="inplace")
+        (s,) = await asyncio.wait_for(task, 120)
+        k = s.token_ids.index(meow)
+        assert k >= 8 and s.token_ids == [woof] * k + [meow] * (160 - k)
+        log = await actor.flip_log.remote()
+        assert len(log) == logged + 2 and list(log[-1]["made_positions"].values()) == [len(prompt) + k], log[-1]
+        (state,) = await client.state()
+        assert state.staged == 0 and state.staged_on_workers == 0
+
+        await actor.set_armed_flips.remote(False)
+        try:
+            (resp,) = await client.update_lora(name, str(tiny.loras["woof"]), mode="inplace")
+            (s,) = await client.sample(prompt, {"max_tokens": 3, **GREEDY}, name)
+            assert s.token_ids == [woof] * 3 and resp.lora.version == 4
+            assert len(await actor.flip_log.remote()) == logged + 2
+        finally:
+            await actor.set_armed_flips.remote(True)
+    finally:
+        await client.unload_lora_adapter(name)
+
+
 async def test_trainer_publishes_through_shared_memory_and_keeps_a_durable_copy(vllm_server, tiny, tmp_path,
                                                                                word_ids, tok) -> None:
     """save_weights_for_sampler writes the version to shared memory, the server stages it from there,

@@ -6,7 +6,7 @@
 #   bash scripts/gpu/run_issue16.sh final     # every sync_stall window with ready images, two rounds (~8 min)
 #   bash scripts/gpu/run_issue16.sh publish   # bench.publish_latency (colocated trainer): peft files, then the
 #                                             # GPU copy into the server (publish_images, the default) (~8 min)
-#   bash scripts/gpu/run_issue16.sh latency   # bench.publish_latency by GPU copy alone (~4 min)
+#   bash scripts/gpu/run_issue16.sh latency   # bench.publish_latency by GPU copy alone, in place, armed flips on and off (~6 min)
 #   bash scripts/gpu/run_issue16.sh image     # bench.image_publish: peft files against ready slot images (~4 min)
 # Results accumulate in /tmp/i16 while the machine stays warm; each call returns all of them, with
 # py-spy profiles of the all-tenant windows, in one tarball under $OUT.
@@ -40,9 +40,14 @@ case "${1:-stall}" in
       --stage-threads 4 --sources images --machine h200 --label many --out "$res/stall-many" \
       > "$res/stall-many.log" 2>&1 || rc=$?
     grep "bench.sync_stall wrote" "$res/stall-many.log" | cut -c1-600 ;;
-  latency)  # save -> first token by GPU copy alone (the colocated trainer's default)
-    timeout 300 python3 -m bench.publish_latency --num-gpus 1 --tenants 4 --streams 8 --publishes 8 \
-      --machine h200 --out "$res/publish-latency" --publish-images > "$res/publish-latency.log" 2>&1 || rc=$?
+  latency)  # save -> first token by GPU copy alone (the colocated trainer's default), in place (issue 17's
+            # armed flip), every window of bench.publish_latency with armed flips and without (~6 min)
+    timeout 480 python3 -m bench.publish_latency --num-gpus 1 --tenants 4 --streams 8 --publishes 8 \
+      --sync-mode inplace --machine h200 --out "$res/publish-latency" --publish-images \
+      > "$res/publish-latency.log" 2>&1 || rc=$?
+    # the actors' errors (the trainer's fallbacks, the worker's failed flips) come back with the results
+    grep -rh -B2 -A30 "Traceback\|GPU copy failed\|armed flip" /tmp/ray/session_latest/logs/ 2>/dev/null \
+      | head -400 > "$res/actor-errors.log"
     grep "bench.publish_latency wrote" "$res/publish-latency.log" | cut -c1-800 ;;
   publish)
     for way in files gpu-copy; do

@@ -89,6 +89,14 @@ class VLLMServerActor:
         """Recent flips from a slot image (the engine's own cost of a sync), loads and slot images, in ms."""
         return await self.server.stage_timings()
 
+    async def flip_log(self) -> list[dict[str, Any]]:
+        """The workers' recent armed flips, with their times (benchmarks)."""
+        return await self.server.flip_log()
+
+    def set_armed_flips(self, on: bool) -> None:
+        """Armed flips on or off from now on (benchmarks compare both in one run)."""
+        self.server.set_armed_flips(on)
+
     async def share_base_weights(self, path: str) -> dict[str, Any]:
         """CUDA IPC handles of the base weights, for a trainer on this GPU (see ``training/shared_base.py``)."""
         return await self.server.share_weights(path)

@@ -86,6 +86,7 @@ class StagedAdapter:
     staging_s: float
     on_workers: bool  # loaded on the workers already (False: the engine loads it at the flip)
     expiry: asyncio.TimerHandle | None = None
+    armed: bool = False  # the worker flips it in before its next step (no add_lora at the commit)
 
 
 @dataclass(eq=False)
@@ -120,7 +121,7 @@ class LoraController:
                  on_change: Callable[[str, str | None], Awaitable[None]] | None = None,
                  stage_timeout_s: float = 120.0, staged_ttl_s: float = 120.0, stage_off_loop: bool = True,
                  uploads: UploadStore | None = None, node: str = "", channel: ServerStageChannel | None = None,
-                 checker: AdapterChecker | None = None) -> None:
+                 checker: AdapterChecker | None = None, armed_flips: bool = True) -> None:
         self.engine = engine
         # where adapters are checked before staging (processes of their own, or a thread of this one)
         self.checker = checker or AdapterChecker(0)
@@ -153,6 +154,9 @@ class LoraController:
         self._staged: dict[str, StagedAdapter] = {}
         self.stage_asks = 0  # status calls to the workers while staging (each one between two engine steps)
         self._slot_plan: SlotPlanResponse | None = None  # the workers' layout does not change while they live
+        # an in-place update of one tenant on a one-worker server is flipped by the worker before its
+        # next step (``vllm_compat/worker.py``) instead of by the engine's add_lora
+        self.armed_flips = armed_flips
 
     # ------------------------------------------------------------------ wiring
     def engine_client(self) -> compat.GatedEngineClient:
@@ -329,12 +333,14 @@ class LoraController:
 
     # ------------------------------------------------------------------ staging (off the engine loop)
     async def stage(self, name: str, path: str, *, mode: str = "abort", load_from: str | None = None,
-                    off_loop: bool | None = None, upload_id: str | None = None) -> StagedAdapter:
+                    off_loop: bool | None = None, upload_id: str | None = None, arm: bool = False) -> StagedAdapter:
         """Check the adapter and load it on every worker off the engine's step loop; nothing serves it
         until :meth:`commit`. A bad adapter is refused here (400 naming ``lora_path``) and freed.
         ``load_from``: the same adapter somewhere faster to read now (shared memory); ``path`` is
         where it is kept for good, which the engine (after an eviction) and the manifest use.
-        ``upload_id``: files sent to this server (``uploads.py``); this server keeps the version there."""
+        ``upload_id``: files sent to this server (``uploads.py``); this server keeps the version there.
+        ``arm``: the caller commits it at once, holding the tenant's lock (:meth:`update`): an in-place
+        version is then armed on a one-worker server (flipped in before the next step once staged)."""
         if upload_id is not None:
             try:
                 path = str(self._upload_store().path(upload_id))
@@ -372,12 +378,13 @@ class LoraController:
         if manifest is not None and not on_workers:
             raise LoraError(400, "off_loop: a slot image is staged on the workers; the engine's own load reads "
                             "peft files", "off_loop")
+        armed = arm and on_workers and request.load_inplace and self._can_arm()
         if on_workers:
-            await self._stage_on_workers(name, lora_id, engine_name, real, source)
+            await self._stage_on_workers(name, lora_id, engine_name, real, source, armed)
         else:
             request = compat.make_lora_request(engine_name, lora_id, source, load_inplace=request.load_inplace)
         staged = StagedAdapter(new_request_id("stage"), name, real, lora_id, request, mode, time.perf_counter() - t0,
-                               on_workers)
+                               on_workers, armed=armed)
         staged.expiry = asyncio.get_running_loop().call_later(
             self.staged_ttl_s, lambda: self._background.spawn(self.discard(staged.stage_id), name="staged-expiry"))
         self._staged[staged.stage_id] = staged
@@ -391,20 +398,26 @@ class LoraController:
             self._slot_plan = SlotPlanResponse(plan=plan, digest=plan_digest(plan) if plan is not None else None)
         return self._slot_plan
 
-    async def _stage_on_workers(self, name: str, lora_id: int, engine_name: str, real: str, source: str) -> None:
+    def _can_arm(self) -> bool:
+        """Whether versions may be armed: switched on, and one worker (several would each flip at their own next
+        step, which need not be the same one), known through the stage channel."""
+        return self.armed_flips and self.channel is not None and len(self.channel.workers) == 1
+
+    async def _stage_on_workers(self, name: str, lora_id: int, engine_name: str, real: str, source: str,
+                                arm: bool = False) -> None:
         with self.channel.expect(lora_id) if self.channel is not None else contextlib.nullcontext() as expected:
-            await self._stage_and_wait(name, lora_id, engine_name, real, source, expected)
+            await self._stage_and_wait(name, lora_id, engine_name, real, source, expected, arm)
 
     async def _stage_and_wait(self, name: str, lora_id: int, engine_name: str, real: str, source: str,
-                              expected: Expected | None) -> None:
+                              expected: Expected | None, arm: bool = False) -> None:
         """Every ``collective_rpc`` is answered by the engine core between two steps. With a stage
         channel the command goes to the workers directly and their notices say when it is done, so
         the engine's loop is not involved; the workers are asked only if the notices are late."""
         channel = self.channel
-        command = StageCommand(lora_int_id=lora_id, lora_name=engine_name, lora_path=real, source=source)
+        command = StageCommand(lora_int_id=lora_id, lora_name=engine_name, lora_path=real, source=source, arm=arm)
         direct = channel is not None and channel.direct and channel.send(command)
         if not direct:
-            await compat.stage_lora(self.engine, lora_id, engine_name, real, source)
+            await compat.stage_lora(self.engine, lora_id, engine_name, real, source, arm)
         deadline = time.monotonic() + self.stage_timeout_s
         while True:
             outcome, heard = None, False
@@ -422,7 +435,7 @@ class LoraController:
                 statuses = await compat.stage_status(self.engine, lora_id, real)
                 if direct and NOT_STAGED in statuses:  # a command datagram was lost: send it the engine's way
                     direct = False
-                    await compat.stage_lora(self.engine, lora_id, engine_name, real, source)
+                    await compat.stage_lora(self.engine, lora_id, engine_name, real, source, arm)
                     continue
                 failed = [st for st in statuses if st not in (None, "ok")]
                 outcome = failed[0] if failed else "ok" if all(st == "ok" for st in statuses) else None
@@ -499,8 +512,27 @@ class LoraController:
             return old, 0, 0.0  # a retried create of what is already there: nothing to do
         if old is not None and not load_inplace:
             raise LoraError(409, f"LoRA '{name}' is already loaded; pass load_inplace=true to replace it", "lora_name")
-        staged = await self.stage(name, real, mode=mode)
+        return await self.update(name, real, mode=mode)
+
+    async def update(self, name: str, path: str, *, mode: str = "abort", load_from: str | None = None,
+                     off_loop: bool | None = None) -> tuple[TenantAdapter, int, float]:
+        """:meth:`stage`, then :meth:`commit` (one server's whole sync). An in-place version of a
+        tenant is staged and committed under the tenant's lock, so that it can be armed: nothing
+        else changes the tenant between the worker arming it and the commit recording it."""
+        if mode == "inplace" and name in self.tenants and self._can_arm():
+            async with self._lock(name):
+                staged = await self.stage(name, path, mode=mode, load_from=load_from, off_loop=off_loop, arm=True)
+                return await self._flip(self._take_staged(staged.stage_id))
+        staged = await self.stage(name, path, mode=mode, load_from=load_from, off_loop=off_loop)
         return await self.commit(staged.stage_id)
+
+    def _take_staged(self, stage_id: str) -> StagedAdapter:
+        staged = self._staged.pop(stage_id, None)
+        if staged is None:
+            raise LoraError(404, f"stage_id '{stage_id}' is unknown (never staged, expired or already used)", "stage_id")
+        if staged.expiry is not None:
+            staged.expiry.cancel()
+        return staged
 
     async def commit(self, stage_id: str) -> tuple[TenantAdapter, int, float]:
         """Flip a tenant to a staged version. Returns (adapter, aborted, seconds the engine spent).
@@ -508,56 +540,58 @@ class LoraController:
         ``abort``: the new version is registered beside the old one, then in one loop step the tenant's
         name points at it and every request still on the old version is aborted (its client continues
         it on the new weights). ``inplace``: one in-place engine load under the same engine id;
-        running requests pick the new weights up mid-generation.
+        running requests pick the new weights up mid-generation; an armed version is flipped in by
+        the worker before its next step (the engine's loop sees no call).
         """
-        staged = self._staged.pop(stage_id, None)
-        if staged is None:
-            raise LoraError(404, f"stage_id '{stage_id}' is unknown (never staged, expired or already used)", "stage_id")
-        if staged.expiry is not None:
-            staged.expiry.cancel()
+        staged = self._take_staged(stage_id)
+        async with self._lock(staged.name):
+            return await self._flip(staged)
+
+    async def _flip(self, staged: StagedAdapter) -> tuple[TenantAdapter, int, float]:
+        """:meth:`commit`'s work, the tenant's lock held."""
         name, real = staged.name, staged.path
-        async with self._lock(name):
-            old = self.tenants.get(name)
-            t0 = time.perf_counter()
-            if old is not None and staged.mode == "inplace" and old.lora_id == staged.lora_id:
+        old = self.tenants.get(name)
+        t0 = time.perf_counter()
+        if old is not None and staged.mode == "inplace" and old.lora_id == staged.lora_id:
+            if not staged.armed:
                 await self._engine_add(staged.request, name)
-                load_s = time.perf_counter() - t0
-                new = TenantAdapter(name, old.version + 1, old.lora_id, real,
-                                    compat.make_lora_request(old.engine_name, old.lora_id, real), staged.staging_s)
-                self.tenants[name] = new
-                self._free_upload(old.path)
-                await self._changed(name, real)
-                return new, 0, load_s
-            request = staged.request
-            if getattr(request, "load_inplace", False):  # staged in place, but the tenant changed since
-                if staged.on_workers:
-                    await compat.discard_staged(self.engine, staged.lora_id)
-                self._free_upload(staged.path)
-                raise LoraError(409, f"LoRA '{name}' changed since this version was staged in place", "stage_id")
-            engine_name = request.lora_name
-            await self._engine_add(request, name)
             load_s = time.perf_counter() - t0
-            new = TenantAdapter(name, (old.version + 1) if old else 1, staged.lora_id, real, request, staged.staging_s)
-            # --- one loop step: flip the name, sweep the old version's requests
-            self._by_engine_name[engine_name] = name
+            new = TenantAdapter(name, old.version + 1, old.lora_id, real,
+                                compat.make_lora_request(old.engine_name, old.lora_id, real), staged.staging_s)
             self.tenants[name] = new
-            aborted = 0
-            if old is not None:
-                self._retiring[old.lora_id] = old
-                ids = self._abort_sweep(name, old.lora_id)
-                aborted = len(ids)
-                # ---
-                await compat.abort_internal(self.engine, ids)
-                if not any(a.lora_id == old.lora_id for a in self._rt(name).admissions):
-                    # not awaited: the engine answers it between two steps, and the new version serves
-                    # already (under load that wait was a step, ~20 ms at 8B, on every sync's reply);
-                    # the task sends it on the loop's next turn, ahead of any later sync's calls
-                    self._background.spawn(self._remove_engine_lora(old.lora_id), name=f"remove-lora-{old.lora_id}")
-            else:  # a new tenant: its name goes into vLLM's model list (later versions keep the name)
-                await self._list_name(new)
-            logger.info("LoRA %s -> v%d (%s), %d requests moved to the new version", name, new.version, real, aborted)
+            self._free_upload(old.path)
             await self._changed(name, real)
-            return new, aborted, load_s
+            return new, 0, load_s
+        request = staged.request
+        if getattr(request, "load_inplace", False):  # staged in place, but the tenant changed since
+            if staged.on_workers:
+                await compat.discard_staged(self.engine, staged.lora_id)
+            self._free_upload(staged.path)
+            raise LoraError(409, f"LoRA '{name}' changed since this version was staged in place", "stage_id")
+        engine_name = request.lora_name
+        await self._engine_add(request, name)
+        load_s = time.perf_counter() - t0
+        new = TenantAdapter(name, (old.version + 1) if old else 1, staged.lora_id, real, request, staged.staging_s)
+        # --- one loop step: flip the name, sweep the old version's requests
+        self._by_engine_name[engine_name] = name
+        self.tenants[name] = new
+        aborted = 0
+        if old is not None:
+            self._retiring[old.lora_id] = old
+            ids = self._abort_sweep(name, old.lora_id)
+            aborted = len(ids)
+            # ---
+            await compat.abort_internal(self.engine, ids)
+            if not any(a.lora_id == old.lora_id for a in self._rt(name).admissions):
+                # not awaited: the engine answers it between two steps, and the new version serves
+                # already (under load that wait was a step, ~20 ms at 8B, on every sync's reply);
+                # the task sends it on the loop's next turn, ahead of any later sync's calls
+                self._background.spawn(self._remove_engine_lora(old.lora_id), name=f"remove-lora-{old.lora_id}")
+        else:  # a new tenant: its name goes into vLLM's model list (later versions keep the name)
+            await self._list_name(new)
+        logger.info("LoRA %s -> v%d (%s), %d requests moved to the new version", name, new.version, real, aborted)
+        await self._changed(name, real)
+        return new, aborted, load_s
 
     async def unload(self, name: str) -> None:
         adapter = self.require(name)

@@ -249,9 +249,8 @@ def build_router() -> APIRouter:
                 ctl.require(body.lora_name)
             if body.load_from is None and body.off_loop is None:
                 return await ctl.load(body.lora_name, body.lora_path, load_inplace=True, mode=body.mode)
-            staged = await ctl.stage(body.lora_name, body.lora_path, mode=body.mode, load_from=body.load_from,
-                                     off_loop=body.off_loop)
-            return await ctl.commit(staged.stage_id)
+            return await ctl.update(body.lora_name, body.lora_path, mode=body.mode, load_from=body.load_from,
+                                    off_loop=body.off_loop)
         return await swapped(ctl, swap())
 
     @router.post("/stage_lora", response_model=StageLoraResponse)

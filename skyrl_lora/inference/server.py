@@ -78,6 +78,10 @@ class ServerSettings(BaseModel):
     check_processes: int = Field(1, ge=0, le=8, description="processes that check adapters (shapes, NaN/Inf) before "
                                  "staging; 0 = a thread of the server's process, where reading a large adapter holds "
                                  "the interpreter lock every tenant's token stream needs (adapter_check.AdapterChecker)")
+    armed_flips: bool = Field(True, description="an in-place sync (sync_mode 'inplace') of a tenant on a one-GPU server "
+                              "is flipped in by the worker before its next step once staged, instead of by the "
+                              "engine's add_lora round trip after it (3-4 ms idle at 8B on an H200, more under load); "
+                              "False = that round trip (the old way, for benchmarks)")
     restore_wait_s: float = Field(10.0, ge=0, le=600, description="on a restart, how long to wait for a version "
                                   "the manifest names whose durable copy is still being written (the trainer writes it "
                                   "after save_weights_for_sampler returns, ~0.3 s at 8B) before giving that tenant up")
@@ -266,7 +270,8 @@ class EmbeddedVLLMServer:
                                             stage_off_loop=self.config.stage_off_loop,
                                             on_change=manifest.record if manifest else None,
                                             uploads=uploads, node=node_identity(), channel=channel,
-                                            checker=AdapterChecker(self.config.check_processes))
+                                            checker=AdapterChecker(self.config.check_processes),
+                                            armed_flips=self.config.armed_flips)
                 stack.callback(controller.checker.close)
                 # vLLM's routes get the engine through the controller's gate (see GatedEngineClient)
                 gated = controller.engine_client()
@@ -383,6 +388,21 @@ class EmbeddedVLLMServer:
         if self.engine is None:
             raise SkyrlError(503, "the server is not started", None)
         return await compat.stage_timings(self.engine)
+
+    async def flip_log(self) -> list[dict[str, Any]]:
+        """The workers' recent armed flips: armed and applied (``time.monotonic``), and the position
+        of the token each request made in the first step on the new version (``vllm_compat.worker``)."""
+        from skyrl_lora.inference import vllm_compat as compat
+
+        if self.engine is None:
+            raise SkyrlError(503, "the server is not started", None)
+        return await compat.flip_log(self.engine)
+
+    def set_armed_flips(self, on: bool) -> None:
+        """Switch armed flips on or off while running (benchmarks compare both in one run)."""
+        if self.controller is None:
+            raise SkyrlError(503, "the server is not started", None)
+        self.controller.armed_flips = on
 
     async def share_weights(self, path: str) -> dict[str, Any]:
         """Hand out this server's base weights for a colocated trainer (CUDA IPC handles written to

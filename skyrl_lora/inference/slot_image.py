@@ -217,22 +217,25 @@ def _plan_order(plan: BuildPlan, layout: tuple[tuple[str, tuple[int, ...]], ...]
     return order if offset == plan.numel else None
 
 
-def assemble(plan: BuildPlan, tensors: Mapping[str, Any] | FlatWeights, scaling: float) -> tuple[Any, list[list[int]]]:
+def assemble(plan: BuildPlan, tensors: Mapping[str, Any] | FlatWeights, scaling: float,
+             out: Any = None) -> tuple[Any, list[list[int]]]:
     """The flat image of ``tensors`` (peft names) on their device, and each entry's source shape.
     The builder's operations (``slot_builder.build_image``: cast to the slot dtype, then ``lora_B``
     times the scaling in that dtype, in the top-left corner of a zeroed slot), so the same bits; the
     cast happens in the copy into the slot, and only padding and absent slots are zeroed. Slots a
     tensor fills whole (every slot, where the adapter's rank is the server's) are copied and scaled
     by multi-tensor kernels: one launch per kind of work instead of one per tensor; from
-    :class:`FlatWeights` that fill every slot whole, with no view made per tensor either."""
+    :class:`FlatWeights` that fill every slot whole, with no view made per tensor either. ``out``:
+    a flat buffer of the plan's size, dtype and device to write the image into (else a new one)."""
     import torch
 
     if isinstance(tensors, FlatWeights):
         order = _whole_order(plan, tensors.layout)
         if order is None:
-            return assemble(plan, tensors.named(), scaling)
-        image = torch.empty(plan.numel, dtype=getattr(torch, plan.dtype), device=tensors.flat.device)
-        parts, segments = image.split(order.sizes), tensors.segments()  # type: ignore[no-untyped-call]
+            return assemble(plan, tensors.named(), scaling, out)
+        image = out if out is not None else torch.empty(plan.numel, dtype=getattr(torch, plan.dtype),
+                                                          device=tensors.flat.device)
+        parts, segments = image.split(order.sizes), tensors.segments()
         torch._foreach_copy_([parts[k] for k in order.filled], [segments[i] for i in order.sources])
         if order.scaled and scaling != 1:
             torch._foreach_mul_([parts[k] for k in order.scaled], scaling)
@@ -244,7 +247,7 @@ def assemble(plan: BuildPlan, tensors: Mapping[str, Any] | FlatWeights, scaling:
     if set(tensors) - planned:
         raise ImageUnfit(f"tensors the plan has no slot for: {sorted(set(tensors) - planned)[:4]}")
     device = next(iter(tensors.values())).device if tensors else torch.device("cpu")
-    image = torch.empty(plan.numel, dtype=dtype, device=device)
+    image = out if out is not None else torch.empty(plan.numel, dtype=dtype, device=device)
     shapes: list[list[int]] = []
     whole_slots: list[Any] = []
     whole_sources: list[Any] = []
@@ -292,17 +295,22 @@ def write_image(out_dir: Path, plan: BuildPlan, tensors: Mapping[str, Any] | Fla
 
 
 def share_image(out_dir: Path, plan: BuildPlan, tensors: Mapping[str, Any] | FlatWeights, scaling: float,
-                device_uuid: str) -> tuple[ImageManifest, Any]:
-    """Lay the image out on the tensors' GPU and describe it for a worker on that GPU (``cuda_ipc``)
-    in the manifest written to ``out_dir``. Returns the manifest and the image, which the caller keeps
-    alive until every worker has copied it (the sync has returned)."""
+                device_uuid: str, out: Any = None) -> tuple[ImageManifest, Any]:
+    """Lay the image out on the tensors' GPU (into ``out``, a buffer from :class:`ShareBuffers`, where
+    given) and describe it for a worker on that GPU (``cuda_ipc``) in the manifest written to
+    ``out_dir``. Returns the manifest and the image, which the caller keeps alive until every worker
+    has copied it (the sync has returned). The image is complete when this returns: a worker that
+    still has this buffer mapped from an earlier version reads it without opening the handle again,
+    and so without waiting for the IPC event that comes with it."""
     import base64
 
+    import torch
     from torch.multiprocessing.reductions import reduce_tensor
 
-    image, shapes = assemble(plan, tensors, scaling)
+    image, shapes = assemble(plan, tensors, scaling, out)
     if image.device.type != "cuda":
         raise ImageUnfit("the weights are not on a GPU: nothing to share by CUDA IPC")
+    torch.cuda.current_stream(image.device).synchronize()
     _, args = reduce_tensor(image)  # type: ignore[no-untyped-call]  # torch leaves it unannotated
     (_, _, _, offset, _, _, device, handle, size, storage_offset, _, ref_handle, ref_offset, event, sync) = args
 
@@ -314,6 +322,31 @@ def share_image(out_dir: Path, plan: BuildPlan, tensors: Mapping[str, Any] | Fla
                        ref_counter_offset=ref_offset, event_handle=b64(event) if event else None,
                        event_sync_required=bool(sync), tensor_offset=offset)
     return _write_manifest(out_dir, plan, scaling, shapes, ipc), image
+
+
+class ShareBuffers:
+    """The colocated trainer's image buffers, reused version after version: a worker keeps each
+    mapped (``vllm_compat.worker``), so a version costs it no ``cudaIpcOpenMemHandle`` (which under
+    the engine's load took about a step at 8B on the H200). A buffer is lent for one publication and
+    given back once every server has copied it; one whose publication failed is dropped (a worker
+    may still be reading it). Thread-safe: exports run on the trainer's thread, syncs on its loop."""
+
+    def __init__(self) -> None:
+        self._free: list[Any] = []
+        self._lock = threading.Lock()
+
+    def take(self, numel: int, dtype: Any, device: Any) -> Any:
+        import torch
+
+        with self._lock:
+            for i, buf in enumerate(self._free):
+                if buf.numel() == numel and buf.dtype == dtype and buf.device == device:
+                    return self._free.pop(i)
+        return torch.empty(numel, dtype=dtype, device=device)
+
+    def give_back(self, buf: Any) -> None:
+        with self._lock:
+            self._free.append(buf)
 
 
 def _write_manifest(out_dir: Path, plan: BuildPlan, scaling: float, shapes: list[list[int]],

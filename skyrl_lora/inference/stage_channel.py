@@ -43,6 +43,7 @@ class StageCommand(BaseModel):
     lora_name: str
     lora_path: str
     source: str
+    arm: bool = False  # an in-place version: flipped in before the worker's next step once staged
 
 
 class StageNotice(BaseModel):

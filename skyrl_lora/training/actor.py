@@ -225,15 +225,16 @@ class TrainerActor:
         export_s = time.perf_counter() - t_export
         persist = functools.partial(self.trainer.persist_tensors, export, tensors)
         try:
-            return await self._sync(client, tenant, self.trainer.durable_path(export), export, persist,
-                                    self.trainer.steps.get(tenant, 0), export_s)
+            synced = await self._sync(client, tenant, self.trainer.durable_path(export), export, persist,
+                                      self.trainer.steps.get(tenant, 0), export_s)
         except SkyrlError:
             if share_on is not None:
                 logger.warning("publishing by a GPU copy failed; versions go through shared memory from now on")
                 self._gpu_copies = False
-            raise
-        finally:
-            del image  # every server has copied it, or given up
+            raise  # the image is dropped, not reused: a worker may still be reading it
+        if image is not None:  # every server has copied it: the next version is written into it
+            self.trainer.share_buffers.give_back(image)
+        return synced
 
     async def _sync(self, client: RemoteInferenceClient, tenant: str, path: Path, load_from: Path | None,
                     persist: Callable[[], Path] | None, step: int, export_s: float) -> SamplerWeights:

@@ -25,7 +25,7 @@ import torch
 from skyrl_lora.errors import SkyrlError
 from skyrl_lora.inference.protocol import LORA_NAME_PATTERN
 from skyrl_lora.inference.slot_builder import BuildPlan
-from skyrl_lora.inference.slot_image import FlatWeights, share_image, write_image
+from skyrl_lora.inference.slot_image import FlatWeights, ShareBuffers, share_image, write_image
 from skyrl_lora.training.adapters import AdapterSlots, Slot
 from skyrl_lora.training.batching import collate
 from skyrl_lora.training.config import TrainerConfig
@@ -91,6 +91,7 @@ class MultiTenantTrainer:
         # where a shared base comes from (config.base_weights): the actor maps the server's GPU weights
         self.weights_source: Callable[[], SharedBase] | None = None
         self.shared: SharedBase | None = None
+        self.share_buffers = ShareBuffers()  # images left on the GPU for the one server to copy (export_image)
 
     # ------------------------------------------------------------------ base model
     def load(self) -> None:
@@ -313,8 +314,9 @@ class MultiTenantTrainer:
         scaling = spec.alpha / spec.rank
         shared: list[torch.Tensor] = []
         if share_on is not None:
-            out = self._new_export(tenant, name, root,
-                                   lambda d: shared.append(share_image(d, plan, tensors, scaling, share_on)[1]))
+            buffer = self.share_buffers.take(plan.numel, dtype, tensors.flat.device)
+            out = self._new_export(tenant, name, root, lambda d: shared.append(
+                share_image(d, plan, tensors, scaling, share_on, out=buffer)[1]))
         else:
             out = self._new_export(tenant, name, root, lambda d: write_image(d, plan, tensors, scaling))
         return out, tensors, shared[0] if shared else None

