@@ -11,7 +11,10 @@ token's own cost), and when the durable copy is on disk (written after the call 
 requests in flight: with an armed flip the worker names each request's first token on the new
 version, and its arrival here is timed, one clock for every process of the host) and ``loaded``
 (every other tenant keeps ``--streams`` requests in flight); ``-addlora``: armed flips off (the flip
-is the engine's add_lora round trip), side by side in the same run.
+is the engine's add_lora round trip), side by side in the same run. Each publication is also lined
+up hop by hop (``HOPS``: the call's dispatch to the trainer, its export, the request to the server,
+the server's checks, the command to the worker, the worker's copy up to arming, the notice back,
+the commit, the reply, the call's return) from the stamps the trainer, server and worker leave.
 
     python -m bench.publish_latency --num-gpus 1 --tenants 4 --streams 8 --publishes 8   # H200
 """
@@ -106,6 +109,32 @@ async def _first_new_token(server: Any, logged: int, streams: list[TokenStream],
     return {**out, "inflight_first_new_token_ms": 1e3 * (min(arrivals) - t0)}
 
 
+# a publication's hops end to end, each (name, from, to) over the stamps of ``_stamps``
+HOPS = (("dispatch", "t0", "called"), ("export", "called", "exported"), ("to_server", "exported", "received"),
+        ("checks", "received", "checked"), ("to_worker", "checked", "worker_received"),
+        ("worker_copy", "worker_received", "armed"), ("notice", "armed", "staged"), ("commit", "staged", "flipped"),
+        ("reply", "flipped", "synced"), ("return", "synced", "returned"))
+
+
+def _stamps(t0: float, returned: float, saved: Any, flip: dict[str, Any] | None) -> dict[str, float]:
+    """Every stamp a publication left (``time.monotonic``: the bench, trainer, server and worker share
+    the host's clock): the call, the trainer's, the server's (``SyncTimeline``) and the worker's."""
+    stamps = {"t0": t0, "returned": returned}
+    timeline = saved.timeline
+    if timeline is not None:
+        stamps.update(called=timeline.called, exported=timeline.exported, synced=timeline.synced)
+        if timeline.server is not None:
+            stamps.update({k: v for k, v in timeline.server.model_dump().items() if v is not None})
+    if flip is not None:
+        stamps.update(worker_received=flip["received_at"], armed=flip["armed_at"], applied=flip["applied_at"])
+    return stamps
+
+
+def _hops_ms(stamps: dict[str, float]) -> dict[str, float]:
+    """Each hop of ``HOPS`` whose two stamps are there, in ms."""
+    return {f"hop_{name}_ms": 1e3 * (stamps[b] - stamps[a]) for name, a, b in HOPS if a in stamps and b in stamps}
+
+
 def _gaps_ms(streams: list[TokenStream], since: float) -> list[float]:
     return [1e3 * (b - a) for s in streams for a, b in zip(s.arrivals, s.arrivals[1:]) if a >= since]
 
@@ -128,7 +157,8 @@ async def _publishes(client: Any, trainer: Any, server: Any, prompt_ids: list[in
         logged = len(await server.flip_log.remote())
         t0 = time.monotonic()
         saved = await trainer.save_weights_for_sampler.remote(TRAINEE, f"v{i}")
-        returned = time.monotonic() - t0
+        returned_at = time.monotonic()
+        returned = returned_at - t0
         inflight = await _first_new_token(server, logged, streams, len(prompt_ids), t0) if streams is not None else {}
         after = await server.stage_timings.remote()
         t1 = time.monotonic()
@@ -139,6 +169,9 @@ async def _publishes(client: Any, trainer: Any, server: Any, prompt_ids: list[in
         again = time.monotonic() - t2
         await trainer.durable.remote(saved.path)
         durable = time.monotonic() - t0
+        # an armed flip is applied at the next step or adapter call: the requests above made one
+        path = str(Path(saved.path).resolve())
+        flip = next((e for e in (await server.flip_log.remote())[logged:] if e["lora_path"] == path), None)
         out.append({"export_ms": 1e3 * saved.export_s, "sync_ms": 1e3 * saved.sync_s,
                     # inside the sync: the server's check and staging, and the flip's add_lora round trip
                     "staging_ms": 1e3 * (saved.staging_s or 0.0), "flip_ms": 1e3 * (saved.flip_s or 0.0),
@@ -148,6 +181,7 @@ async def _publishes(client: Any, trainer: Any, server: Any, prompt_ids: list[in
                     "save_to_first_token_ms": 1e3 * (returned + first),
                     "token_again_ms": 1e3 * again, "durable_after_ms": 1e3 * durable,
                     **{k: v for k, v in inflight.items() if k != "note"},
+                    **_hops_ms(_stamps(t0, returned_at, saved, flip)),
                     "notes": [inflight["note"]] if "note" in inflight else [],
                     # the worker's own time for what it did (gpu_copy, prebuilt, load, flip), ms
                     "worker": {k: sum(v[len(before.get(k, [])):]) for k, v in after.items()
@@ -247,7 +281,7 @@ def plot(result: dict[str, Any], png: Path) -> None:
 
     s = result["summary"]
     parts = ("export_ms_p50", "sync_ms_p50", "first_token_ms_p50")
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (ax, hops) = plt.subplots(1, 2, figsize=(12, 4))
     bottom = [0.0] * len(s)
     for part in parts:
         values = [s[n][part] for n in s]
@@ -262,6 +296,13 @@ def plot(result: dict[str, Any], png: Path) -> None:
     ax.axhline(10, color="r", lw=0.8, ls="--")
     ax.set_ylabel("save_weights_for_sampler -> first token, ms (p50)")
     ax.legend()
+    bottom = [0.0] * len(s)  # the call's hops, trainer to worker and back (HOPS), each its own p50
+    for name, _, _ in HOPS:
+        values = [s[n].get(f"hop_{name}_ms_p50", 0.0) for n in s]
+        hops.bar(list(s), values, bottom=bottom, label=name)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    hops.set_ylabel("save_weights_for_sampler's hops, ms (p50 each)")
+    hops.legend(fontsize=7)
     common.finish_figure(fig, png, f"{result['machine']}: 8B-shape, rank {result['config']['rank']}, colocated trainer")
 
 

@@ -251,7 +251,12 @@ async def test_an_inplace_version_is_armed_and_flips_before_the_next_step(vllm_s
         (s,) = await client.sample(prompt, {"max_tokens": 3, **GREEDY}, name)
         assert s.token_ids == [woof] * 3
         log = await actor.flip_log.remote()
-        assert len(log) == logged + 1 and log[-1]["applied_at"] >= log[-1]["armed_at"]
+        assert len(log) == logged + 1 and log[-1]["applied_at"] >= log[-1]["armed_at"] >= log[-1]["received_at"]
+        # the sync's timeline: the server told the worker after its checks and heard back after the
+        # worker armed it (one clock for the host's processes)
+        t = resp.timeline
+        assert t is not None and t.received is not None and t.checked is not None and t.staged is not None, t
+        assert t.received <= t.checked <= log[-1]["received_at"] <= log[-1]["armed_at"] <= t.staged <= t.flipped, (t, log[-1])
         # applied before the new request's prefill: its first token is the new version's
         assert list(log[-1]["made_positions"].values()) == [len(prompt)]
 
@@ -314,6 +319,10 @@ async def test_trainer_publishes_through_shared_memory_and_keeps_a_durable_copy(
         await trainer.durable.remote(saved2.path)
         (lora,) = await _tenant(client, "shm-tenant")
         assert lora.version == 2 and lora.path == str(Path(saved2.path).resolve())
+        # the publication lined up end to end, trainer and server on the host's one clock
+        t = saved2.timeline
+        assert t is not None and t.server is not None and None not in (t.server.received, t.server.checked), t
+        assert t.called <= t.exported <= t.server.received <= t.server.checked <= t.server.flipped <= t.synced, t
         # published as the server's ready slot image (nothing built or loaded there) ...
         after = ray.get(vllm_server.actor.stage_timings.remote(), timeout=60)
         assert {k: len(after[k]) - len(before.get(k, [])) for k in ("prebuilt_ms", "load_ms", "build_ms")} == \

@@ -79,7 +79,12 @@ def read_adapter_config(path: Path) -> dict[str, Any]:
 
 def check_adapter_config(path: Path, shape: ModelShape | None, max_rank: int | None) -> tuple[int, list[str]]:
     """Rank and target modules of ``adapter_config.json``; returns them. Raises AdapterCheckError."""
-    config = read_adapter_config(path)
+    return validate_adapter_config(path, read_adapter_config(path), shape, max_rank)
+
+
+def validate_adapter_config(path: Path, config: dict[str, Any], shape: ModelShape | None,
+                            max_rank: int | None) -> tuple[int, list[str]]:
+    """:func:`check_adapter_config` of a config already read from ``path``."""
     rank = config.get("r")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise AdapterCheckError(path, f"adapter_config.json r={rank!r} is not a positive integer")

@@ -38,11 +38,11 @@ from skyrl_lora.inference.adapter_check import (
     AdapterChecker,
     AdapterCheckError,
     ModelShape,
-    check_adapter_config,
     read_adapter_config,
+    validate_adapter_config,
 )
 from skyrl_lora.inference.gate import PauseGates
-from skyrl_lora.inference.protocol import LoraInfo, ServerState, SlotPlanResponse
+from skyrl_lora.inference.protocol import LoraInfo, ServerState, SlotPlanResponse, SyncTimeline
 from skyrl_lora.inference.slot_builder import BuildPlan
 from skyrl_lora.inference.slot_image import ImageManifest, plan_digest, read_manifest
 from skyrl_lora.inference.stage_channel import NOT_STAGED, Expected, ServerStageChannel, StageCommand
@@ -67,6 +67,7 @@ class TenantAdapter:
     path: str
     engine_request: Any  # LoRARequest (plain, never load_inplace) that new requests carry
     staging_s: float = 0.0  # checking and loading this version before its flip
+    timeline: SyncTimeline | None = None  # when its sync's parts happened (this host's time.monotonic)
 
     @property
     def engine_name(self) -> str:
@@ -87,6 +88,8 @@ class StagedAdapter:
     on_workers: bool  # loaded on the workers already (False: the engine loads it at the flip)
     expiry: asyncio.TimerHandle | None = None
     armed: bool = False  # the worker flips it in before its next step (no add_lora at the commit)
+    checked_at: float | None = None  # time.monotonic() when its checks were done (SyncTimeline)
+    staged_at: float | None = None  # ... and when every worker had staged it
 
 
 @dataclass(eq=False)
@@ -331,6 +334,25 @@ class LoraController:
             raise LoraError(exc.status, exc.message, exc.field) from exc
         return str(real)
 
+    def _read_version(self, path: str, load_from: str | None, max_rank: int | None
+                      ) -> tuple[str, str, ImageManifest | None]:
+        """(path, where to read it now, its slot image manifest or None for peft files) of a version
+        :meth:`stage` was given, each path resolved inside the adapter roots and the adapter config
+        read once (a missing or unreadable one is refused before anything else; an image's is
+        checked whole). Blocking: runs off the loop. Raises LoraError naming ``lora_path``."""
+        real = self._check_path(path, must_exist=False)
+        source = self._check_path(load_from, must_exist=False) if load_from is not None else real
+        try:
+            config = read_adapter_config(Path(source))
+            manifest = read_manifest(Path(source))
+            if manifest is not None:
+                validate_adapter_config(Path(source), config, self._model_shape, max_rank)
+        except ValueError as exc:
+            raise LoraError(400, f"lora_path '{source}': {exc}", "lora_path") from exc
+        except AdapterCheckError as exc:
+            raise LoraError(exc.status, exc.message, exc.field) from exc
+        return real, source, manifest
+
     # ------------------------------------------------------------------ staging (off the engine loop)
     async def stage(self, name: str, path: str, *, mode: str = "abort", load_from: str | None = None,
                     off_loop: bool | None = None, upload_id: str | None = None, arm: bool = False) -> StagedAdapter:
@@ -346,18 +368,11 @@ class LoraController:
                 path = str(self._upload_store().path(upload_id))
             except SkyrlError as exc:
                 raise LoraError(exc.status, exc.message, exc.field) from exc
-        real = self._check_path(path, must_exist=load_from is None)
-        source = self._check_path(load_from) if load_from is not None else real
         t0 = time.perf_counter()
         max_rank = getattr(self._lora_cfg, "max_lora_rank", None)
-        try:
-            # a ready slot image's shape is the plan's, and the workers check its values: its config
-            # is checked in the same trip off the loop
-            manifest = await asyncio.to_thread(_read_image_manifest, Path(source), self._model_shape, max_rank)
-        except ValueError as exc:
-            raise LoraError(400, f"lora_path '{source}': {exc}", "lora_path") from exc
-        except AdapterCheckError as exc:
-            raise LoraError(exc.status, exc.message, exc.field) from exc
+        # the paths, the config and a slot image's manifest in one trip off the loop: a ready image's
+        # shape is the plan's, and the workers check its values, so its config is all there is to check
+        real, source, manifest = await asyncio.to_thread(self._read_version, path, load_from, max_rank)
         try:
             if manifest is None:
                 await self.checker.check(Path(source), self._model_shape, max_rank)
@@ -375,16 +390,19 @@ class LoraController:
             engine_name = self._engine_name(name, lora_id)
             request = compat.make_lora_request(engine_name, lora_id, real)
         on_workers = self.stage_off_loop if off_loop is None else off_loop
+        checked_at = time.monotonic()
         if manifest is not None and not on_workers:
             raise LoraError(400, "off_loop: a slot image is staged on the workers; the engine's own load reads "
                             "peft files", "off_loop")
         armed = arm and on_workers and request.load_inplace and self._can_arm()
         if on_workers:
             await self._stage_on_workers(name, lora_id, engine_name, real, source, armed)
+            staged_at: float | None = time.monotonic()
         else:
+            staged_at = None
             request = compat.make_lora_request(engine_name, lora_id, source, load_inplace=request.load_inplace)
         staged = StagedAdapter(new_request_id("stage"), name, real, lora_id, request, mode, time.perf_counter() - t0,
-                               on_workers, armed=armed)
+                               on_workers, armed=armed, checked_at=checked_at, staged_at=staged_at)
         staged.expiry = asyncio.get_running_loop().call_later(
             self.staged_ttl_s, lambda: self._background.spawn(self.discard(staged.stage_id), name="staged-expiry"))
         self._staged[staged.stage_id] = staged
@@ -440,12 +458,12 @@ class LoraController:
                 failed = [st for st in statuses if st not in (None, "ok")]
                 outcome = failed[0] if failed else "ok" if all(st == "ok" for st in statuses) else None
             if outcome is not None and outcome != "ok":
-                await compat.discard_staged(self.engine, lora_id)
+                await compat.discard_staged(self.engine, lora_id, real)
                 raise LoraError(400, f"lora_path: LoRA '{name}' failed to load from '{source}': {outcome}", "lora_path")
             if outcome == "ok":
                 return
             if time.monotonic() > deadline:
-                await compat.discard_staged(self.engine, lora_id)
+                await compat.discard_staged(self.engine, lora_id, real)
                 raise LoraError(504, f"lora_path: staging '{real}' took over {self.stage_timeout_s:.0f} s", "lora_path")
             if expected is None:
                 await asyncio.sleep(STAGE_POLL_S)
@@ -458,7 +476,7 @@ class LoraController:
         if staged.expiry is not None:
             staged.expiry.cancel()
         if staged.on_workers:
-            await compat.discard_staged(self.engine, staged.lora_id)
+            await compat.discard_staged(self.engine, staged.lora_id, staged.path)
         self._free_upload(staged.path)
         return True
 
@@ -557,7 +575,8 @@ class LoraController:
                 await self._engine_add(staged.request, name)
             load_s = time.perf_counter() - t0
             new = TenantAdapter(name, old.version + 1, old.lora_id, real,
-                                compat.make_lora_request(old.engine_name, old.lora_id, real), staged.staging_s)
+                                compat.make_lora_request(old.engine_name, old.lora_id, real), staged.staging_s,
+                                _timeline(staged))
             self.tenants[name] = new
             self._free_upload(old.path)
             await self._changed(name, real)
@@ -565,13 +584,14 @@ class LoraController:
         request = staged.request
         if getattr(request, "load_inplace", False):  # staged in place, but the tenant changed since
             if staged.on_workers:
-                await compat.discard_staged(self.engine, staged.lora_id)
+                await compat.discard_staged(self.engine, staged.lora_id, staged.path)
             self._free_upload(staged.path)
             raise LoraError(409, f"LoRA '{name}' changed since this version was staged in place", "stage_id")
         engine_name = request.lora_name
         await self._engine_add(request, name)
         load_s = time.perf_counter() - t0
-        new = TenantAdapter(name, (old.version + 1) if old else 1, staged.lora_id, real, request, staged.staging_s)
+        new = TenantAdapter(name, (old.version + 1) if old else 1, staged.lora_id, real, request, staged.staging_s,
+                            _timeline(staged))
         # --- one loop step: flip the name, sweep the old version's requests
         self._by_engine_name[engine_name] = name
         self.tenants[name] = new
@@ -653,10 +673,6 @@ def new_request_id(prefix: str = "skyrl") -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def _read_image_manifest(source: Path, shape: ModelShape | None, max_rank: int | None) -> ImageManifest | None:
-    """The slot image manifest of ``source`` (None: peft files), with its adapter config checked.
-    Raises ValueError for a broken manifest, AdapterCheckError for a config the server cannot serve."""
-    manifest = read_manifest(source)
-    if manifest is not None:
-        check_adapter_config(source, shape, max_rank)
-    return manifest
+def _timeline(staged: StagedAdapter) -> SyncTimeline:
+    """The sync of ``staged``, flipped now (the route that received it adds when)."""
+    return SyncTimeline(checked=staged.checked_at, staged=staged.staged_at, flipped=time.monotonic())

@@ -201,11 +201,25 @@ class LoraInfo(_Frozen):
     paused_by: dict[str, float]
 
 
+class SyncTimeline(_Frozen):
+    """When one server did each part of a sync, in ``time.monotonic`` of its host (one clock for every
+    process of a Linux host): a publication lined up end to end, trainer to worker
+    (``bench.publish_latency``). None: a part this sync had not (the route's own entry where the
+    controller was called directly; the staging of a version the engine loads at the flip)."""
+
+    received: float | None = Field(None, description="the route began on the request")
+    checked: float | None = Field(None, description="paths, adapter config and slot image manifest checked")
+    staged: float | None = Field(None, description="every worker reported it staged (armed: it serves from the "
+                                 "engine's next step)")
+    flipped: float = Field(description="the tenant's record points at the new version")
+
+
 class LoadLoraResponse(_Frozen):
     lora: LoraInfo
     aborted: int = 0
     load_s: float = Field(0.0, description="the engine's time on it at the flip (every tenant waits for this)")
     staging_s: float = Field(0.0, description="checking and loading it before the flip (nobody waits)")
+    timeline: SyncTimeline | None = None
 
 
 class SlotPlanResponse(_Frozen):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 
@@ -228,11 +229,15 @@ def build_router() -> APIRouter:
 
     async def swapped(ctl: LoraController, swap: Awaitable[tuple[Any, int, float]]) -> Any:
         """The reply of every route that flips a tenant to a new version (or the refusal)."""
+        received = time.monotonic()
         try:
             adapter, aborted, load_s = await swap
         except LoraError as exc:
             return lora_error_response(exc)
-        return LoadLoraResponse(lora=ctl.info(adapter.name), aborted=aborted, load_s=load_s, staging_s=adapter.staging_s)
+        timeline = adapter.timeline  # none of this request's where it flipped nothing (a retried load)
+        timeline = timeline.model_copy(update={"received": received}) if timeline and timeline.flipped >= received else None
+        return LoadLoraResponse(lora=ctl.info(adapter.name), aborted=aborted, load_s=load_s, staging_s=adapter.staging_s,
+                                timeline=timeline)
 
     @router.post("/load_lora_adapter", response_model=LoadLoraResponse)
     async def load_lora_adapter(body: LoadLoraRequest, raw: Request) -> Any:

@@ -37,6 +37,7 @@ from skyrl_lora.training.protocol import (
     ForwardBackwardOutput,
     LoraSpec,
     OptimStepOutput,
+    PublishTimeline,
     SamplerWeights,
     SavedState,
     TenantInfo,
@@ -171,12 +172,13 @@ class TrainerActor:
         Where the servers read it from shared memory, the returned path (the durable copy) is written
         after this returns: :meth:`durable` waits for it.
         """
+        called = time.monotonic()
         client = self._inference()
         publish = self.config.publish_root if client is not None and sync else None
         plan = await self._plan_for_images(client) if client is not None and publish is not None else None
         if plan is not None and client is not None and publish is not None:
             try:
-                return await self._publish_image(client, tenant, name, publish, plan)
+                return await self._publish_image(client, tenant, name, publish, plan, called)
             except ImageUnfit as exc:
                 logger.info("%s is published as files: %s", tenant, exc)
             except SkyrlError as exc:  # e.g. a server restarted with another layout: files once, and ask again
@@ -194,7 +196,8 @@ class TrainerActor:
         # restarted server reloads) is written beside the sync.
         path = self.trainer.durable_path(export) if publish is not None else export
         persist = functools.partial(self.trainer.persist_export, export) if publish is not None else None
-        return await self._sync(client, tenant, path, export if publish is not None else None, persist, step, export_s)
+        return await self._sync(client, tenant, path, export if publish is not None else None, persist, step, export_s,
+                                called)
 
     async def _plan_for_images(self, client: RemoteInferenceClient) -> BuildPlan | None:
         """The slot layout every server shares, where every server is on this node (they read this
@@ -214,7 +217,7 @@ class TrainerActor:
         return self._image_plan
 
     async def _publish_image(self, client: RemoteInferenceClient, tenant: str, name: str, publish: Path,
-                             plan: BuildPlan) -> SamplerWeights:
+                             plan: BuildPlan, called: float) -> SamplerWeights:
         # The colocated trainer (its base is the one server's weights, on this GPU) leaves the image in
         # GPU memory for that server to copy; otherwise it goes through shared memory as a file.
         shared = self.trainer.shared
@@ -226,7 +229,7 @@ class TrainerActor:
         persist = functools.partial(self.trainer.persist_tensors, export, tensors)
         try:
             synced = await self._sync(client, tenant, self.trainer.durable_path(export), export, persist,
-                                      self.trainer.steps.get(tenant, 0), export_s)
+                                      self.trainer.steps.get(tenant, 0), export_s, called)
         except SkyrlError:
             if share_on is not None:
                 logger.warning("publishing by a GPU copy failed; versions go through shared memory from now on")
@@ -237,10 +240,12 @@ class TrainerActor:
         return synced
 
     async def _sync(self, client: RemoteInferenceClient, tenant: str, path: Path, load_from: Path | None,
-                    persist: Callable[[], Path] | None, step: int, export_s: float) -> SamplerWeights:
+                    persist: Callable[[], Path] | None, step: int, export_s: float, called: float) -> SamplerWeights:
         """Stage and flip ``path`` on every server (read from ``load_from`` now, when given), while
         ``persist`` writes the durable copy; that goes on after this returns (``DurableCopies``), and
-        ``load_from`` is removed once both are done."""
+        ``load_from`` is removed once both are done. ``called``: when the publication began
+        (``time.monotonic``), for its timeline."""
+        exported = time.monotonic()
         persisted = self._durable.start(tenant, path, persist) if persist is not None else None
         t0 = time.perf_counter()
         try:
@@ -254,12 +259,15 @@ class TrainerActor:
         except TimeoutError as exc:
             raise SkyrlError(504, f"sync of '{tenant}' into inference took over {self.config.sync_timeout_s} s", "name") from exc
         finally:
-            sync_s = time.perf_counter() - t0
+            sync_s, synced = time.perf_counter() - t0, time.monotonic()
             if load_from is not None:  # every server has read it (or given up); the copy may still need it
                 self._remove_when_copied(load_from, persisted)
+        last = max((r.timeline for r in replies if r.timeline is not None), key=lambda t: t.flipped, default=None)
         return SamplerWeights(tenant=tenant, path=str(path), step=step, synced=True, sync_s=sync_s, export_s=export_s,
                               versions=[r.lora.version for r in replies],
-                              staging_s=max(r.staging_s for r in replies), flip_s=max(r.load_s for r in replies))
+                              staging_s=max(r.staging_s for r in replies), flip_s=max(r.load_s for r in replies),
+                              timeline=PublishTimeline(called=called, exported=exported, synced=synced,
+                                                       server=last))
 
     def _remove_when_copied(self, export: Path, persisted: asyncio.Task[Path] | None) -> None:
         async def remove() -> None:

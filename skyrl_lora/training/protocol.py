@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from skyrl_lora.inference.protocol import LORA_NAME_PATTERN
+from skyrl_lora.inference.protocol import LORA_NAME_PATTERN, SyncTimeline
 from skyrl_lora.lora_targets import PROJECTION_MODULES
 
 TenantId = Annotated[str, Field(pattern=LORA_NAME_PATTERN, description="tenant (LoRA) name")]
@@ -104,6 +104,16 @@ class SavedState(_Frozen):
     nbytes: int
 
 
+class PublishTimeline(_Frozen):
+    """A ``save_weights_for_sampler`` that synced, in ``time.monotonic`` of the trainer's host (which
+    the servers of its node share): the trainer's parts and the last server's (``SyncTimeline``)."""
+
+    called: float
+    exported: float
+    synced: float
+    server: SyncTimeline | None = Field(None, description="the server that flipped last")
+
+
 class SamplerWeights(_Frozen):
     """An adapter directory vLLM can load, and what the sync into inference did with it."""
 
@@ -118,6 +128,7 @@ class SamplerWeights(_Frozen):
     staging_s: float | None = Field(None, description="the slowest server's check and staging, inside sync_s")
     flip_s: float | None = Field(None, description="the slowest server's flip (the engine's add_lora round trip), "
                                  "inside sync_s")
+    timeline: PublishTimeline | None = Field(None, description="when each part happened (benchmarks)")
 
 
 class TierStats(_Frozen):

@@ -299,8 +299,9 @@ async def stage_status(engine: Any, lora_int_id: int, lora_path: str) -> list[st
     return list(await engine.collective_rpc("skyrl_stage_status", args=(lora_int_id, lora_path)))
 
 
-async def discard_staged(engine: Any, lora_int_id: int) -> None:
-    await engine.collective_rpc("skyrl_discard_lora", args=(lora_int_id,))
+async def discard_staged(engine: Any, lora_int_id: int, lora_path: str) -> None:
+    """Drop the staging of ``lora_path`` as ``lora_int_id`` on every worker (only that version's)."""
+    await engine.collective_rpc("skyrl_discard_lora", args=(lora_int_id, lora_path))
 
 
 async def fix_cpu_base_rows(engine: Any) -> bool:

@@ -129,6 +129,7 @@ class ArmedFlip:
     lora: Any
     image: SlotImage | None
     armed_at: float  # time.monotonic(), one clock for every process of the host
+    received_at: float  # when this worker was told to stage it (its command arrived)
 
 
 FLIP_LOG_KEPT = 256
@@ -800,12 +801,18 @@ class LoraStagingWorkerExtension:
             lora_id = flip.request.lora_int_id
             applied_at = time.monotonic()
             state["applying"] = flip
+            error: str | None = None
             try:
-                if not self._skyrl_flip_in_place(flip):
+                try:
+                    done = self._skyrl_flip_in_place(flip)
+                except Exception:  # undone by it: vLLM's own in-place load writes the whole slot again
+                    logger.exception("the in-place flip of LoRA %d failed; vLLM's add_lora instead", lora_id)
+                    done = False
+                if not done:
                     state["add_lora"](flip.request)  # vLLM packs the model: the load hook waits for its views
-            except Exception:  # the tenant keeps serving the version it had; nothing else is touched
+            except Exception as exc:  # the tenant keeps serving the version it had; nothing else is touched
                 logger.exception("the armed flip of LoRA %d (%s) failed", lora_id, flip.request.lora_path)
-                continue
+                error = f"{type(exc).__name__}: {exc}"
             finally:
                 state["applying"] = None
                 with state["lock"]:  # the staging job's result (and its image) is not needed any more
@@ -816,7 +823,8 @@ class LoraStagingWorkerExtension:
             kept.append(1000 * (applied_at - flip.armed_at))
             del kept[:-TIMINGS_KEPT]
             state["flip_log"].append({"lora_int_id": lora_id, "lora_path": flip.request.lora_path,
-                                      "armed_at": flip.armed_at, "applied_at": applied_at,
+                                      "received_at": flip.received_at, "armed_at": flip.armed_at,
+                                      "applied_at": applied_at, "error": error,
                                       "made_positions": _made_positions(scheduler_output)})
         return len(flips)
 
@@ -836,9 +844,14 @@ class LoraStagingWorkerExtension:
         if layout is None or flip.image is None or lora_id not in adapter_manager._registered_adapters:
             return False
         t0 = time.perf_counter()
+        previous = adapter_manager._registered_adapters[lora_id]
         adapter_manager._registered_adapters[lora_id] = flip.lora
         if lora_id in adapter_manager.lora_index_to_id:
-            layout.flip(adapter_manager.lora_index_to_id.index(lora_id), flip.image)
+            try:
+                layout.flip(adapter_manager.lora_index_to_id.index(lora_id), flip.image)
+            except Exception:  # the CPU cache must not hold a version the slot does not
+                adapter_manager._registered_adapters[lora_id] = previous
+                raise
             _record(state, "flip_ms", t0)
         else:
             state["images"][lora_id] = flip.image  # its next activation copies it in (the activator)
@@ -856,7 +869,8 @@ class LoraStagingWorkerExtension:
 
         def activate_adapter(lora_id: int) -> bool:
             image = images.pop(lora_id, None)
-            for done in [i for i, event in host_copies.items() if i != lora_id and event.query()]:
+            # a snapshot: staging threads add to it meanwhile
+            for done in [i for i, event in list(host_copies.items()) if i != lora_id and event.query()]:
                 del host_copies[done]
             if image is None and lora_id in host_copies:  # vLLM copies from the host copy: it must be there
                 host_copies.pop(lora_id).synchronize()
@@ -911,20 +925,29 @@ class LoraStagingWorkerExtension:
         """Stage ``source`` as adapter ``lora_int_id`` on a staging thread; with ``arm`` (an in-place
         version of a tenant this worker already serves) it is also armed once staged, so "ok"
         then means it serves from the next step on (``_skyrl_apply_armed``)."""
+        received_at = time.monotonic()
         state = self._skyrl_staging()
         if arm and state["add_lora"] is None:
             raise RuntimeError("this worker has no add_lora to apply an armed flip with")
         request = make_lora_request(lora_name, lora_int_id, lora_path)
-        job = state["pool"].submit(self._skyrl_stage_job, request, source, arm)
         with state["lock"]:
+            path, running = state["jobs"].get(lora_int_id, (None, None))
+            if path == lora_path and running is not None and (not running.done() or _outcome(running) == "ok"):
+                # the same command twice (a late datagram beside its resend the engine's way): one job,
+                # so a trainer's buffer is read once, before the server's notice lets it be reused
+                return
+            # entered before the job can run: it arms only while it is still the entry (not discarded)
+            job = state["pool"].submit(self._skyrl_stage_job, request, source, arm, received_at)
             state["jobs"][lora_int_id] = (lora_path, job)
         channel: WorkerStageChannel | None = state.get("channel")
         if channel is not None:
             job.add_done_callback(lambda done: channel.notify(lora_int_id, lora_path, _outcome(done)))
         # after the notice: the CPU cache's views are needed only by a re-activation, which waits for them
         job.add_done_callback(lambda done: fill_views(done.result()[0]) if _outcome(done) == "ok" else None)
+        if arm:
+            job.add_done_callback(lambda done: self._skyrl_forget_applied(lora_int_id, lora_path, done))
 
-    def _skyrl_stage_job(self, request: Any, source: str, arm: bool) -> tuple[Any, SlotImage | None]:
+    def _skyrl_stage_job(self, request: Any, source: str, arm: bool, received_at: float) -> tuple[Any, SlotImage | None]:
         """Build, then arm: an armed version's layer views are made after the server hears it is
         staged (nothing reads them before a re-activation: ``_skyrl_flip_in_place``); anything else
         is flipped by vLLM's add_lora, which reads them, so they are made first."""
@@ -934,14 +957,17 @@ class LoraStagingWorkerExtension:
         else:
             state = self._skyrl_stage_state
             flip = ArmedFlip(make_lora_request(request.lora_name, request.lora_int_id, request.lora_path,
-                                               load_inplace=True), lora, image, time.monotonic())
+                                               load_inplace=True), lora, image, time.monotonic(), received_at)
             with state["lock"]:
+                path, _ = state["jobs"].get(request.lora_int_id, (None, None))
+                if path != request.lora_path:  # discarded meanwhile (the server gave up on it): not armed
+                    raise RuntimeError(f"staging of {request.lora_path} was discarded before it was armed")
                 state["armed"][request.lora_int_id] = flip  # a newer version of the id supersedes an unapplied one
         return lora, image
 
     def skyrl_flip_log(self) -> list[dict[str, Any]]:
-        """The recent armed flips: when each was armed and applied (``time.monotonic``, the host's
-        one clock) and, where known, the position of the token each request made in the first step
+        """The recent armed flips: when this worker was told to stage each, armed it and applied it
+        (``time.monotonic``, the host's one clock) and, where known, the position of the token each request made in the first step
         on the new version (``_made_positions``)."""
         return list(self._skyrl_staging()["flip_log"])
 
@@ -958,14 +984,32 @@ class LoraStagingWorkerExtension:
                 state["jobs"].pop(lora_int_id, None)
             return _outcome(job)
 
-    def skyrl_discard_lora(self, lora_int_id: int) -> None:
+    def skyrl_discard_lora(self, lora_int_id: int, lora_path: str | None = None) -> None:
+        """Drop the staging of ``lora_path`` as ``lora_int_id`` (any staging of it where None). Only
+        that one: in-place versions of a tenant share its id, and one committed and armed, not yet
+        applied, must survive the discard of another staged beside it."""
         state = self._skyrl_staging()
-        state["images"].pop(lora_int_id, None)
         with state["lock"]:
-            state["armed"].pop(lora_int_id, None)
-            _, job = state["jobs"].pop(lora_int_id, (None, None))
-        if job is not None:
-            job.cancel()  # a finished one is simply dropped (its tensors freed with it)
+            path, job = state["jobs"].get(lora_int_id, (None, None))
+            ours = lora_path is None or path == lora_path
+            if ours:
+                state["jobs"].pop(lora_int_id, None)
+                state["images"].pop(lora_int_id, None)
+            flip: ArmedFlip | None = state["armed"].get(lora_int_id)
+            if flip is not None and (lora_path is None or flip.request.lora_path == lora_path):
+                del state["armed"][lora_int_id]
+        if ours and job is not None:
+            job.cancel()  # a running job is not armed once its entry is gone; a finished one is dropped
+
+    def _skyrl_forget_applied(self, lora_int_id: int, lora_path: str, job: concurrent.futures.Future[Any]) -> None:
+        """An armed job's entry once its flip is applied: the engine's thread may apply it between
+        the job arming it and the job's future resolving, when it cannot drop the entry yet."""
+        state = self._skyrl_stage_state
+        with state["lock"]:
+            flip: ArmedFlip | None = state["armed"].get(lora_int_id)
+            if (state["jobs"].get(lora_int_id) == (lora_path, job) and _outcome(job) == "ok"
+                    and (flip is None or flip.request.lora_path != lora_path)):
+                del state["jobs"][lora_int_id]
 
     def skyrl_staged_count(self) -> int:
         """Staged versions this worker holds (loads and slot images not yet flipped in; armed flips are
