@@ -469,7 +469,10 @@ async def test_a_version_sent_as_files_is_served_from_the_servers_own_memory(vll
     try:
         staged = await client._post(url, "/skyrl/v1/stage_lora", {"lora_name": name, "lora_path": "/trainer/only",
                                                                   "upload_id": "uploaded-v2"})
-        await client._post(url, "/skyrl/v1/commit_lora", {"stage_id": staged["stage_id"]})
+        committed = await client._post(url, "/skyrl/v1/commit_lora", {"stage_id": staged["stage_id"]})
+        # a two-phase sync's timeline: checked and staged by the stage request, none received by the commit
+        t = committed["timeline"]
+        assert t["received"] is None and t["checked"] <= t["staged"] <= t["flipped"], t
         (info,) = await _tenant(client, name)
         assert "/uploads/" in info.path and info.version == 2
         (s,) = await client.sample(prompt, {"max_tokens": 4, **GREEDY}, name)

@@ -204,10 +204,11 @@ class LoraInfo(_Frozen):
 class SyncTimeline(_Frozen):
     """When one server did each part of a sync, in ``time.monotonic`` of its host (one clock for every
     process of a Linux host): a publication lined up end to end, trainer to worker
-    (``bench.publish_latency``). None: a part this sync had not (the route's own entry where the
-    controller was called directly; the staging of a version the engine loads at the flip)."""
+    (``bench.publish_latency``). None: a part this sync had not (the staging of a version the engine
+    loads at the flip)."""
 
-    received: float | None = Field(None, description="the route began on the request")
+    received: float | None = Field(None, description="the route began on the request that brought the version "
+                                   "(None on commit_lora's reply: a two-phase sync's stage_lora brought it)")
     checked: float | None = Field(None, description="paths, adapter config and slot image manifest checked")
     staged: float | None = Field(None, description="every worker reported it staged (armed: it serves from the "
                                  "engine's next step)")

@@ -227,15 +227,16 @@ def build_router() -> APIRouter:
     async def resume(body: ResumeRequest, raw: Request) -> Any:
         return ResumeResponse(paused=_controller(raw).resume(body.lora_name, body.owner))
 
-    async def swapped(ctl: LoraController, swap: Awaitable[tuple[Any, int, float]]) -> Any:
-        """The reply of every route that flips a tenant to a new version (or the refusal)."""
-        received = time.monotonic()
+    async def swapped(ctl: LoraController, swap: Awaitable[tuple[Any, int, float]], received: float | None) -> Any:
+        """The reply of every route that flips a tenant to a new version (or the refusal). ``received``:
+        when the request that brought the version began (None for a commit: its stage request did)."""
         try:
             adapter, aborted, load_s = await swap
         except LoraError as exc:
             return lora_error_response(exc)
         timeline = adapter.timeline  # none of this request's where it flipped nothing (a retried load)
-        timeline = timeline.model_copy(update={"received": received}) if timeline and timeline.flipped >= received else None
+        if timeline is not None and received is not None:
+            timeline = timeline.model_copy(update={"received": received}) if timeline.flipped >= received else None
         return LoadLoraResponse(lora=ctl.info(adapter.name), aborted=aborted, load_s=load_s, staging_s=adapter.staging_s,
                                 timeline=timeline)
 
@@ -243,7 +244,7 @@ def build_router() -> APIRouter:
     async def load_lora_adapter(body: LoadLoraRequest, raw: Request) -> Any:
         ctl = _controller(raw)
         return await swapped(ctl, ctl.load(body.lora_name, body.lora_path, load_inplace=body.load_inplace,
-                                           mode=body.mode))
+                                           mode=body.mode), time.monotonic())
 
     @router.post("/update_lora", response_model=LoadLoraResponse)
     async def update_lora(body: UpdateLoraRequest, raw: Request) -> Any:
@@ -256,7 +257,7 @@ def build_router() -> APIRouter:
                 return await ctl.load(body.lora_name, body.lora_path, load_inplace=True, mode=body.mode)
             return await ctl.update(body.lora_name, body.lora_path, mode=body.mode, load_from=body.load_from,
                                     off_loop=body.off_loop)
-        return await swapped(ctl, swap())
+        return await swapped(ctl, swap(), time.monotonic())
 
     @router.post("/stage_lora", response_model=StageLoraResponse)
     async def stage_lora(body: StageLoraRequest, raw: Request) -> Any:
@@ -273,7 +274,7 @@ def build_router() -> APIRouter:
     @router.post("/commit_lora", response_model=LoadLoraResponse)
     async def commit_lora(body: StagedRef, raw: Request) -> Any:
         ctl = _controller(raw)
-        return await swapped(ctl, ctl.commit(body.stage_id))
+        return await swapped(ctl, ctl.commit(body.stage_id), None)
 
     @router.post("/discard_lora", response_model=DiscardLoraResponse)
     async def discard_lora(body: StagedRef, raw: Request) -> Any:
