@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import threading
+import weakref
 from types import SimpleNamespace
 from typing import Any
 
@@ -30,7 +31,8 @@ class _Worker(LoraStagingWorkerExtension):
         adapter_manager = SimpleNamespace(_registered_adapters=registered or {}, lora_index_to_id=[LORA_ID])
         self.model_runner = SimpleNamespace(lora_manager=SimpleNamespace(_adapter_manager=adapter_manager))
         self._skyrl_stage_state = {
-            "jobs": {}, "lock": threading.Lock(), "images": {}, "armed": {}, "applying": None, "channel": None,
+            "jobs": {}, "lock": threading.Lock(), "images": {}, "armed": {}, "arming": weakref.WeakSet(),
+            "applying": None, "channel": None,
             "pool": concurrent.futures.ThreadPoolExecutor(2), "layout": layout, "add_lora": self._add_lora,
             "flip_log": collections.deque(maxlen=16), "timings": {"armed_to_applied_ms": [], "flip_ms": []}}
 
@@ -81,6 +83,17 @@ def test_the_same_command_twice_stages_once(worker: _Worker) -> None:
     worker.release.set()
     first.result(timeout=30)
     assert worker.builds == ["/v2"]
+
+
+def test_a_version_staged_two_phase_and_then_synced_armed_is_armed(worker: _Worker) -> None:
+    """The same version staged first for a two-phase commit (not armed) and then sent by an armed
+    sync is no duplicate: it is staged again and armed, so the sync's flip happens."""
+    worker.release.set()
+    worker.skyrl_stage_lora(LORA_ID, "t", "/v2", "/shm/v2", arm=False)
+    worker.job("/v2").result(timeout=30)
+    worker.skyrl_stage_lora(LORA_ID, "t", "/v2", "/shm/v2", arm=True)
+    worker.job("/v2").result(timeout=30)
+    assert worker.builds == ["/v2", "/v2"] and worker._skyrl_apply_armed() == 1 and worker.added == ["/v2"]
 
 
 def test_a_staging_discarded_while_it_builds_is_never_armed(worker: _Worker) -> None:

@@ -45,6 +45,7 @@ import copy
 import logging
 import threading
 import time
+import weakref
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -731,8 +732,10 @@ class LoraStagingWorkerExtension:
                  "image_files": ImageFiles() if plan is not None else None,
                  "host_copies": {},  # lora id -> the event of its host copy (images from the trainer's GPU)
                  "mapped": LRUCache(maxsize=MAPPED_KEPT),  # the trainer's image buffers, by IPC handle
-                 # armed in-place flips by lora id (added by staging threads, applied by the engine's)
-                 "armed": {}, "applying": None, "add_lora": None, "flip_log": collections.deque(maxlen=FLIP_LOG_KEPT),
+                 # armed in-place flips by lora id (added by staging threads, applied by the engine's),
+                 # and the staging jobs that arm theirs
+                 "armed": {}, "arming": weakref.WeakSet(), "applying": None, "add_lora": None,
+                 "flip_log": collections.deque(maxlen=FLIP_LOG_KEPT),
                  "timings": {k: [] for k in ("armed_to_applied_ms", "flip_ms", "load_ms", "image_ms", "build_ms",
                                              "prebuilt_ms", "gpu_copy_ms", "gpu_copy_open_ms", "gpu_copy_check_ms",
                                              "gpu_copy_host_ms")}}
@@ -932,13 +935,16 @@ class LoraStagingWorkerExtension:
         request = make_lora_request(lora_name, lora_int_id, lora_path)
         with state["lock"]:
             path, running = state["jobs"].get(lora_int_id, (None, None))
-            if path == lora_path and running is not None and (not running.done() or _outcome(running) == "ok"):
+            if (path == lora_path and running is not None and (running in state["arming"]) == arm
+                    and (not running.done() or _outcome(running) == "ok")):
                 # the same command twice (a late datagram beside its resend the engine's way): one job,
                 # so a trainer's buffer is read once, before the server's notice lets it be reused
                 return
             # entered before the job can run: it arms only while it is still the entry (not discarded)
             job = state["pool"].submit(self._skyrl_stage_job, request, source, arm, received_at)
             state["jobs"][lora_int_id] = (lora_path, job)
+            if arm:
+                state["arming"].add(job)
         channel: WorkerStageChannel | None = state.get("channel")
         if channel is not None:
             job.add_done_callback(lambda done: channel.notify(lora_int_id, lora_path, _outcome(done)))
