@@ -7,6 +7,7 @@ the soak: any token lost, repeated or changed shows up as a mismatch. Afterwards
 0), requests still stuck (0), and the growth of every server process's memory after warm-up (< 10 %).
 
     python -m bench.soak --syncs 500                 # ~9 minutes on 2 cores
+    python -m bench.soak --syncs 500 --mode inplace  # the same with armed in-place flips
     (tests/test_soak.py runs a short variant against the session's server)
 """
 
@@ -26,6 +27,7 @@ import psutil
 
 from bench.common import add_common_args, machine_name, tiny_setup, today, write_result
 from skyrl_lora.inference.client import RemoteInferenceClient
+from skyrl_lora.inference.protocol import SyncMode
 
 logger = logging.getLogger("bench.soak")
 GREEDY = {"temperature": 0.0, "ignore_eos": True}
@@ -44,7 +46,7 @@ def twin_adapter(base: Path, out: Path, seed: int = 7) -> tuple[str, str]:
     peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
                                                   init_lora_weights=False))
     first = out / "twin-a"
-    peft_model.save_pretrained(first)
+    peft_model.save_pretrained(str(first))
     second = out / "twin-b"
     shutil.copytree(first, second, dirs_exist_ok=True)
     return str(first), str(second)
@@ -62,8 +64,10 @@ class SoakCounts:
 
 async def soak(urls: list[str], tenants: list[str], paths: tuple[str, str], prompts: list[list[int]], *,
                syncs: int, period_s: float, max_tokens: int, streams: int, token: str | None = None,
-               memory_probe: Any = None) -> dict:
-    """Runs against servers where ``tenants`` are loaded with ``paths[0]``; returns the figures."""
+               memory_probe: Any = None, mode: SyncMode = "abort") -> dict[str, Any]:
+    """Runs against servers where ``tenants`` are loaded with ``paths[0]``; returns the figures.
+    ``mode``: how each sync flips (``inplace``: on a one-worker server an armed flip, and no request
+    is cut). ``left_staged``: versions the servers still hold staged at the end (target 0)."""
     client = RemoteInferenceClient(urls, token=token)
     params = {"max_tokens": max_tokens, **GREEDY}
     twins = {(t, i): (await client.sample(p, params, t))[0].token_ids for t in tenants for i, p in enumerate(prompts)}
@@ -96,7 +100,7 @@ async def soak(urls: list[str], tenants: list[str], paths: tuple[str, str], prom
         tenant = tenants[n % len(tenants)]
         next_at = t0 + (n + 1) * period_s
         t = time.perf_counter()
-        await client.update_lora(tenant, paths[(n // len(tenants) + 1) % 2])
+        await client.update_lora(tenant, paths[(n // len(tenants) + 1) % 2], mode=mode)
         sync_s.append(time.perf_counter() - t)
         if memory_probe is not None and (n == min(syncs - 1, max(10, syncs // 10)) or n == syncs - 1):
             sample = await memory_probe()  # after warm-up, and at the end: the servers' processes and this one
@@ -113,11 +117,13 @@ async def soak(urls: list[str], tenants: list[str], paths: tuple[str, str], prom
     except TimeoutError:
         stuck = sum(not w.done() for w in workers)
     wall = time.perf_counter() - t0
+    left_staged = sum(st.staged + st.staged_on_workers for st in await client.state())
     growth = {}
     if len(memory) == 2:
         growth = {k: memory[1][k] / memory[0][k] - 1 for k in memory[0] if memory[0][k] > 0 and k in memory[1]}
     await client.aclose()
-    return {"syncs": syncs, "wall_s": round(wall, 1), "requests": counts.requests, "tokens": counts.tokens,
+    return {"syncs": syncs, "mode": mode, "left_staged": left_staged, "wall_s": round(wall, 1),
+            "requests": counts.requests, "tokens": counts.tokens,
             "aborted_segments": counts.aborted_segments, "mismatched_requests": counts.mismatched_requests,
             "mismatched_tokens": counts.mismatched_tokens, "errors": counts.errors[:20], "error_count": len(counts.errors),
             "stuck_requests": stuck, "sync_s_median": statistics.median(sync_s), "sync_s_max": max(sync_s),
@@ -125,7 +131,7 @@ async def soak(urls: list[str], tenants: list[str], paths: tuple[str, str], prom
             "memory_growth_max": max(growth.values()) if growth else None}
 
 
-def plot(result: dict, path: Path) -> None:
+def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     s = result["soak"]
@@ -148,6 +154,8 @@ def main() -> None:
     parser.add_argument("--tenants", type=int, default=4)
     parser.add_argument("--streams", type=int, default=2, help="streams per tenant")
     parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--mode", choices=("abort", "inplace"), default="abort",
+                        help="how each sync flips (inplace: armed flips, no request cut)")
     add_common_args(parser, model=False)
     args = parser.parse_args()
     import tempfile
@@ -170,7 +178,8 @@ def main() -> None:
             return await asyncio.to_thread(ray.get, actor.memory.remote(), timeout=30)
 
         result = asyncio.run(soak(cluster.urls, tenants, paths, prompts, syncs=args.syncs, period_s=args.period_s,
-                                  max_tokens=args.max_tokens, streams=args.streams, memory_probe=memory_probe))
+                                  max_tokens=args.max_tokens, streams=args.streams, memory_probe=memory_probe,
+                                  mode=args.mode))
     full = {"machine": machine_name(args.machine), "date": today(), "args": {k: str(v) for k, v in vars(args).items()},
             "soak": result}
     path = write_result(full, args.out, "soak", plot)

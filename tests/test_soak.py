@@ -14,6 +14,7 @@ import ray
 from bench.soak import soak, twin_adapter
 from skyrl_lora.inference.actor import start_server_actor
 from skyrl_lora.inference.server import ServerConfig
+from skyrl_lora.inference.vllm_compat.worker import FLIP_LOG_KEPT
 
 pytestmark = pytest.mark.vllm
 
@@ -46,5 +47,15 @@ async def test_short_soak_loses_nothing(soak_server, tok) -> None:
     assert result["stuck_requests"] == 0
     assert result["aborted_segments"] > 0  # the syncs really cut completions
     assert result["mismatched_requests"] == 0 and result["mismatched_tokens"] == 0
-    assert result["requests"] >= 8
+    assert result["requests"] >= 8 and result["left_staged"] == 0
     assert len(result["memory_bytes"]) == 2
+    # the same with in-place syncs (armed flips on this one-worker server): nothing is cut, nothing
+    # changes a token, nothing stays staged
+    logged = len(await asyncio.to_thread(ray.get, actor.flip_log.remote(), timeout=30))
+    inplace = await soak([url], TENANTS, paths, prompts, syncs=24, period_s=0.5, max_tokens=32, streams=1,
+                         mode="inplace")
+    flips = await asyncio.to_thread(ray.get, actor.flip_log.remote(), timeout=30)
+    assert len(flips) == min(logged + 24, FLIP_LOG_KEPT) and all(f["error"] is None for f in flips)  # each armed
+    assert inplace["error_count"] == 0 and inplace["stuck_requests"] == 0, inplace["errors"]
+    assert inplace["aborted_segments"] == 0 and inplace["requests"] >= 8 and inplace["left_staged"] == 0
+    assert inplace["mismatched_requests"] == 0 and inplace["mismatched_tokens"] == 0
