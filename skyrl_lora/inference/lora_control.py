@@ -524,7 +524,7 @@ class LoraController:
                    mode: str = "abort") -> tuple[TenantAdapter, int, float]:
         """Load or replace a tenant's adapter: :meth:`stage`, then :meth:`commit`.
         Returns (adapter, aborted, seconds the engine spent on it at the flip)."""
-        real = self._check_path(path)
+        real = await asyncio.to_thread(self._check_path, path)  # reads the config: off the loop
         old = self.tenants.get(name)
         if old is not None and not load_inplace and old.path == real:
             return old, 0, 0.0  # a retried create of what is already there: nothing to do
