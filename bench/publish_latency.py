@@ -75,20 +75,27 @@ async def _stream_tokens(session: Any, url: str, prompt_ids: list[int], max_toke
                 stream.arrivals.extend([now] * (count - len(stream.arrivals)))
 
 
-async def _first_new_token(server: Any, logged: int, streams: list[TokenStream], prompt_len: int, t0: float,
-                           timeout_s: float = 10.0) -> dict[str, Any]:
-    """The armed flip after the first ``logged`` of the worker's log, and when the first token the
-    new version made reached a stream here: ms after ``t0``; or, under ``note``, why not (no flip
-    applied, a flip logged without the step's token positions, no stream of the requests it names)."""
+async def _applied_flip(server: Any, path: str, timeout_s: float) -> dict[str, Any] | None:
+    """The worker's log entry of the armed flip of ``path`` once applied without error (each version
+    has its own path; the log keeps the last ``FLIP_LOG_KEPT``), or None at the deadline."""
     deadline = time.monotonic() + timeout_s
     while True:
         log = await server.flip_log.remote()
-        if len(log) > logged or time.monotonic() > deadline:
-            break
+        entry = next((e for e in reversed(log) if e["lora_path"] == path and e.get("error") is None), None)
+        if entry is not None or time.monotonic() > deadline:
+            return entry
         await asyncio.sleep(0.002)
-    if len(log) <= logged:
+
+
+async def _first_new_token(server: Any, path: str, streams: list[TokenStream], prompt_len: int, t0: float,
+                           timeout_s: float = 10.0) -> dict[str, Any]:
+    """The armed flip of ``path`` (the version's own path) and when the first token the new version
+    made reached a stream here: ms after ``t0``; or, under ``note``, why not (no flip applied, a flip
+    logged without the step's token positions, no stream of the requests it names)."""
+    deadline = time.monotonic() + timeout_s
+    entry = await _applied_flip(server, path, timeout_s)
+    if entry is None:
         return {"note": "no armed flip was applied"}
-    entry = log[logged]
     out: dict[str, Any] = {"armed_after_ms": 1e3 * (entry["armed_at"] - t0),
                            "applied_after_ms": 1e3 * (entry["applied_at"] - t0)}
     if not entry.get("made_positions"):
@@ -154,12 +161,12 @@ async def _publishes(client: Any, trainer: Any, server: Any, prompt_ids: list[in
         await trainer.forward_backward.remote(TRAINEE, [datum])
         await trainer.optim_step.remote(TRAINEE, AdamParams(learning_rate=1e-4))
         before = await server.stage_timings.remote()
-        logged = len(await server.flip_log.remote())
         t0 = time.monotonic()
         saved = await trainer.save_weights_for_sampler.remote(TRAINEE, f"v{i}")
         returned_at = time.monotonic()
         returned = returned_at - t0
-        inflight = await _first_new_token(server, logged, streams, len(prompt_ids), t0) if streams is not None else {}
+        path = str(Path(saved.path).resolve())  # what the worker logs (the server resolves it)
+        inflight = await _first_new_token(server, path, streams, len(prompt_ids), t0) if streams is not None else {}
         after = await server.stage_timings.remote()
         t1 = time.monotonic()
         await client.sample(prompt_ids, one_token, TRAINEE)
@@ -170,8 +177,7 @@ async def _publishes(client: Any, trainer: Any, server: Any, prompt_ids: list[in
         await trainer.durable.remote(saved.path)
         durable = time.monotonic() - t0
         # an armed flip is applied at the next step or adapter call: the requests above made one
-        path = str(Path(saved.path).resolve())
-        flip = next((e for e in (await server.flip_log.remote())[logged:] if e["lora_path"] == path), None)
+        flip = await _applied_flip(server, path, 0.0)
         out.append({"export_ms": 1e3 * saved.export_s, "sync_ms": 1e3 * saved.sync_s,
                     # inside the sync: the server's check and staging, and the flip's add_lora round trip
                     "staging_ms": 1e3 * (saved.staging_s or 0.0), "flip_ms": 1e3 * (saved.flip_s or 0.0),

@@ -25,24 +25,29 @@ class _Worker(LoraStagingWorkerExtension):
 
     def __init__(self, layout: Any = None, registered: dict[int, Any] | None = None) -> None:
         self.release = threading.Event()
+        self.started = threading.Event()
         self.builds: list[str] = []
+        self.applying_image_at_add: list[Any] = []
         self.added: list[str] = []
         self.registered_at_add: list[Any] = []
         adapter_manager = SimpleNamespace(_registered_adapters=registered or {}, lora_index_to_id=[LORA_ID])
         self.model_runner = SimpleNamespace(lora_manager=SimpleNamespace(_adapter_manager=adapter_manager))
         self._skyrl_stage_state = {
-            "jobs": {}, "lock": threading.Lock(), "images": {}, "armed": {}, "arming": weakref.WeakSet(),
+            "jobs": {}, "lock": threading.Lock(), "images": {}, "armed": {}, "arming": weakref.WeakSet(), "tickets": {},
             "applying": None, "channel": None,
             "pool": concurrent.futures.ThreadPoolExecutor(2), "layout": layout, "add_lora": self._add_lora,
             "flip_log": collections.deque(maxlen=16), "timings": {"armed_to_applied_ms": [], "flip_ms": []}}
 
     def _skyrl_build(self, lora_request: Any, source: str) -> tuple[Any, Any]:
         self.builds.append(lora_request.lora_path)
+        self.started.set()
         assert self.release.wait(30), "the test never released the build"
         return SimpleNamespace(id=lora_request.lora_int_id, path=lora_request.lora_path), SimpleNamespace(lora=None)
 
     def _add_lora(self, request: Any) -> bool:
         self.added.append(request.lora_path)
+        applying = self._skyrl_stage_state["applying"]
+        self.applying_image_at_add.append(applying.image if applying is not None else "none applying")
         self.registered_at_add.append(self.model_runner.lora_manager._adapter_manager._registered_adapters.get(LORA_ID))
         return True
 
@@ -96,11 +101,28 @@ def test_a_version_staged_two_phase_and_then_synced_armed_is_armed(worker: _Work
     assert worker.builds == ["/v2", "/v2"] and worker._skyrl_apply_armed() == 1 and worker.added == ["/v2"]
 
 
+def test_a_staging_discarded_and_sent_again_arms_only_the_new_job(worker: _Worker) -> None:
+    """The server gave up on a version while it built and sent the same version again: the first
+    job, whose entry was replaced, does not arm; the second does, once."""
+    worker.skyrl_stage_lora(LORA_ID, "t", "/v2", "/shm/v2", arm=True)
+    first = worker.job("/v2")
+    assert worker.started.wait(30)
+    worker.skyrl_discard_lora(LORA_ID, "/v2")
+    worker.skyrl_stage_lora(LORA_ID, "t", "/v2", "/shm/v2", arm=True)
+    second = worker.job("/v2")
+    worker.release.set()
+    with pytest.raises(RuntimeError, match="discarded"):
+        first.result(timeout=30)
+    second.result(timeout=30)
+    assert worker._skyrl_apply_armed() == 1 and worker.added == ["/v2"]
+
+
 def test_a_staging_discarded_while_it_builds_is_never_armed(worker: _Worker) -> None:
     """The server gave up on a version (its staging timed out) while the worker still built it: the
     build ends with an error, nothing is armed, and the next step flips nothing in."""
     worker.skyrl_stage_lora(LORA_ID, "t", "/v2", "/shm/v2", arm=True)
     job = worker.job("/v2")
+    assert worker.started.wait(30)  # building (a job not started yet would simply be cancelled)
     worker.skyrl_discard_lora(LORA_ID, "/v2")
     worker.release.set()
     with pytest.raises(RuntimeError, match="discarded"):
@@ -127,8 +149,8 @@ def test_an_armed_job_applied_before_its_future_resolved_is_forgotten(worker: _W
 
 def test_a_failed_in_place_flip_is_undone_and_vllms_load_takes_over() -> None:
     """The slot copy fails after the new model was registered: the old model is registered again
-    before vLLM's own in-place load (which writes the whole slot) runs, so the CPU cache never holds
-    a version the slot does not."""
+    before vLLM's own in-place load runs, and that load is given no slot image (which would repeat
+    the failed copy), so vLLM's activation writes every module itself."""
 
     class _BrokenLayout:
         def flip(self, index: int, image: Any) -> None:
@@ -141,7 +163,7 @@ def test_a_failed_in_place_flip_is_undone_and_vllms_load_takes_over() -> None:
         w.skyrl_stage_lora(LORA_ID, "t", "/v2", "/shm/v2", arm=True)
         w.job("/v2").result(timeout=30)
         assert w._skyrl_apply_armed() == 1
-        assert w.added == ["/v2"] and w.registered_at_add == [old]
+        assert w.added == ["/v2"] and w.registered_at_add == [old] and w.applying_image_at_add == [None]
         assert w._skyrl_stage_state["flip_log"][-1]["error"] is None
     finally:
         w._skyrl_stage_state["pool"].shutdown(wait=True)

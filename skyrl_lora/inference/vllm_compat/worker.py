@@ -42,6 +42,7 @@ import collections
 import concurrent.futures
 import contextlib
 import copy
+import dataclasses
 import logging
 import threading
 import time
@@ -734,7 +735,7 @@ class LoraStagingWorkerExtension:
                  "mapped": LRUCache(maxsize=MAPPED_KEPT),  # the trainer's image buffers, by IPC handle
                  # armed in-place flips by lora id (added by staging threads, applied by the engine's),
                  # and the staging jobs that arm theirs
-                 "armed": {}, "arming": weakref.WeakSet(), "applying": None, "add_lora": None,
+                 "armed": {}, "arming": weakref.WeakSet(), "tickets": {}, "applying": None, "add_lora": None,
                  "flip_log": collections.deque(maxlen=FLIP_LOG_KEPT),
                  "timings": {k: [] for k in ("armed_to_applied_ms", "flip_ms", "load_ms", "image_ms", "build_ms",
                                              "prebuilt_ms", "gpu_copy_ms", "gpu_copy_open_ms", "gpu_copy_check_ms",
@@ -808,9 +809,10 @@ class LoraStagingWorkerExtension:
             try:
                 try:
                     done = self._skyrl_flip_in_place(flip)
-                except Exception:  # undone by it: vLLM's own in-place load writes the whole slot again
+                except Exception:  # undone by it: vLLM's own in-place load, with no image, writes every module
                     logger.exception("the in-place flip of LoRA %d failed; vLLM's add_lora instead", lora_id)
                     done = False
+                    state["applying"] = dataclasses.replace(flip, image=None)
                 if not done:
                     state["add_lora"](flip.request)  # vLLM packs the model: the load hook waits for its views
             except Exception as exc:  # the tenant keeps serving the version it had; nothing else is touched
@@ -822,9 +824,10 @@ class LoraStagingWorkerExtension:
                     path, job = state["jobs"].get(lora_id, (None, None))
                     if path == flip.request.lora_path and job is not None and job.done():
                         del state["jobs"][lora_id]
-            kept: list[float] = state["timings"]["armed_to_applied_ms"]
-            kept.append(1000 * (applied_at - flip.armed_at))
-            del kept[:-TIMINGS_KEPT]
+            if error is None:
+                kept: list[float] = state["timings"]["armed_to_applied_ms"]
+                kept.append(1000 * (applied_at - flip.armed_at))
+                del kept[:-TIMINGS_KEPT]
             state["flip_log"].append({"lora_int_id": lora_id, "lora_path": flip.request.lora_path,
                                       "received_at": flip.received_at, "armed_at": flip.armed_at,
                                       "applied_at": applied_at, "error": error,
@@ -940,9 +943,12 @@ class LoraStagingWorkerExtension:
                 # the same command twice (a late datagram beside its resend the engine's way): one job,
                 # so a trainer's buffer is read once, before the server's notice lets it be reused
                 return
-            # entered before the job can run: it arms only while it is still the entry (not discarded)
-            job = state["pool"].submit(self._skyrl_stage_job, request, source, arm, received_at)
+            # entered before the job can run: it arms only while its entry stands (not discarded or
+            # replaced by another staging of the same version), which its ticket tells
+            ticket = object()
+            job = state["pool"].submit(self._skyrl_stage_job, request, source, arm, received_at, ticket)
             state["jobs"][lora_int_id] = (lora_path, job)
+            state["tickets"][lora_int_id] = ticket
             if arm:
                 state["arming"].add(job)
         channel: WorkerStageChannel | None = state.get("channel")
@@ -953,7 +959,8 @@ class LoraStagingWorkerExtension:
         if arm:
             job.add_done_callback(lambda done: self._skyrl_forget_applied(lora_int_id, lora_path, done))
 
-    def _skyrl_stage_job(self, request: Any, source: str, arm: bool, received_at: float) -> tuple[Any, SlotImage | None]:
+    def _skyrl_stage_job(self, request: Any, source: str, arm: bool, received_at: float,
+                         ticket: object) -> tuple[Any, SlotImage | None]:
         """Build, then arm: an armed version's layer views are made after the server hears it is
         staged (nothing reads them before a re-activation: ``_skyrl_flip_in_place``); anything else
         is flipped by vLLM's add_lora, which reads them, so they are made first."""
@@ -965,8 +972,7 @@ class LoraStagingWorkerExtension:
             flip = ArmedFlip(make_lora_request(request.lora_name, request.lora_int_id, request.lora_path,
                                                load_inplace=True), lora, image, time.monotonic(), received_at)
             with state["lock"]:
-                path, _ = state["jobs"].get(request.lora_int_id, (None, None))
-                if path != request.lora_path:  # discarded meanwhile (the server gave up on it): not armed
+                if state["tickets"].get(request.lora_int_id) is not ticket:  # discarded or staged anew meanwhile
                     raise RuntimeError(f"staging of {request.lora_path} was discarded before it was armed")
                 state["armed"][request.lora_int_id] = flip  # a newer version of the id supersedes an unapplied one
         return lora, image
@@ -1000,6 +1006,7 @@ class LoraStagingWorkerExtension:
             ours = lora_path is None or path == lora_path
             if ours:
                 state["jobs"].pop(lora_int_id, None)
+                state["tickets"].pop(lora_int_id, None)
                 state["images"].pop(lora_int_id, None)
             flip: ArmedFlip | None = state["armed"].get(lora_int_id)
             if flip is not None and (lora_path is None or flip.request.lora_path == lora_path):
