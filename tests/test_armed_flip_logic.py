@@ -9,7 +9,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import threading
-import weakref
 from types import SimpleNamespace
 from typing import Any
 
@@ -33,7 +32,7 @@ class _Worker(LoraStagingWorkerExtension):
         adapter_manager = SimpleNamespace(_registered_adapters=registered or {}, lora_index_to_id=[LORA_ID])
         self.model_runner = SimpleNamespace(lora_manager=SimpleNamespace(_adapter_manager=adapter_manager))
         self._skyrl_stage_state = {
-            "jobs": {}, "lock": threading.Lock(), "images": {}, "armed": {}, "arming": weakref.WeakSet(), "tickets": {},
+            "jobs": {}, "lock": threading.Lock(), "images": {}, "armed": {}, "tickets": {},
             "applying": None, "channel": None,
             "pool": concurrent.futures.ThreadPoolExecutor(2), "layout": layout, "add_lora": self._add_lora,
             "flip_log": collections.deque(maxlen=16), "timings": {"armed_to_applied_ms": [], "flip_ms": []}}

@@ -46,7 +46,6 @@ import dataclasses
 import logging
 import threading
 import time
-import weakref
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,6 +131,15 @@ class ArmedFlip:
     image: SlotImage | None
     armed_at: float  # time.monotonic(), one clock for every process of the host
     received_at: float  # when this worker was told to stage it (its command arrived)
+
+
+@dataclass(eq=False)
+class _StagingTicket:
+    """One staging job's claim on its adapter id's entry (``state["tickets"]``, beside ``jobs``): the
+    job arms only while its ticket is the id's, and a second command is the same one only with the
+    same arming."""
+
+    arm: bool
 
 
 FLIP_LOG_KEPT = 256
@@ -734,8 +742,8 @@ class LoraStagingWorkerExtension:
                  "host_copies": {},  # lora id -> the event of its host copy (images from the trainer's GPU)
                  "mapped": LRUCache(maxsize=MAPPED_KEPT),  # the trainer's image buffers, by IPC handle
                  # armed in-place flips by lora id (added by staging threads, applied by the engine's),
-                 # and the staging jobs that arm theirs
-                 "armed": {}, "arming": weakref.WeakSet(), "tickets": {}, "applying": None, "add_lora": None,
+                 # and the ticket of each id's staging job (_StagingTicket)
+                 "armed": {}, "tickets": {}, "applying": None, "add_lora": None,
                  "flip_log": collections.deque(maxlen=FLIP_LOG_KEPT),
                  "timings": {k: [] for k in ("armed_to_applied_ms", "flip_ms", "load_ms", "image_ms", "build_ms",
                                              "prebuilt_ms", "gpu_copy_ms", "gpu_copy_open_ms", "gpu_copy_check_ms",
@@ -938,19 +946,17 @@ class LoraStagingWorkerExtension:
         request = make_lora_request(lora_name, lora_int_id, lora_path)
         with state["lock"]:
             path, running = state["jobs"].get(lora_int_id, (None, None))
-            if (path == lora_path and running is not None and (running in state["arming"]) == arm
+            if (path == lora_path and running is not None and state["tickets"][lora_int_id].arm == arm
                     and (not running.done() or _outcome(running) == "ok")):
                 # the same command twice (a late datagram beside its resend the engine's way): one job,
                 # so a trainer's buffer is read once, before the server's notice lets it be reused
                 return
             # entered before the job can run: it arms only while its entry stands (not discarded or
             # replaced by another staging of the same version), which its ticket tells
-            ticket = object()
+            ticket = _StagingTicket(arm)
             job = state["pool"].submit(self._skyrl_stage_job, request, source, arm, received_at, ticket)
             state["jobs"][lora_int_id] = (lora_path, job)
             state["tickets"][lora_int_id] = ticket
-            if arm:
-                state["arming"].add(job)
         channel: WorkerStageChannel | None = state.get("channel")
         if channel is not None:
             job.add_done_callback(lambda done: channel.notify(lora_int_id, lora_path, _outcome(done)))
@@ -960,7 +966,7 @@ class LoraStagingWorkerExtension:
             job.add_done_callback(lambda done: self._skyrl_forget_applied(lora_int_id, lora_path, done))
 
     def _skyrl_stage_job(self, request: Any, source: str, arm: bool, received_at: float,
-                         ticket: object) -> tuple[Any, SlotImage | None]:
+                         ticket: _StagingTicket) -> tuple[Any, SlotImage | None]:
         """Build, then arm: an armed version's layer views are made after the server hears it is
         staged (nothing reads them before a re-activation: ``_skyrl_flip_in_place``); anything else
         is flipped by vLLM's add_lora, which reads them, so they are made first."""
@@ -979,8 +985,9 @@ class LoraStagingWorkerExtension:
 
     def skyrl_flip_log(self) -> list[dict[str, Any]]:
         """The recent armed flips: when this worker was told to stage each, armed it and applied it
-        (``time.monotonic``, the host's one clock) and, where known, the position of the token each request made in the first step
-        on the new version (``_made_positions``)."""
+        (``time.monotonic``, the host's one clock), the error of one that failed, and where known the
+        position of the token each request made in the first step on the new version
+        (``_made_positions``)."""
         return list(self._skyrl_staging()["flip_log"])
 
     def skyrl_stage_status(self, lora_int_id: int, lora_path: str) -> str | None:
@@ -996,20 +1003,20 @@ class LoraStagingWorkerExtension:
                 state["jobs"].pop(lora_int_id, None)
             return _outcome(job)
 
-    def skyrl_discard_lora(self, lora_int_id: int, lora_path: str | None = None) -> None:
-        """Drop the staging of ``lora_path`` as ``lora_int_id`` (any staging of it where None). Only
-        that one: in-place versions of a tenant share its id, and one committed and armed, not yet
-        applied, must survive the discard of another staged beside it."""
+    def skyrl_discard_lora(self, lora_int_id: int, lora_path: str) -> None:
+        """Drop the staging of ``lora_path`` as ``lora_int_id``, and only that one: in-place versions
+        of a tenant share its id, and one committed and armed, not yet applied, must survive the
+        discard of another staged beside it."""
         state = self._skyrl_staging()
         with state["lock"]:
             path, job = state["jobs"].get(lora_int_id, (None, None))
-            ours = lora_path is None or path == lora_path
+            ours = path == lora_path
             if ours:
                 state["jobs"].pop(lora_int_id, None)
                 state["tickets"].pop(lora_int_id, None)
                 state["images"].pop(lora_int_id, None)
             flip: ArmedFlip | None = state["armed"].get(lora_int_id)
-            if flip is not None and (lora_path is None or flip.request.lora_path == lora_path):
+            if flip is not None and flip.request.lora_path == lora_path:
                 del state["armed"][lora_int_id]
         if ours and job is not None:
             job.cancel()  # a running job is not armed once its entry is gone; a finished one is dropped
