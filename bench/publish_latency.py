@@ -119,7 +119,8 @@ async def _first_new_token(server: Any, path: str, streams: list[TokenStream], p
 # a publication's hops end to end, each (name, from, to) over the stamps of ``_stamps``
 HOPS = (("dispatch", "t0", "called"), ("export", "called", "exported"), ("to_server", "exported", "received"),
         ("checks", "received", "checked"), ("to_worker", "checked", "worker_received"),
-        ("worker_copy", "worker_received", "armed"), ("notice", "armed", "staged"), ("commit", "staged", "flipped"),
+        ("worker_handoff", "worker_received", "worker_started"), ("worker_copy", "worker_started", "armed"),
+        ("notice", "armed", "staged"), ("commit", "staged", "flipped"),
         ("reply", "flipped", "synced"), ("return", "synced", "returned"))
 
 
@@ -134,7 +135,22 @@ def _stamps(t0: float, returned: float, saved: Any, flip: dict[str, Any] | None)
             stamps.update({k: v for k, v in timeline.server.model_dump().items() if v is not None})
     if flip is not None:
         stamps.update(worker_received=flip["received_at"], armed=flip["armed_at"], applied=flip["applied_at"])
+        if flip.get("started_at") is not None:
+            stamps["worker_started"] = flip["started_at"]
     return stamps
+
+
+def _export_parts_ms(saved: Any) -> dict[str, float]:
+    """The export hop's parts (``PublishTimeline.export_parts``), each from the end of the one before
+    (the first from the call's start on the trainer, ``to_loop`` from the last to the actor's loop)."""
+    timeline = saved.timeline
+    if timeline is None or not timeline.export_parts:
+        return {}
+    out, before = {}, timeline.called
+    for name, at in [*timeline.export_parts.items(), ("to_loop", timeline.exported)]:
+        out[f"export_{name}_ms"] = 1e3 * (at - before)
+        before = at
+    return out
 
 
 def _hops_ms(stamps: dict[str, float]) -> dict[str, float]:
@@ -187,7 +203,7 @@ async def _publishes(client: Any, trainer: Any, server: Any, prompt_ids: list[in
                     "save_to_first_token_ms": 1e3 * (returned + first),
                     "token_again_ms": 1e3 * again, "durable_after_ms": 1e3 * durable,
                     **{k: v for k, v in inflight.items() if k != "note"},
-                    **_hops_ms(_stamps(t0, returned_at, saved, flip)),
+                    **_hops_ms(_stamps(t0, returned_at, saved, flip)), **_export_parts_ms(saved),
                     "notes": [inflight["note"]] if "note" in inflight else [],
                     # the worker's own time for what it did (gpu_copy, prebuilt, load, flip), ms
                     "worker": {k: sum(v[len(before.get(k, [])):]) for k, v in after.items()
@@ -303,12 +319,15 @@ def plot(result: dict[str, Any], png: Path) -> None:
     ax.set_ylabel("save_weights_for_sampler -> first token, ms (p50)")
     ax.legend()
     bottom = [0.0] * len(s)  # the call's hops, trainer to worker and back (HOPS), each its own p50
-    for name, _, _ in HOPS:
+    colors = plt.get_cmap("tab20").colors  # type: ignore[attr-defined]  # a ListedColormap: more hops than tab10
+    for (name, _, _), color in zip(HOPS, colors[::2] + colors[1::2]):
         values = [s[n].get(f"hop_{name}_ms_p50", 0.0) for n in s]
-        hops.bar(list(s), values, bottom=bottom, label=name)
+        hops.bar(list(s), values, bottom=bottom, label=name, color=color)
         bottom = [b + v for b, v in zip(bottom, values)]
     hops.set_ylabel("save_weights_for_sampler's hops, ms (p50 each)")
-    hops.legend(fontsize=7)
+    hops.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    for axis in (ax, hops):
+        axis.tick_params(axis="x", labelrotation=15)
     common.finish_figure(fig, png, f"{result['machine']}: 8B-shape, rank {result['config']['rank']}, colocated trainer")
 
 

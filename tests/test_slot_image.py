@@ -15,6 +15,7 @@ from skyrl_lora.inference.slot_image import (
     MANIFEST_FILE,
     FlatWeights,
     ImageUnfit,
+    ShareBuffers,
     _whole_order,
     assemble,
     plan_digest,
@@ -78,6 +79,36 @@ def test_flat_weights_make_the_same_image_as_named_tensors() -> None:
         assemble(whole, FlatWeights(torch.zeros(48), [("base_model.model.lm_head.lora_A.weight", (8, 6))]), 1.0)
     with pytest.raises(ValueError, match="the layout holds 48"):
         FlatWeights(torch.zeros(47), [(A, (8, 6))])
+
+
+def test_reused_buffers_make_each_version_as_fresh_ones_do() -> None:
+    """The colocated trainer's buffers (ShareBuffers) are lent again once given back, with their split
+    made once; versions written through them are bit for bit those made into fresh buffers, and a
+    dropped buffer is never lent again."""
+    gen = torch.Generator().manual_seed(4)
+    plan = BuildPlan(dtype="bfloat16", numel=8 * 6 + 5 * 8, entries=[
+        PlanEntry(offset=0, rows=8, cols=6, source=A, scaled=False),
+        PlanEntry(offset=48, rows=5, cols=8, source=B, scaled=True)])
+    layout = [(B, (5, 8)), (A, (8, 6))]
+    images, copies = ShareBuffers(), ShareBuffers()
+    lent = []
+    for _ in range(3):
+        weights = torch.randn(88, generator=gen)
+        copy = copies.take(88, torch.bfloat16, weights.device)
+        copy.copy_(weights)
+        flat = FlatWeights(copy, layout, copies)
+        out = images.take(plan.numel, torch.bfloat16, weights.device)
+        image, _ = assemble(plan, flat, 1.875, out, images)
+        want, _ = assemble(plan, FlatWeights(weights.to(torch.bfloat16), layout), 1.875)
+        assert image is out and torch.equal(image.view(torch.int16), want.view(torch.int16))
+        lent.append((out, copy))
+        images.give_back(out)
+        copies.give_back(copy)
+    assert all(o is lent[0][0] and c is lent[0][1] for o, c in lent)  # the same two buffers each time
+    assert images.split(lent[0][0], [48, 40]) is images.split(lent[0][0], [48, 40])  # made once
+    assert [v.numel() for v in images.split(lent[0][0], [8, 80])] == [8, 80]  # other sizes: made anew
+    images.drop(images.take(plan.numel, torch.bfloat16, "cpu"))
+    assert images.take(plan.numel, torch.bfloat16, "cpu") is not lent[0][0]  # dropped: a new one
 
 
 def test_flat_weights_save_a_safetensors_file_that_loads_back(tmp_path: Path) -> None:

@@ -283,6 +283,35 @@ async def test_an_inplace_version_is_armed_and_flips_before_the_next_step(vllm_s
         await client.unload_lora_adapter(name)
 
 
+@pytest.mark.gpu
+async def test_an_armed_version_evicted_from_the_gpu_comes_back_as_itself(vllm_server, tiny, tok, word_ids) -> None:
+    """An armed version's layer views (what vLLM re-activates an evicted adapter from) are made only
+    when something first reads them: after as many other tenants as the server has GPU slots (8)
+    have sampled, the tenant's next request re-activates it from vLLM's CPU cache, and it still
+    says the new version's word."""
+    client = RemoteInferenceClient(vllm_server.url)
+    name, others = "armed-evicted", [f"armed-evictor-{i}" for i in range(8)]
+    prompt = tok("x = 1")["input_ids"]
+    meow, woof = word_ids["meow"], word_ids["woof"]
+    for tenant in (name, *others):
+        await client.load_lora_adapter(tenant, str(tiny.loras["meow"]), load_inplace=False)
+    try:
+        logged = len(await vllm_server.actor.flip_log.remote())
+        await client.update_lora(name, str(tiny.loras["woof"]), mode="inplace")
+        (s,) = await client.sample(prompt, {"max_tokens": 3, **GREEDY}, name)
+        assert s.token_ids == [woof] * 3
+        log = await vllm_server.actor.flip_log.remote()
+        assert len(log) == logged + 1 and log[-1]["error"] is None  # it was armed, not add_lora'd
+        for other in others:  # least recently used of nine: out of the eight GPU slots
+            (s,) = await client.sample(prompt, {"max_tokens": 3, **GREEDY}, other)
+            assert s.token_ids == [meow] * 3
+        (s,) = await client.sample(prompt, {"max_tokens": 3, **GREEDY}, name)
+        assert s.token_ids == [woof] * 3
+    finally:
+        for tenant in (name, *others):
+            await client.unload_lora_adapter(tenant)
+
+
 async def test_trainer_publishes_through_shared_memory_and_keeps_a_durable_copy(vllm_server, tiny, tmp_path,
                                                                                word_ids, tok) -> None:
     """save_weights_for_sampler writes the version to shared memory, the server stages it from there,

@@ -101,6 +101,16 @@ def test_colocated_trainer_on_the_servers_weights(ray_local, tiny, tok, tmp_path
         asyncio.run(client.update_lora("a-legacy", sw.path, off_loop=False))
         digests = {n: ray.get(server.slot_digest.remote(n)) for n in ("a", "a-legacy")}
         assert None not in digests["a"] and digests["a"] == digests["a-legacy"], digests
+        # the next versions reuse the trainer's buffers (image and copy, split once): still bit for bit
+        for v in (2, 3):
+            ray.get(shared.forward_backward.remote("a", [_datum(tok, " woof")]))
+            ray.get(shared.optim_step.remote("a", AdamParams(learning_rate=1e-2)))
+            sw = ray.get(shared.save_weights_for_sampler.remote("a", f"colocated-v{v}"))
+            ray.get(shared.durable.remote(sw.path))
+            asyncio.run(client.update_lora("a-legacy", sw.path, off_loop=False))
+            again = {n: ray.get(server.slot_digest.remote(n)) for n in ("a", "a-legacy")}
+            assert again["a"] == again["a-legacy"] != digests["a"], (v, again, digests)
+            digests = again
         mem_shared = ray.get(shared.cuda_memory.remote())
         mem_own = ray.get(own.cuda_memory.remote())
         print(f"colocated trainer CUDA allocated {mem_shared}; standalone {mem_own}")

@@ -8,6 +8,7 @@
 #                                             # GPU copy into the server (publish_images, the default) (~8 min)
 #   bash scripts/gpu/run_issue16.sh latency   # bench.publish_latency by GPU copy alone, in place, armed flips on and off (~6 min)
 #   bash scripts/gpu/run_issue16.sh image     # bench.image_publish: peft files against ready slot images (~4 min)
+#   bash scripts/gpu/run_issue16.sh colocated-8b  # the colocated trainer against a standalone one at 8B (~4 min)
 # Results accumulate in /tmp/i16 while the machine stays warm; each call returns all of them, with
 # py-spy profiles of the all-tenant windows, in one tarball under $OUT.
 set -uo pipefail
@@ -56,11 +57,15 @@ case "${1:-stall}" in
         --machine h200 --out "$res/publish-$way" $flags > "$res/publish-$way.log" 2>&1 || rc=$?
       grep "bench.publish_latency wrote" "$res/publish-$way.log" | cut -c1-600
     done ;;
+  colocated-8b)  # issue 17's forward/backward equality at 8B shape (tests_cuda/test_shared_base_8b.py, ~4 min)
+    timeout 540 python3 -m pytest tests_cuda/test_shared_base_8b.py -p no:cacheprovider -x -q -rA -s \
+      --junitxml="$res/colocated-8b-junit.xml" > "$res/colocated-8b.log" 2>&1 || rc=$?
+    tail -5 "$res/colocated-8b.log" ;;
   image)
     timeout 400 python3 -m bench.image_publish --shape 8b --rank 32 --num-gpus 1 --rounds 8 --machine h200 \
       --out "$res/image" > "$res/image.log" 2>&1 || rc=$?
     grep "bench.image_publish wrote" "$res/image.log" | cut -c1-800 ;;
-  *) echo "usage: $0 stall|final|many|latency|publish|image"; exit 2 ;;
+  *) echo "usage: $0 stall|final|many|latency|publish|image|colocated-8b"; exit 2 ;;
 esac
 tar czf "$out/issue16-$(date +%H%M%S).tgz" -C "$res" .
 exit $rc

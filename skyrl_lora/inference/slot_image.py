@@ -101,10 +101,12 @@ class FlatWeights:
     an image is laid out from their segments by multi-tensor copies: at 8B rank 32 the 448 per-tensor
     views the way through a dict of tensors made cost more host time than the GPU's work."""
 
-    def __init__(self, flat: Any, layout: Sequence[tuple[str, Sequence[int]]]) -> None:
+    def __init__(self, flat: Any, layout: Sequence[tuple[str, Sequence[int]]],
+                 buffers: ShareBuffers | None = None) -> None:
         self.flat = flat
         self.layout = tuple((name, tuple(shape)) for name, shape in layout)
         self.sizes = [math.prod(shape) for _, shape in self.layout]
+        self.buffers = buffers  # where ``flat`` was lent from: its segments are made once
         if sum(self.sizes) != flat.numel():
             raise ValueError(f"the layout holds {sum(self.sizes)} elements; the buffer {flat.numel()}")
 
@@ -114,6 +116,8 @@ class FlatWeights:
 
     def segments(self) -> list[Any]:
         """Each tensor's segment, one-dimensional (one split, no view per tensor)."""
+        if self.buffers is not None:
+            return self.buffers.split(self.flat, self.sizes)
         return list(self.flat.split(self.sizes))
 
     def save(self, path: Path) -> None:
@@ -218,7 +222,7 @@ def _plan_order(plan: BuildPlan, layout: tuple[tuple[str, tuple[int, ...]], ...]
 
 
 def assemble(plan: BuildPlan, tensors: Mapping[str, Any] | FlatWeights, scaling: float,
-             out: Any = None) -> tuple[Any, list[list[int]]]:
+             out: Any = None, out_buffers: ShareBuffers | None = None) -> tuple[Any, list[list[int]]]:
     """The flat image of ``tensors`` (peft names) on their device, and each entry's source shape.
     The builder's operations (``slot_builder.build_image``: cast to the slot dtype, then ``lora_B``
     times the scaling in that dtype, in the top-left corner of a zeroed slot), so the same bits; the
@@ -226,7 +230,8 @@ def assemble(plan: BuildPlan, tensors: Mapping[str, Any] | FlatWeights, scaling:
     tensor fills whole (every slot, where the adapter's rank is the server's) are copied and scaled
     by multi-tensor kernels: one launch per kind of work instead of one per tensor; from
     :class:`FlatWeights` that fill every slot whole, with no view made per tensor either. ``out``:
-    a flat buffer of the plan's size, dtype and device to write the image into (else a new one)."""
+    a flat buffer of the plan's size, dtype and device to write the image into (else a new one), lent
+    by ``out_buffers`` where given (which then splits it once for its life)."""
     import torch
 
     if isinstance(tensors, FlatWeights):
@@ -235,7 +240,9 @@ def assemble(plan: BuildPlan, tensors: Mapping[str, Any] | FlatWeights, scaling:
             return assemble(plan, tensors.named(), scaling, out)
         image = out if out is not None else torch.empty(plan.numel, dtype=getattr(torch, plan.dtype),
                                                           device=tensors.flat.device)
-        parts, segments = image.split(order.sizes), tensors.segments()
+        parts = out_buffers.split(image, order.sizes) if out is not None and out_buffers is not None \
+            else image.split(order.sizes)
+        segments = tensors.segments()
         torch._foreach_copy_([parts[k] for k in order.filled], [segments[i] for i in order.sources])
         if order.scaled and scaling != 1:
             torch._foreach_mul_([parts[k] for k in order.scaled], scaling)
@@ -295,10 +302,12 @@ def write_image(out_dir: Path, plan: BuildPlan, tensors: Mapping[str, Any] | Fla
 
 
 def share_image(out_dir: Path, plan: BuildPlan, tensors: Mapping[str, Any] | FlatWeights, scaling: float,
-                device_uuid: str, out: Any = None) -> tuple[ImageManifest, Any]:
-    """Lay the image out on the tensors' GPU (into ``out``, a buffer from :class:`ShareBuffers`, where
+                device_uuid: str, out: Any = None, out_buffers: ShareBuffers | None = None,
+                mark: Callable[[str], None] | None = None) -> tuple[ImageManifest, Any]:
+    """Lay the image out on the tensors' GPU (into ``out``, a buffer lent by ``out_buffers``, where
     given) and describe it for a worker on that GPU (``cuda_ipc``) in the manifest written to
-    ``out_dir``. Returns the manifest and the image, which the caller keeps alive until every worker
+    ``out_dir``; ``mark`` is told each part's name as it ends (the publication's timeline). Returns
+    the manifest and the image, which the caller keeps alive until every worker
     has copied it (the sync has returned). The image is complete when this returns: a worker that
     still has this buffer mapped from an earlier version reads it without opening the handle again,
     and so without waiting for the IPC event that comes with it."""
@@ -307,11 +316,18 @@ def share_image(out_dir: Path, plan: BuildPlan, tensors: Mapping[str, Any] | Fla
     import torch
     from torch.multiprocessing.reductions import reduce_tensor
 
-    image, shapes = assemble(plan, tensors, scaling, out)
+    def part(name: str) -> None:
+        if mark is not None:
+            mark(name)
+
+    image, shapes = assemble(plan, tensors, scaling, out, out_buffers)
+    part("laid_out")
     if image.device.type != "cuda":
         raise ImageUnfit("the weights are not on a GPU: nothing to share by CUDA IPC")
     torch.cuda.current_stream(image.device).synchronize()
+    part("gpu_done")
     _, args = reduce_tensor(image)  # type: ignore[no-untyped-call]  # torch leaves it unannotated
+    part("ipc_handle")
     (_, _, _, offset, _, _, device, handle, size, storage_offset, _, ref_handle, ref_offset, event, sync) = args
 
     def b64(raw: bytes) -> str:
@@ -325,14 +341,18 @@ def share_image(out_dir: Path, plan: BuildPlan, tensors: Mapping[str, Any] | Fla
 
 
 class ShareBuffers:
-    """The colocated trainer's image buffers, reused version after version: a worker keeps each
-    mapped (``vllm_compat.worker``), so a version costs it no ``cudaIpcOpenMemHandle`` (which under
-    the engine's load took about a step at 8B on the H200). A buffer is lent for one publication and
-    given back once every server has copied it; one whose publication failed is dropped (a worker
-    may still be reading it). Thread-safe: exports run on the trainer's thread, syncs on its loop."""
+    """The colocated trainer's GPU buffers of one kind (its images; its copies for durable files),
+    reused version after version: a worker keeps each image buffer mapped (``vllm_compat.worker``),
+    so a version costs it no ``cudaIpcOpenMemHandle`` (which under the engine's load took about a step
+    at 8B on the H200), and a reused buffer needs no new allocation and keeps its split into segments
+    (:meth:`split`: 448 views at 8B rank 32, ~1 ms of host time per version made anew). A buffer is
+    lent for one publication and given back once it is free again; one a worker may still be reading
+    (its publication failed) is dropped. Thread-safe: exports run on the trainer's thread, syncs on
+    its loop, durable copies on threads of their own."""
 
     def __init__(self) -> None:
         self._free: list[Any] = []
+        self._splits: dict[int, tuple[Any, tuple[int, ...], list[Any]]] = {}  # id -> (buffer, sizes, views)
         self._lock = threading.Lock()
 
     def take(self, numel: int, dtype: Any, device: Any) -> Any:
@@ -347,6 +367,24 @@ class ShareBuffers:
     def give_back(self, buf: Any) -> None:
         with self._lock:
             self._free.append(buf)
+
+    def drop(self, buf: Any) -> None:
+        """Never lend ``buf`` again (its memory goes once nothing else holds it)."""
+        with self._lock:
+            self._splits.pop(id(buf), None)
+
+    def split(self, buf: Any, sizes: Sequence[int]) -> list[Any]:
+        """``buf.split(sizes)``, made once per buffer and sizes (the entry keeps the buffer, so its id
+        is not reused while cached; :meth:`drop` forgets it)."""
+        key = tuple(sizes)
+        with self._lock:
+            cached = self._splits.get(id(buf))
+        if cached is not None and cached[0] is buf and cached[1] == key:
+            return cached[2]
+        views = list(buf.split(list(key)))
+        with self._lock:
+            self._splits[id(buf)] = (buf, key, views)
+        return views
 
 
 def _write_manifest(out_dir: Path, plan: BuildPlan, scaling: float, shapes: list[list[int]],

@@ -224,27 +224,31 @@ class TrainerActor:
         share_on = (shared.device_uuid if shared is not None and len(self.config.inference_urls) == 1
                     and self._gpu_copies else None)
         t_export = time.perf_counter()
-        export, tensors, image = await self._run(self.trainer.export_image, tenant, name, publish, plan, share_on)
+        export, tensors, image, parts = await self._run(self.trainer.export_image, tenant, name, publish, plan,
+                                                        share_on)
         export_s = time.perf_counter() - t_export
         persist = functools.partial(self.trainer.persist_tensors, export, tensors)
         try:
             synced = await self._sync(client, tenant, self.trainer.durable_path(export), export, persist,
-                                      self.trainer.steps.get(tenant, 0), export_s, called)
+                                      self.trainer.steps.get(tenant, 0), export_s, called, parts)
         except SkyrlError:
             if share_on is not None:
                 logger.warning("publishing by a GPU copy failed; versions go through shared memory from now on")
                 self._gpu_copies = False
-            raise  # the image is dropped, not reused: a worker may still be reading it
+            if image is not None:  # dropped, not reused: a worker may still be reading it
+                self.trainer.share_buffers.drop(image)
+            raise
         if image is not None:  # every server has copied it: the next version is written into it
             self.trainer.share_buffers.give_back(image)
         return synced
 
     async def _sync(self, client: RemoteInferenceClient, tenant: str, path: Path, load_from: Path | None,
-                    persist: Callable[[], Path] | None, step: int, export_s: float, called: float) -> SamplerWeights:
+                    persist: Callable[[], Path] | None, step: int, export_s: float, called: float,
+                    export_parts: dict[str, float] | None = None) -> SamplerWeights:
         """Stage and flip ``path`` on every server (read from ``load_from`` now, when given), while
         ``persist`` writes the durable copy; that goes on after this returns (``DurableCopies``), and
         ``load_from`` is removed once both are done. ``called``: when the publication began
-        (``time.monotonic``), for its timeline."""
+        (``time.monotonic``), for its timeline, with the export's ``export_parts``."""
         exported = time.monotonic()
         persisted = self._durable.start(tenant, path, persist) if persist is not None else None
         t0 = time.perf_counter()
@@ -267,7 +271,7 @@ class TrainerActor:
                               versions=[r.lora.version for r in replies],
                               staging_s=max(r.staging_s for r in replies), flip_s=max(r.load_s for r in replies),
                               timeline=PublishTimeline(called=called, exported=exported, synced=synced,
-                                                       server=last))
+                                                       server=last, export_parts=export_parts or {}))
 
     def _remove_when_copied(self, export: Path, persisted: asyncio.Task[Path] | None) -> None:
         async def remove() -> None:

@@ -112,6 +112,9 @@ class PublishTimeline(_Frozen):
     exported: float
     synced: float
     server: SyncTimeline | None = Field(None, description="the server that flipped last")
+    export_parts: dict[str, float] = Field(default_factory=dict, description="the export's parts in the order "
+                                           "they ended, each's end (a slot image's: began, cast, configured, "
+                                           "laid_out, gpu_done, ipc_handle, renamed)")
 
 
 class SamplerWeights(_Frozen):

@@ -18,7 +18,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import torch
 
@@ -57,6 +57,17 @@ logger = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+class ImageExport(NamedTuple):
+    """:meth:`MultiTenantTrainer.export_image`'s result: the directory; the weights in the plan's
+    dtype, copied (training may go on), for :meth:`MultiTenantTrainer.persist_tensors`; the shared
+    image, which the caller keeps until the sync is over; each part's end (``time.monotonic``)."""
+
+    path: Path
+    tensors: FlatWeights
+    image: torch.Tensor | None
+    parts: dict[str, float]
+
+
 def _hf_config(path: Path) -> PretrainedConfig:
     from transformers import AutoConfig
 
@@ -92,6 +103,8 @@ class MultiTenantTrainer:
         self.weights_source: Callable[[], SharedBase] | None = None
         self.shared: SharedBase | None = None
         self.share_buffers = ShareBuffers()  # images left on the GPU for the one server to copy (export_image)
+        self.copy_buffers = ShareBuffers()  # their weights, copied for the durable copy (persist_tensors)
+        self._adapter_configs: dict[LoraSpec, bytes] = {}  # adapter_config.json per adapter shape
 
     # ------------------------------------------------------------------ base model
     def load(self) -> None:
@@ -298,51 +311,84 @@ class MultiTenantTrainer:
         return out
 
     def export_image(self, tenant: str, name: str, root: Path, plan: BuildPlan,
-                     share_on: str | None = None) -> tuple[Path, FlatWeights, torch.Tensor | None]:
+                     share_on: str | None = None) -> ImageExport:
         """The tenant's adapter laid out as the servers' slot image (``inference/slot_image.py``):
         nothing for a server to check or build before the flip. ``share_on``: the uuid of this GPU,
         which the one server shares (the colocated trainer): the image stays in GPU memory for the
-        server to copy (issue 17's GPU copy); otherwise it is written beside the config. Returns the
-        directory, the weights in the plan's dtype, copied (training may go on), for
-        :meth:`persist_tensors`, and the shared image, which the caller keeps until the sync is over.
-        Raises ImageUnfit where the plan cannot hold this adapter."""
+        server to copy (issue 17's GPU copy); otherwise it is written beside the config. Raises
+        ImageUnfit where the plan cannot hold this adapter."""
+        parts = {"began": time.monotonic()}
+
+        def mark(part: str) -> None:
+            parts[part] = time.monotonic()
+
         slot = self._activate(tenant)
         spec = self.specs[tenant]
         dtype = getattr(torch, plan.dtype)
-        # a copy (training may go on while it is published): the slot's weights are one flat buffer
-        tensors = FlatWeights(slot.flat["w"].to(dtype, copy=True), slot.layout)
+        # a copy (training may go on while it is published): the slot's weights are one flat buffer;
+        # the colocated trainer's copies are lent (copy_buffers) and given back once the durable copy
+        # is written (give_back_copy)
+        weights = slot.flat["w"]
+        if share_on is not None:
+            copy = self.copy_buffers.take(weights.numel(), dtype, weights.device)
+            copy.copy_(weights.detach())
+            tensors = FlatWeights(copy, slot.layout, self.copy_buffers)
+        else:
+            tensors = FlatWeights(weights.to(dtype, copy=True), slot.layout)
+        mark("cast")
         scaling = spec.alpha / spec.rank
         shared: list[torch.Tensor] = []
         if share_on is not None:
-            buffer = self.share_buffers.take(plan.numel, dtype, tensors.flat.device)
-            out = self._new_export(tenant, name, root, lambda d: shared.append(
-                share_image(d, plan, tensors, scaling, share_on, out=buffer)[1]))
+            buffer = self.share_buffers.take(plan.numel, dtype, weights.device)
+            try:
+                out = self._new_export(tenant, name, root, lambda d: shared.append(
+                    share_image(d, plan, tensors, scaling, share_on, out=buffer, out_buffers=self.share_buffers,
+                                mark=mark)[1]), mark)
+            except BaseException:  # no server has heard of either buffer: both are free again
+                self.share_buffers.give_back(buffer)
+                self.copy_buffers.give_back(tensors.flat)
+                raise
         else:
-            out = self._new_export(tenant, name, root, lambda d: write_image(d, plan, tensors, scaling))
-        return out, tensors, shared[0] if shared else None
+            out = self._new_export(tenant, name, root, lambda d: write_image(d, plan, tensors, scaling), mark)
+        return ImageExport(out, tensors, shared[0] if shared else None, parts)
 
-    def _new_export(self, tenant: str, name: str, root: Path | None, write: Callable[[Path], Any]) -> Path:
+    def _new_export(self, tenant: str, name: str, root: Path | None, write: Callable[[Path], Any],
+                    mark: Callable[[str], None] | None = None) -> Path:
         """A new export directory of the tenant under ``root`` (default ``sampler_root``): its
-        adapter_config.json and what ``write`` puts there, seen whole or not at all."""
+        adapter_config.json and what ``write`` puts there, seen whole or not at all. ``mark``: told
+        each part's name as it ends (the publication's timeline)."""
         _check_name(name, "name")
-        from peft import LoraConfig
-
-        spec = self.specs[tenant]
         root = (root or self.config.sampler_root) / tenant
         out = root / f"{name}-s{self.steps[tenant]}-{uuid.uuid4().hex[:8]}"
         tmp = root / f".tmp-{uuid.uuid4().hex}"
         tmp.mkdir(parents=True)
         try:
-            # peft annotates lora_alpha as int, but takes (and scales by) a float
-            LoraConfig(r=spec.rank, lora_alpha=spec.alpha,  # type: ignore[arg-type]
-                       target_modules=list(spec.target_modules), lora_dropout=0.0,
-                       bias="none", task_type="CAUSAL_LM", base_model_name_or_path=str(self.config.base_model)
-                       ).save_pretrained(str(tmp))
+            (tmp / "adapter_config.json").write_bytes(self._adapter_config(self.specs[tenant]))
+            if mark is not None:
+                mark("configured")
             write(tmp)
             tmp.rename(out)
+            if mark is not None:
+                mark("renamed")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return out
+
+    def _adapter_config(self, spec: LoraSpec) -> bytes:
+        """adapter_config.json of ``spec`` as peft writes it, made once per shape: peft's
+        ``save_pretrained`` took ~1 ms of every publication's critical path."""
+        cached = self._adapter_configs.get(spec)
+        if cached is None:
+            from peft import LoraConfig
+
+            with tempfile.TemporaryDirectory(prefix="skyrl-config-") as tmp:
+                # peft annotates lora_alpha as int, but takes (and scales by) a float
+                LoraConfig(r=spec.rank, lora_alpha=spec.alpha,  # type: ignore[arg-type]
+                           target_modules=list(spec.target_modules), lora_dropout=0.0,
+                           bias="none", task_type="CAUSAL_LM", base_model_name_or_path=str(self.config.base_model)
+                           ).save_pretrained(tmp)
+                cached = self._adapter_configs[spec] = (Path(tmp) / "adapter_config.json").read_bytes()
+        return cached
 
     def adapter_files(self, tenant: str) -> dict[str, bytes]:
         """The tenant's adapter as the files of a peft directory (name -> bytes), for a download.
@@ -393,7 +439,11 @@ class MultiTenantTrainer:
             shutil.copyfile(export / "adapter_config.json", tmp / "adapter_config.json")
             tensors.save(tmp / "adapter_model.safetensors")  # one copy off the device, one write
 
-        return self._persist(export, write)
+        try:
+            return self._persist(export, write)
+        finally:  # off the device or failed: either way the lent buffer is free
+            if tensors.buffers is not None:
+                tensors.buffers.give_back(tensors.flat)
 
     def _persist(self, export: Path, write: Callable[[Path], Any]) -> Path:
         """The durable directory of ``export`` in ``sampler_root``, as ``write`` fills a new directory

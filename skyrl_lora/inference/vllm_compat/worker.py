@@ -131,6 +131,7 @@ class ArmedFlip:
     image: SlotImage | None
     armed_at: float  # time.monotonic(), one clock for every process of the host
     received_at: float  # when this worker was told to stage it (its command arrived)
+    started_at: float  # when a staging thread took it up
 
 
 @dataclass(eq=False)
@@ -459,6 +460,7 @@ def _prebuilt_image(state: dict[str, Any], adapter_manager: Any, lora_int_id: in
 
     from skyrl_lora.inference.adapter_check import read_adapter_config
 
+    t0 = time.perf_counter()
     plan: BuildPlan | None = state["plan"]
     if plan is None or manifest.plan_digest != state["plan_digest"]:
         raise ValueError("the slot image was laid out for another server layout (its plan digest differs)")
@@ -469,6 +471,7 @@ def _prebuilt_image(state: dict[str, Any], adapter_manager: Any, lora_int_id: in
             raise ValueError(f"the slot image's {entry.source} has shape {shape}; its slot is [{entry.rows}, {entry.cols}]")
     config = read_adapter_config(Path(source))
     rank, alpha = int(config["r"]), float(config["lora_alpha"])
+    _record(state, "prebuilt_checks_ms", t0)
     if manifest.cuda_ipc is not None:
         return _image_from_gpu(state, adapter_manager, lora_int_id, manifest, rank, alpha)
     t0 = time.perf_counter()
@@ -519,14 +522,16 @@ def _image_from_gpu(state: dict[str, Any], adapter_manager: Any, lora_int_id: in
         copied = torch.cuda.Event()  # type: ignore[no-untyped-call]  # unannotated in torch
         copied.record(stream)
     state["host_copies"][lora_int_id] = copied
-    _record(state, "gpu_copy_host_ms", t_part)
+    t_part = _record(state, "gpu_copy_host_ms", t_part)
     lora = _lora_model_of_views(adapter_manager, layout, plan, manifest.shapes, host,
                                 lora_int_id, rank, alpha)
+    image = SlotImage(lora, buffer, layout.sources(buffer))
+    _record(state, "gpu_copy_views_ms", t_part)
     _record(state, "gpu_copy_ms", t0)
-    return lora, SlotImage(lora, buffer, layout.sources(buffer))
+    return lora, image
 
 
-READY_ATTR = "_skyrl_views_ready"  # on a LoRAModel whose layer views are still being made
+READY_ATTR = "_skyrl_views_pending"  # on a LoRAModel whose layer views are not made yet
 VIEWS_TIMEOUT_S = 60.0
 
 
@@ -534,38 +539,38 @@ def _lora_model_of_views(adapter_manager: Any, layout: _SlotLayout, plan: BuildP
                          mapped: Any, lora_int_id: int, rank: int, alpha: float) -> Any:
     """vLLM's ``LoRAModel`` for a built image, already packed and scaled (as after vLLM's own
     ``_create_merged_loras_inplace`` and ``optimize``), its tensors views of ``mapped``; returned
-    empty, with its layers made by :func:`fill_views` once the version is staged (or armed).
+    empty, with its layers made by :func:`fill_views` when first needed.
 
-    The flip copies the slot image and never reads these views: only vLLM's re-activation of an
-    evicted version does, which waits for them (``wait_views``). Making them is ~450 views and
-    layer objects of Python, 3-4 ms at 8B idle and 6-14 ms beside a busy engine (H200), which
-    used to come before the server heard the version was staged."""
+    The flip copies the slot image and never reads these views: only vLLM's add_lora (a version
+    that is not armed: made before the server hears it is staged) and its re-activation of an
+    evicted version do, which make them first (``fill_views``). Making them is ~450 views and layer
+    objects of Python, 3-4 ms at 8B idle and 6-14 ms beside a busy engine (H200): made on a staging
+    thread after the notice, they held the interpreter lock while the engine's thread prepared the
+    first steps on the new version; most armed versions are replaced before anything reads them."""
     from vllm.lora.lora_model import LoRAModel
 
     lora = LoRAModel(lora_int_id, rank, {})
-    setattr(lora, READY_ATTR, (threading.Event(), (adapter_manager, layout, plan, shapes, mapped, rank, alpha)))
+    setattr(lora, READY_ATTR, (threading.Lock(), (adapter_manager, layout, plan, shapes, mapped, rank, alpha)))
     return lora
 
 
 def fill_views(lora: Any) -> None:
-    """Make the layer views of a ``LoRAModel`` from :func:`_lora_model_of_views` (once; any thread)."""
+    """Make the layer views of a ``LoRAModel`` from :func:`_lora_model_of_views` (once, on whichever
+    thread first needs them; a second caller waits for the first's); at once for any other."""
     pending = getattr(lora, READY_ATTR, None)
-    if pending is None or pending[0].is_set():
+    if pending is None:
         return
-    ready, (adapter_manager, layout, plan, shapes, mapped, rank, alpha) = pending
-    try:
-        # one assignment, never a dict changed in place: vLLM's thread may be iterating the model's
-        # layers (packing it when add_adapter registers it) while this runs
-        lora.loras = _layer_views(adapter_manager, layout, plan, shapes, mapped, rank, alpha)
-    finally:
-        ready.set()
-
-
-def wait_views(lora: Any) -> None:
-    """Return once ``lora``'s layer views are made (at once for any other ``LoRAModel``)."""
-    pending = getattr(lora, READY_ATTR, None)
-    if pending is not None and not pending[0].wait(VIEWS_TIMEOUT_S):
+    lock, args = pending
+    if not lock.acquire(timeout=VIEWS_TIMEOUT_S):
         raise RuntimeError(f"the layer views of LoRA {lora.id} were not made within {VIEWS_TIMEOUT_S:.0f} s")
+    try:
+        if getattr(lora, READY_ATTR, None) is not None:
+            # one assignment, never a dict changed in place: vLLM's thread may be iterating the model's
+            # layers while this runs
+            lora.loras = _layer_views(*args)
+            delattr(lora, READY_ATTR)
+    finally:
+        lock.release()
 
 
 def _layer_views(adapter_manager: Any, layout: _SlotLayout, plan: BuildPlan, shapes: list[list[int]],
@@ -746,8 +751,9 @@ class LoraStagingWorkerExtension:
                  "armed": {}, "tickets": {}, "applying": None, "add_lora": None,
                  "flip_log": collections.deque(maxlen=FLIP_LOG_KEPT),
                  "timings": {k: [] for k in ("armed_to_applied_ms", "flip_ms", "load_ms", "image_ms", "build_ms",
-                                             "prebuilt_ms", "gpu_copy_ms", "gpu_copy_open_ms", "gpu_copy_check_ms",
-                                             "gpu_copy_host_ms")}}
+                                             "prebuilt_ms", "manifest_read_ms", "prebuilt_checks_ms",
+                                             "gpu_copy_ms", "gpu_copy_open_ms", "gpu_copy_check_ms",
+                                             "gpu_copy_host_ms", "gpu_copy_views_ms")}}
         jobs: dict[int, Any] = state["jobs"]
         images: dict[int, SlotImage] = state["images"]
 
@@ -757,7 +763,7 @@ class LoraStagingWorkerExtension:
                     and applying.request.lora_path == lora_request.lora_path):
                 if applying.image is not None:
                     images[lora_request.lora_int_id] = applying.image
-                wait_views(applying.lora)  # vLLM's add_adapter packs the model, reading its layers
+                fill_views(applying.lora)  # vLLM's add_adapter packs the model, reading its layers
                 return applying.lora
             # Only the staged version itself: an evicted older adapter of the same id reloading from
             # its own path must not pick up a version staged in place.
@@ -772,7 +778,7 @@ class LoraStagingWorkerExtension:
             lora, image = job.result()
             if image is not None:
                 images[lora_request.lora_int_id] = image  # add_adapter activates it right after
-            wait_views(lora)  # made before the server heard of it, unless it was armed
+            fill_views(lora)  # made before the server heard of it, unless it was armed
             return lora
 
         manager._load_adapter = load_adapter
@@ -837,7 +843,8 @@ class LoraStagingWorkerExtension:
                 kept.append(1000 * (applied_at - flip.armed_at))
                 del kept[:-TIMINGS_KEPT]
             state["flip_log"].append({"lora_int_id": lora_id, "lora_path": flip.request.lora_path,
-                                      "received_at": flip.received_at, "armed_at": flip.armed_at,
+                                      "received_at": flip.received_at, "started_at": flip.started_at,
+                                      "armed_at": flip.armed_at,
                                       "applied_at": applied_at, "error": error,
                                       "made_positions": _made_positions(scheduler_output)})
         return len(flips)
@@ -892,7 +899,7 @@ class LoraStagingWorkerExtension:
                     or adapter_manager._registered_adapters.get(lora_id) is not image.lora):
                 registered = adapter_manager._registered_adapters.get(lora_id)
                 if registered is not None and lora_id not in adapter_manager._active_adapters:
-                    wait_views(registered)  # vLLM's activation reads the model's layers
+                    fill_views(registered)  # vLLM's activation reads the model's layers
                 return bool(original(lora_id))
             t0 = time.perf_counter()
             modules = adapter_manager.modules
@@ -910,8 +917,10 @@ class LoraStagingWorkerExtension:
     def _skyrl_build(self, lora_request: Any, source: str) -> tuple[Any, SlotImage | None]:
         state = self._skyrl_staging()
         adapter_manager = self.model_runner.lora_manager._adapter_manager  # type: ignore[attr-defined]
+        t0 = time.perf_counter()
         manifest = read_manifest(source)
         if manifest is not None:  # laid out by the trainer (slot_image): nothing to build
+            _record(state, "manifest_read_ms", t0)
             return _prebuilt_image(state, adapter_manager, lora_request.lora_int_id, source, manifest)
         if state["builders"] is not None:
             built = _build_out_of_process(state, adapter_manager, lora_request.lora_int_id, source)
@@ -960,8 +969,6 @@ class LoraStagingWorkerExtension:
         channel: WorkerStageChannel | None = state.get("channel")
         if channel is not None:
             job.add_done_callback(lambda done: channel.notify(lora_int_id, lora_path, _outcome(done)))
-        # after the notice: the CPU cache's views are needed only by a re-activation, which waits for them
-        job.add_done_callback(lambda done: fill_views(done.result()[0]) if _outcome(done) == "ok" else None)
         if arm:
             job.add_done_callback(lambda done: self._skyrl_forget_applied(lora_int_id, lora_path, done))
 
@@ -970,13 +977,15 @@ class LoraStagingWorkerExtension:
         """Build, then arm: an armed version's layer views are made after the server hears it is
         staged (nothing reads them before a re-activation: ``_skyrl_flip_in_place``); anything else
         is flipped by vLLM's add_lora, which reads them, so they are made first."""
+        started_at = time.monotonic()
         lora, image = self._skyrl_build(request, source)
         if not arm:
             fill_views(lora)
         else:
             state = self._skyrl_stage_state
             flip = ArmedFlip(make_lora_request(request.lora_name, request.lora_int_id, request.lora_path,
-                                               load_inplace=True), lora, image, time.monotonic(), received_at)
+                                               load_inplace=True), lora, image, time.monotonic(), received_at,
+                               started_at)
             with state["lock"]:
                 if state["tickets"].get(request.lora_int_id) is not ticket:  # discarded or staged anew meanwhile
                     raise RuntimeError(f"staging of {request.lora_path} was discarded before it was armed")
