@@ -278,6 +278,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 w = _window(name, r, pubs, _gaps_ms(streams, since) if streams else [])
                 logger.info("%s", {k: v for k, v in w.items() if k != "publishes"})
                 windows.append(w)
+        if args.profile_exports:  # after every window, kept out of them: the profiler slows what it watches
+            await trainer.profile_exports.remote(str(args.out / "export-profiles"), args.profile_exports)
+            await _publishes(client, trainer, pair.server, prompt_ids, datum, args.profile_exports, None)
     finally:
         await pair.server.set_armed_flips.remote(True)
         await session.close()
@@ -346,6 +349,9 @@ def main() -> None:
     parser.add_argument("--sync-mode", choices=("abort", "inplace"), default="inplace",
                         help="the trainer's sync_mode: inplace (issue 17's armed flip) or abort")
     parser.add_argument("--windows", nargs="+", choices=WINDOWS, default=list(WINDOWS))
+    parser.add_argument("--profile-exports", type=int, default=0,
+                        help="then this many more publications, idle, their exports profiled (torch.profiler) "
+                             "into OUT/export-profiles")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from skyrl_lora.cluster import start_local_ray

@@ -344,14 +344,21 @@ async def test_trainer_publishes_through_shared_memory_and_keeps_a_durable_copy(
         (s,) = await client.sample(tok("x = 1")["input_ids"], {"max_tokens": 4, **GREEDY}, "shm-tenant")
         assert len(s.token_ids) == 4
         before = ray.get(vllm_server.actor.stage_timings.remote(), timeout=60)
+        await trainer.profile_exports.remote(str(tmp_path / "profiles"), 1)  # this export only (benchmarks)
         saved2 = await trainer.save_weights_for_sampler.remote("shm-tenant", "v2")
         await trainer.durable.remote(saved2.path)
+        profiled = sorted(p.name.split(".", 1)[1] for p in (tmp_path / "profiles").iterdir())
+        assert profiled == ["trace.json", "txt"], profiled
         (lora,) = await _tenant(client, "shm-tenant")
         assert lora.version == 2 and lora.path == str(Path(saved2.path).resolve())
         # the publication lined up end to end, trainer and server on the host's one clock
         t = saved2.timeline
         assert t is not None and t.server is not None and None not in (t.server.received, t.server.checked), t
         assert t.called <= t.exported <= t.server.received <= t.server.checked <= t.server.flipped <= t.synced, t
+        # the export's parts (a slot image written to shared memory), in order within it
+        assert list(t.export_parts) == ["began", "cast", "configured", "renamed"], t.export_parts
+        assert t.called <= min(t.export_parts.values()) and max(t.export_parts.values()) <= t.exported, t
+        assert list(t.export_parts.values()) == sorted(t.export_parts.values()), t.export_parts
         # published as the server's ready slot image (nothing built or loaded there) ...
         after = ray.get(vllm_server.actor.stage_timings.remote(), timeout=60)
         assert {k: len(after[k]) - len(before.get(k, [])) for k in ("prebuilt_ms", "load_ms", "build_ms")} == \

@@ -44,7 +44,7 @@ case "${1:-stall}" in
   latency)  # save -> first token by GPU copy alone (the colocated trainer's default), in place (issue 17's
             # armed flip), every window of bench.publish_latency with armed flips and without (~6 min)
     timeout 480 python3 -m bench.publish_latency --num-gpus 1 --tenants 4 --streams 8 --publishes 8 \
-      --sync-mode inplace --machine h200 --out "$res/publish-latency" --publish-images \
+      --sync-mode inplace --machine h200 --out "$res/publish-latency" --publish-images --profile-exports 2 \
       > "$res/publish-latency.log" 2>&1 || rc=$?
     # the actors' errors (the trainer's fallbacks, the worker's failed flips) come back with the results
     grep -rh -B2 -A30 "Traceback\|GPU copy failed\|armed flip" /tmp/ray/session_latest/logs/ 2>/dev/null \

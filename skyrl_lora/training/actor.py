@@ -282,6 +282,11 @@ class TrainerActor:
         self._cleanups.spawn(remove(), name=f"remove-{export.name}")
 
     # ------------------------------------------------------------------ tests and benchmarks
+    async def profile_exports(self, out_dir: str, count: int) -> None:
+        """Profile the next ``count`` exports of ``save_weights_for_sampler`` into ``out_dir``
+        (``MultiTenantTrainer.profile_exports``)."""
+        await self._run(self.trainer.profile_exports, Path(out_dir), count)
+
     async def snapshot_tensors(self, tenant: str) -> dict[str, Any]:
         snap = await self._run(self.trainer.snapshot, tenant)
         return {k: v.clone() for k, v in snap.tensors.items()}

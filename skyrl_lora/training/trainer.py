@@ -7,6 +7,7 @@ resident may evict the least recently used tenant to CPU, and the CPU tier spill
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -16,7 +17,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
@@ -105,6 +106,7 @@ class MultiTenantTrainer:
         self.share_buffers = ShareBuffers()  # images left on the GPU for the one server to copy (export_image)
         self.copy_buffers = ShareBuffers()  # their weights, copied for the durable copy (persist_tensors)
         self._adapter_configs: dict[LoraSpec, bytes] = {}  # adapter_config.json per adapter shape
+        self._export_profiles: tuple[Path, int] | None = None  # where, and how many exports left (profile_exports)
 
     # ------------------------------------------------------------------ base model
     def load(self) -> None:
@@ -317,6 +319,34 @@ class MultiTenantTrainer:
         which the one server shares (the colocated trainer): the image stays in GPU memory for the
         server to copy (issue 17's GPU copy); otherwise it is written beside the config. Raises
         ImageUnfit where the plan cannot hold this adapter."""
+        with self._export_profiler():
+            return self._export_image(tenant, name, root, plan, share_on)
+
+    def profile_exports(self, out_dir: Path, count: int) -> None:
+        """Profile the next ``count`` exports with torch's profiler (host and CUDA): a Chrome trace and
+        a table of the host's time per operation each, in ``out_dir``. For benchmarks: where a
+        publication's export spends its time inside the trainer's process."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self._export_profiles = (out_dir, count) if count > 0 else None
+
+    @contextlib.contextmanager
+    def _export_profiler(self) -> Iterator[None]:
+        pending = self._export_profiles
+        if pending is None:
+            yield
+            return
+        out_dir, left = pending
+        self._export_profiles = (out_dir, left - 1) if left > 1 else None
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        with profile(activities=activities, with_stack=True) as prof:
+            yield
+        stem = out_dir / f"export-{uuid.uuid4().hex[:8]}"
+        prof.export_chrome_trace(f"{stem}.trace.json")
+        stem.with_suffix(".txt").write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+
+    def _export_image(self, tenant: str, name: str, root: Path, plan: BuildPlan, share_on: str | None) -> ImageExport:
         parts = {"began": time.monotonic()}
 
         def mark(part: str) -> None:
