@@ -109,6 +109,14 @@ def test_reused_buffers_make_each_version_as_fresh_ones_do() -> None:
     assert [v.numel() for v in images.split(lent[0][0], [8, 80])] == [8, 80]  # other sizes: made anew
     images.drop(images.take(plan.numel, torch.bfloat16, "cpu"))
     assert images.take(plan.numel, torch.bfloat16, "cpu") is not lent[0][0]  # dropped: a new one
+    few = ShareBuffers(max_free=2)
+    bufs = [few.take(8, torch.float32, "cpu") for _ in range(3)]
+    for b in bufs:
+        few.split(b, [4, 4])
+        few.give_back(b)
+    assert len(few._splits) == 2 and id(bufs[0]) not in few._splits  # the oldest went, split and all
+    taken = [few.take(8, torch.float32, torch.device("cpu")) for _ in range(3)]
+    assert [any(t is b for t in taken) for b in bufs] == [False, True, True]
 
 
 def test_flat_weights_save_a_safetensors_file_that_loads_back(tmp_path: Path) -> None:

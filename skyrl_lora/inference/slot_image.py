@@ -348,9 +348,12 @@ class ShareBuffers:
     (:meth:`split`: 448 views at 8B rank 32, ~1 ms of host time per version made anew). A buffer is
     lent for one publication and given back once it is free again; one a worker may still be reading
     (its publication failed) is dropped. Thread-safe: exports run on the trainer's thread, syncs on
-    its loop, durable copies on threads of their own."""
+    its loop, durable copies on threads of their own. At most ``max_free`` wait to be lent again
+    (the worker keeps as many image buffers mapped, ``MAPPED_KEPT``): tenants of many adapter shapes
+    would otherwise each keep buffers that the caching allocator could give to training."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_free: int = 4) -> None:
+        self.max_free = max_free
         self._free: list[Any] = []
         self._splits: dict[int, tuple[Any, tuple[int, ...], list[Any]]] = {}  # id -> (buffer, sizes, views)
         self._lock = threading.Lock()
@@ -367,6 +370,8 @@ class ShareBuffers:
     def give_back(self, buf: Any) -> None:
         with self._lock:
             self._free.append(buf)
+            while len(self._free) > self.max_free:  # the least recently given back goes
+                self._splits.pop(id(self._free.pop(0)), None)
 
     def drop(self, buf: Any) -> None:
         """Never lend ``buf`` again (its memory goes once nothing else holds it)."""
