@@ -303,7 +303,7 @@ def write_image(out_dir: Path, plan: BuildPlan, tensors: Mapping[str, Any] | Fla
 
 def share_image(out_dir: Path, plan: BuildPlan, tensors: Mapping[str, Any] | FlatWeights, scaling: float,
                 device_uuid: str, out: Any = None, out_buffers: ShareBuffers | None = None,
-                mark: Callable[[str], None] | None = None) -> tuple[ImageManifest, Any]:
+                mark: Callable[[str], None] = lambda part: None) -> tuple[ImageManifest, Any]:
     """Lay the image out on the tensors' GPU (into ``out``, a buffer lent by ``out_buffers``, where
     given) and describe it for a worker on that GPU (``cuda_ipc``) in the manifest written to
     ``out_dir``; ``mark`` is told each part's name as it ends (the publication's timeline). Returns
@@ -316,18 +316,14 @@ def share_image(out_dir: Path, plan: BuildPlan, tensors: Mapping[str, Any] | Fla
     import torch
     from torch.multiprocessing.reductions import reduce_tensor
 
-    def part(name: str) -> None:
-        if mark is not None:
-            mark(name)
-
     image, shapes = assemble(plan, tensors, scaling, out, out_buffers)
-    part("laid_out")
+    mark("laid_out")
     if image.device.type != "cuda":
         raise ImageUnfit("the weights are not on a GPU: nothing to share by CUDA IPC")
     torch.cuda.current_stream(image.device).synchronize()
-    part("gpu_done")
+    mark("gpu_done")
     _, args = reduce_tensor(image)  # type: ignore[no-untyped-call]  # torch leaves it unannotated
-    part("ipc_handle")
+    mark("ipc_handle")
     (_, _, _, offset, _, _, device, handle, size, storage_offset, _, ref_handle, ref_offset, event, sync) = args
 
     def b64(raw: bytes) -> str:

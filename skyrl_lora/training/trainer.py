@@ -355,35 +355,32 @@ class MultiTenantTrainer:
         slot = self._activate(tenant)
         spec = self.specs[tenant]
         dtype = getattr(torch, plan.dtype)
-        # a copy (training may go on while it is published): the slot's weights are one flat buffer;
-        # the colocated trainer's copies are lent (copy_buffers) and given back once the durable copy
-        # is written (give_back_copy)
-        weights = slot.flat["w"]
-        if share_on is not None:
-            copy = self.copy_buffers.take(weights.numel(), dtype, weights.device)
-            copy.copy_(weights.detach())
-            tensors = FlatWeights(copy, slot.layout, self.copy_buffers)
-        else:
-            tensors = FlatWeights(weights.to(dtype, copy=True), slot.layout)
-        mark("cast")
         scaling = spec.alpha / spec.rank
-        shared: list[torch.Tensor] = []
-        if share_on is not None:
-            buffer = self.share_buffers.take(plan.numel, dtype, weights.device)
-            try:
-                out = self._new_export(tenant, name, root, lambda d: shared.append(
-                    share_image(d, plan, tensors, scaling, share_on, out=buffer, out_buffers=self.share_buffers,
-                                mark=mark)[1]), mark)
-            except BaseException:  # no server has heard of either buffer: both are free again
-                self.share_buffers.give_back(buffer)
-                self.copy_buffers.give_back(tensors.flat)
-                raise
-        else:
+        # a copy (training may go on while it is published): the slot's weights are one flat buffer
+        weights = slot.flat["w"]
+        if share_on is None:
+            tensors = FlatWeights(weights.to(dtype, copy=True), slot.layout)
+            mark("cast")
             out = self._new_export(tenant, name, root, lambda d: write_image(d, plan, tensors, scaling), mark)
-        return ImageExport(out, tensors, shared[0] if shared else None, parts)
+            return ImageExport(out, tensors, None, parts)
+        # the colocated trainer's copy and image are lent: the copy comes back once the durable copy is
+        # written (persist_tensors), the image once every server has copied it (the actor)
+        copy = self.copy_buffers.take(weights.numel(), dtype, weights.device)
+        copy.copy_(weights.detach())
+        tensors = FlatWeights(copy, slot.layout, self.copy_buffers)
+        mark("cast")
+        buffer = self.share_buffers.take(plan.numel, dtype, weights.device)
+        try:
+            out = self._new_export(tenant, name, root, lambda d: share_image(
+                d, plan, tensors, scaling, share_on, out=buffer, out_buffers=self.share_buffers, mark=mark), mark)
+        except BaseException:  # no server has heard of either buffer: both are free again
+            self.share_buffers.give_back(buffer)
+            self.copy_buffers.give_back(copy)
+            raise
+        return ImageExport(out, tensors, buffer, parts)
 
     def _new_export(self, tenant: str, name: str, root: Path | None, write: Callable[[Path], Any],
-                    mark: Callable[[str], None] | None = None) -> Path:
+                    mark: Callable[[str], None] = lambda part: None) -> Path:
         """A new export directory of the tenant under ``root`` (default ``sampler_root``): its
         adapter_config.json and what ``write`` puts there, seen whole or not at all. ``mark``: told
         each part's name as it ends (the publication's timeline)."""
@@ -394,12 +391,10 @@ class MultiTenantTrainer:
         tmp.mkdir(parents=True)
         try:
             (tmp / "adapter_config.json").write_bytes(self._adapter_config(self.specs[tenant]))
-            if mark is not None:
-                mark("configured")
+            mark("configured")
             write(tmp)
             tmp.rename(out)
-            if mark is not None:
-                mark("renamed")
+            mark("renamed")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return out

@@ -778,7 +778,7 @@ class LoraStagingWorkerExtension:
             lora, image = job.result()
             if image is not None:
                 images[lora_request.lora_int_id] = image  # add_adapter activates it right after
-            fill_views(lora)  # made before the server heard of it, unless it was armed
+            fill_views(lora)  # made before the server heard of it, unless it was armed (then here)
             return lora
 
         manager._load_adapter = load_adapter
@@ -974,9 +974,9 @@ class LoraStagingWorkerExtension:
 
     def _skyrl_stage_job(self, request: Any, source: str, arm: bool, received_at: float,
                          ticket: _StagingTicket) -> tuple[Any, SlotImage | None]:
-        """Build, then arm: an armed version's layer views are made after the server hears it is
-        staged (nothing reads them before a re-activation: ``_skyrl_flip_in_place``); anything else
-        is flipped by vLLM's add_lora, which reads them, so they are made first."""
+        """Build, then arm: an armed version's layer views are made when something first reads them
+        (the flip does not: ``_skyrl_flip_in_place``); anything else is flipped by vLLM's add_lora,
+        which reads them, so they are made first."""
         started_at = time.monotonic()
         lora, image = self._skyrl_build(request, source)
         if not arm:
