@@ -139,3 +139,56 @@ def test_a_cpu_server_says_why_it_cannot_share_its_weights(vllm_server, tmp_path
     with pytest.raises(Exception, match="CUDA") as refused:
         ray.get(vllm_server.actor.share_base_weights.remote(str(tmp_path / "handles.pkl")), timeout=120)
     assert "cannot be shared" in str(refused.value)
+
+
+def test_the_base_moves_to_a_restarted_servers_weights_with_every_tenant_kept(tiny, tok, tmp_path) -> None:
+    """A restarted server loads the weights into other memory: the trainer lets go of the old tensors
+    and points the same model at the new ones; tenants' adapters and optimizer states go on."""
+    state, config = _hf_state(tiny)
+    first, second = vllm_layout(state, config), vllm_layout(state, config)
+    source = {"server": first}
+    trainer = _trainer(tiny, tmp_path, lambda: SharedBase(source["server"], "cpu", "LlamaForCausalLM",
+                                                          f"run-{id(source['server'])}"), base_weights="shared")
+    spec = LoraSpec(rank=8, alpha=16, seed=4)
+    trainer.create_lora("t", spec)
+    data, probe = [phrase_datum(tok, " woof")], [phrase_datum(tok, " meow")]
+    trainer.forward_backward("t", data)
+    trainer.optim_step("t", AdamParams(learning_rate=1e-2))
+    before = trainer.forward("t", probe).loss_fn_outputs[0]["logprobs"]
+
+    trainer.release_shared_base()
+    assert trainer.shared is None
+    with pytest.raises(Exception):  # noqa: B017 (no step runs on a released base: shapes, never freed memory)
+        trainer.forward("t", probe)
+
+    source["server"] = second
+    shared = trainer.reshare_base()
+    assert shared.server_tensors is second
+    ptrs = {t.untyped_storage().data_ptr() for t in second.values()}
+    old = {t.untyped_storage().data_ptr() for t in first.values()}
+    base_params = [p for n, p in trainer.model.named_parameters() if "lora_" not in n]
+    assert all(p.untyped_storage().data_ptr() in ptrs and p.untyped_storage().data_ptr() not in old
+               for p in base_params)
+    assert trainer.forward("t", probe).loss_fn_outputs[0]["logprobs"] == before
+    fingerprint = checksum(second)
+    trainer.forward_backward("t", data)
+    trainer.optim_step("t", AdamParams(learning_rate=1e-2))
+    assert trainer.steps["t"] == 2 and trainer.forward("t", probe).loss_fn_outputs[0]["logprobs"] != before
+    assert checksum(second) == fingerprint
+
+
+def test_a_restarted_server_of_another_shape_is_refused_and_the_base_stays_released(tiny, tmp_path) -> None:
+    state, config = _hf_state(tiny)
+    server = vllm_layout(state, config)
+    source = {"server": server}
+    trainer = _trainer(tiny, tmp_path, lambda: SharedBase(source["server"], "cpu", "LlamaForCausalLM", "run"),
+                       base_weights="shared")
+    name = next(n for n in server if ".qkv_proj." in n)
+    source["server"] = {**server, name: server[name][:-8]}  # one projection lost rows
+    with pytest.raises(SkyrlError) as refused:
+        trainer.reshare_base()
+    assert refused.value.status == 503 and refused.value.field == "base_weights" and "rows" in refused.value.message
+    assert trainer.shared is None
+    own = _trainer(tiny, tmp_path / "own")
+    with pytest.raises(SkyrlError, match="own copy"):
+        own.reshare_base()

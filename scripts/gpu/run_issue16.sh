@@ -9,6 +9,7 @@
 #   bash scripts/gpu/run_issue16.sh latency   # bench.publish_latency by GPU copy alone, in place, armed flips on and off (~6 min)
 #   bash scripts/gpu/run_issue16.sh image     # bench.image_publish: peft files against ready slot images (~4 min)
 #   bash scripts/gpu/run_issue16.sh colocated-8b  # the colocated trainer against a standalone one at 8B (~4 min)
+#   bash scripts/gpu/run_issue16.sh restart   # the colocated trainer follows its server across a crash (~3 min)
 # Results accumulate in /tmp/i16 while the machine stays warm; each call returns all of them, with
 # py-spy profiles of the all-tenant windows, in one tarball under $OUT.
 set -uo pipefail
@@ -61,11 +62,17 @@ case "${1:-stall}" in
     timeout 540 python3 -m pytest tests_cuda/test_shared_base_8b.py -p no:cacheprovider -x -q -rA -s \
       --junitxml="$res/colocated-8b-junit.xml" > "$res/colocated-8b.log" 2>&1 || rc=$?
     tail -5 "$res/colocated-8b.log" ;;
+  restart)  # a colocated trainer follows its server across a crash (tests_cuda/test_shared_base_restart.py), and
+            # what a mapping does when the process that exported it dies (torch alone)
+    timeout 120 python3 scripts/gpu/ipc_exporter_exit.py --out "$res" > "$res/ipc-exporter-exit.log" 2>&1 || rc=$?
+    timeout 420 python3 -m pytest tests_cuda/test_shared_base_restart.py -p no:cacheprovider -x -q -rA -s \
+      --junitxml="$res/restart-junit.xml" > "$res/restart.log" 2>&1 || rc=$?
+    tail -3 "$res/ipc-exporter-exit.log"; grep "restart:" "$res/restart.log"; tail -5 "$res/restart.log" ;;
   image)
     timeout 400 python3 -m bench.image_publish --shape 8b --rank 32 --num-gpus 1 --rounds 8 --machine h200 \
       --out "$res/image" > "$res/image.log" 2>&1 || rc=$?
     grep "bench.image_publish wrote" "$res/image.log" | cut -c1-800 ;;
-  *) echo "usage: $0 stall|final|many|latency|publish|image|colocated-8b"; exit 2 ;;
+  *) echo "usage: $0 stall|final|many|latency|publish|image|colocated-8b|restart"; exit 2 ;;
 esac
 tar czf "$out/issue16-$(date +%H%M%S).tgz" -C "$res" .
 exit $rc

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import uuid
 from typing import Any
 
 import ray
 
 from skyrl_lora.actor_restart import call_self_after_restart
+from skyrl_lora.inference.protocol import ServerIncarnation
 from skyrl_lora.inference.server import EmbeddedVLLMServer, ServerConfig, vllm_env
 
 logger = logging.getLogger(__name__)
@@ -25,6 +27,8 @@ class VLLMServerActor:
         # a dead engine ends the process: Ray restarts the actor (when it may), which serves again
         self.server.on_engine_death = lambda: os._exit(1)
         self._starting: asyncio.Task[str] | None = None
+        # this run of the actor: a restart is another, with the base weights in other GPU memory
+        self._incarnation = uuid.uuid4().hex
         if context.was_current_actor_reconstructed:
             # Ray restarted us after a crash: nobody else will call start(), so ask ourselves. With a
             # state_dir the server comes back at its old port with every tenant's current adapter.
@@ -98,8 +102,14 @@ class VLLMServerActor:
         self.server.set_armed_flips(on)
 
     async def share_base_weights(self, path: str) -> dict[str, Any]:
-        """CUDA IPC handles of the base weights, for a trainer on this GPU (see ``training/shared_base.py``)."""
-        return await self.server.share_weights(path)
+        """CUDA IPC handles of the base weights, for a trainer on this GPU (see ``training/shared_base.py``),
+        and which run of this actor they belong to."""
+        return {**await self.server.share_weights(path), "incarnation": self._incarnation}
+
+    def incarnation(self) -> ServerIncarnation:
+        """Which run of this actor answers, and whether its engine (with the weights) is up: a colocated
+        trainer re-maps the weights when the run changes (``training/base_watch.py``)."""
+        return ServerIncarnation(incarnation=self._incarnation, started=self.server.engine is not None)
 
     def log_tail(self) -> str:
         return self.server.log_tail()

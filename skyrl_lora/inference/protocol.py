@@ -231,6 +231,14 @@ class SlotPlanResponse(_Frozen):
     digest: str | None
 
 
+class ServerIncarnation(_Frozen):
+    """Which run of a server actor answers (a restart is another run, with its weights in other GPU
+    memory), and whether its engine is up: what a colocated trainer follows (``training/base_watch``)."""
+
+    incarnation: str
+    started: bool
+
+
 class ServerState(_Frozen):
     loras: list[LoraInfo]
     engine_paused_by: dict[str, float]

@@ -24,9 +24,11 @@ from skyrl_lora.actor_restart import call_self_after_restart
 from skyrl_lora.background import BackgroundTasks
 from skyrl_lora.errors import SkyrlError
 from skyrl_lora.inference.client import FanOutError, InferenceError, RemoteInferenceClient
+from skyrl_lora.inference.protocol import ServerIncarnation
 from skyrl_lora.inference.slot_builder import BuildPlan
 from skyrl_lora.inference.slot_image import ImageUnfit
 from skyrl_lora.node_identity import node_identity
+from skyrl_lora.training.base_watch import ServerDown, SharedBaseWatch
 from skyrl_lora.training.config import TrainerConfig
 from skyrl_lora.training.durable_copies import DurableCopies
 from skyrl_lora.training.protocol import (
@@ -40,6 +42,7 @@ from skyrl_lora.training.protocol import (
     PublishTimeline,
     SamplerWeights,
     SavedState,
+    SharedBaseInfo,
     TenantInfo,
     TrainerState,
 )
@@ -63,6 +66,10 @@ class TrainerActor:
         self._gpu_copies = True  # the colocated trainer publishes by a GPU copy until that fails once
         self._durable = DurableCopies()  # published versions' copies in sampler_root, written after the call
         self._cleanups = BackgroundTasks("trainer actor")  # shared-memory exports removed once copied
+        # the colocated trainer follows its server across restarts (base_watch); made once the base is mapped
+        self._base_watch: SharedBaseWatch | None = None
+        self._server: Any = None  # the server actor's handle (Any: Ray's handles are untyped)
+        self._watching = BackgroundTasks("shared base watch")
         context = ray.get_runtime_context()
         # After a crash Ray restarts us with empty memory: every tenant comes back from its last saved
         # state (save_state) before any request runs; the restart itself triggers it, not a caller.
@@ -72,13 +79,61 @@ class TrainerActor:
             self._restart_call = call_self_after_restart("ready")
 
     async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``fn`` in a worker thread, one call at a time; on a colocated trainer only while its base is
+        mapped (a restarting server's is not: the call waits for the new run's, up to ``reshare_timeout_s``)."""
+        deadline = time.monotonic() + self.config.reshare_timeout_s
+        while True:
+            watch = self._base_watch
+            if watch is not None:
+                await watch.wait_ready(max(0.0, deadline - time.monotonic()))
+            async with self._training_lock():
+                if watch is None or watch.ready:  # (released while this call waited for the lock: wait again)
+                    result = await self._in_thread(fn, *args, **kwargs)
+                    break
+        if self._base_watch is None and self.trainer.shared is not None:
+            self._follow_server(self.trainer.shared.incarnation)
+        return result
+
+    def _training_lock(self) -> asyncio.Lock:
         if self._lock is None:  # created on the actor's own loop
             self._lock = asyncio.Lock()
-        async with self._lock:
-            if self._restore_pending:
-                self._restore_pending = False
-                await asyncio.to_thread(self._restore_saved_states)
-            return await asyncio.to_thread(fn, *args, **kwargs)
+        return self._lock
+
+    async def _in_thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        if self._restore_pending:
+            self._restore_pending = False
+            await asyncio.to_thread(self._restore_saved_states)
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+    # ------------------------------------------------------------------ the server whose weights are shared
+    def _follow_server(self, incarnation: str | None) -> None:
+        assert self.config.share_from is not None  # a shared base came from it
+        self._base_watch = SharedBaseWatch(self.config.share_from, incarnation, probe=self._probe_server,
+                                           release=self._release_base, reshare=self._reshare_base,
+                                           poll_s=self.config.reshare_poll_s)
+        self._watching.spawn(self._base_watch.run(), name="follow-server")
+
+    async def _probe_server(self) -> ServerIncarnation:
+        from ray.exceptions import RayActorError
+
+        try:
+            if self._server is None:
+                self._server = await asyncio.to_thread(ray.get_actor, str(self.config.share_from))
+            answer: ServerIncarnation = await self._server.incarnation.remote()
+            return answer
+        except (RayActorError, ValueError) as exc:  # dead, restarting, or no actor of that name any more
+            raise ServerDown(str(exc)) from exc
+
+    async def _release_base(self) -> None:
+        async with self._training_lock():
+            await asyncio.to_thread(self.trainer.release_shared_base)
+
+    async def _reshare_base(self) -> str:
+        async with self._training_lock():
+            shared = await asyncio.to_thread(self.trainer.reshare_base)
+        # the new run maps the trainer's buffers afresh and may lay its slots out anew: ask again
+        self._gpu_copies, self._image_plan = True, None
+        return str(shared.incarnation)
 
     def _restore_saved_states(self) -> None:
         self.trainer.load()
@@ -296,6 +351,13 @@ class TrainerActor:
         shared = self.trainer.shared
         return None if shared is None else await asyncio.to_thread(checksum, shared.server_tensors)
 
+    async def shared_base_info(self) -> SharedBaseInfo:
+        """Which run of the server the base maps now, and how often it was mapped again (restarts)."""
+        shared, watch = self.trainer.shared, self._base_watch
+        return SharedBaseInfo(mapped=shared is not None, incarnation=shared.incarnation if shared else None,
+                              reshares=watch.reshares if watch else 0,
+                              tensors=len(shared.server_tensors) if shared else 0)
+
     async def shared_base_bytes(self) -> int:
         """Bytes of the server's weights this trainer uses without a copy (0 with an own copy)."""
         shared = self.trainer.shared
@@ -312,6 +374,7 @@ class TrainerActor:
 
     async def shutdown(self) -> None:
         await self._durable.drain()
+        await self._watching.cancel_all()  # the watch never ends by itself
         await self._cleanups.drain()
         if self._client is not None:
             await self._client.aclose()

@@ -36,6 +36,11 @@ class TrainerSettings(BaseModel):
         "own", description="'own': load a copy of the base model; 'shared': build it on views of the inference "
         "server's GPU weights (share_from), refusing to start where that is impossible; 'shared_or_own': share where "
         "possible, else load a copy and say why once in the log")
+    reshare_poll_s: float = Field(1.0, gt=0, description="how often a trainer on shared base weights asks its server "
+                                  "whether it is still the process whose weights it maps (a restarted one is not)")
+    reshare_timeout_s: float = Field(900.0, gt=0, description="how long a training call waits for a restarted "
+                                     "server's weights before a 503 naming base_weights (a server at 8B starts in "
+                                     "about 2.5 minutes on an H200)")
 
 
 class TrainerConfig(TrainerSettings):

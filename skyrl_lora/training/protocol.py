@@ -192,3 +192,13 @@ class DistillPayload(_Frozen):
 class DistillStepOutput(_Frozen):
     forward_backward: ForwardBackwardOutput
     optim: OptimStepOutput
+
+
+class SharedBaseInfo(_Frozen):
+    """A colocated trainer's base: whether it maps its server's weights now, which run of the server
+    they belong to, and how often it mapped a restarted server's weights again (``base_watch``)."""
+
+    mapped: bool
+    incarnation: str | None
+    reshares: int
+    tensors: int

@@ -140,6 +140,39 @@ def model_on_views(config: Any, views: Mapping[str, torch.Tensor]) -> nn.Module:
     return model
 
 
+class BaseViews:
+    """The frozen parameters of a model built on views (HF names, as ``named_parameters()`` gave them
+    then), with the shape and dtype each was built with: what moves the model onto *another* mapping
+    of the server's weights (a restarted server's), its tenants' LoRA slots and optimizer states
+    untouched."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.params = dict(model.named_parameters())
+        self.shapes = {name: (tuple(p.shape), p.dtype) for name, p in self.params.items()}
+
+    def __bool__(self) -> bool:
+        return bool(self.params)
+
+    def rebind(self, views: Mapping[str, torch.Tensor]) -> None:
+        """Point each parameter at its view in ``views``. All are checked before any moves, so a
+        mismatch leaves the model as it was."""
+        for name, (shape, dtype) in self.shapes.items():
+            view = views.get(name)
+            if view is None:
+                raise SharingImpossible(f"the server has no parameter for {name} any more")
+            if tuple(view.shape) != shape or view.dtype != dtype:
+                raise SharingImpossible(f"{name}: the server now holds {tuple(view.shape)} {view.dtype}, the model "
+                                        f"was built on {shape} {dtype}")
+        for name, param in self.params.items():
+            param.data = views[name]
+
+    def detach(self) -> None:
+        """Let go of the server's memory: each parameter holds an empty tensor of its own instead of a
+        view (a step before :meth:`rebind` fails on the shapes, never reads freed memory)."""
+        for param in self.params.values():
+            param.data = param.data.new_empty(0)
+
+
 def checksum(tensors: Mapping[str, torch.Tensor]) -> dict[str, int]:
     """An exact fingerprint of each tensor's bits (words summed as integers): equal before and after
     training means nothing wrote to the shared base."""
@@ -157,6 +190,7 @@ class SharedBase:
     server_tensors: dict[str, torch.Tensor]
     device_uuid: str
     architecture: str
+    incarnation: str | None = None  # which run of the server actor mapped these (a restart makes another)
 
 
 def open_shared_weights(path: str | Path) -> SharedBase:
@@ -193,8 +227,12 @@ def map_server_weights(server_name: str, timeout_s: float = 300.0) -> SharedBase
     with tempfile.TemporaryDirectory(prefix="skyrl-share-") as tmp:
         path = str(Path(tmp) / "handles.pkl")
         try:
-            ray.get(server.share_base_weights.remote(path), timeout=timeout_s)
+            info: Any = ray.get(server.share_base_weights.remote(path), timeout=timeout_s)  # the actor's dict
         except Exception as exc:  # the server's SkyrlError, wrapped by Ray: its text says why
             cause = getattr(exc, "cause", None) or exc
             raise SharingImpossible(f"the server '{server_name}' did not share its weights: {cause}") from exc
-        return open_shared_weights(path)
+        if not info.get("incarnation"):
+            raise SharingImpossible(f"the server '{server_name}' did not say which run of it shares its weights")
+        shared = open_shared_weights(path)
+        shared.incarnation = str(info["incarnation"])
+        return shared

@@ -8,6 +8,7 @@ resident may evict the least recently used tenant to CPU, and the CPU tier spill
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import re
@@ -46,7 +47,7 @@ from skyrl_lora.training.protocol import (
     TierStats,
     TrainerState,
 )
-from skyrl_lora.training.shared_base import SharedBase, SharingImpossible, hf_views, model_on_views
+from skyrl_lora.training.shared_base import BaseViews, SharedBase, SharingImpossible, hf_views, model_on_views
 from skyrl_lora.training.snapshot import TenantSnapshot, read_snapshot, write_snapshot
 from skyrl_lora.training.state_cache import HostAndDiskTiers
 
@@ -103,6 +104,7 @@ class MultiTenantTrainer:
         # where a shared base comes from (config.base_weights): the actor maps the server's GPU weights
         self.weights_source: Callable[[], SharedBase] | None = None
         self.shared: SharedBase | None = None
+        self._base_views: BaseViews | None = None  # the base's parameters, views of `shared`
         self.share_buffers = ShareBuffers()  # images left on the GPU for the one server to copy (export_image)
         self.copy_buffers = ShareBuffers()  # their weights, copied for the durable copy (persist_tensors)
         self._adapter_configs: dict[LoraSpec, bytes] = {}  # adapter_config.json per adapter shape
@@ -152,11 +154,41 @@ class MultiTenantTrainer:
             logger.warning("base_weights=shared_or_own: loading a copy of the base model, because %s", exc)
             return None
         self.shared = shared
+        self._base_views = BaseViews(model)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         logger.info("base model on %d shared tensors of the inference server (%s, %s): no copy",
                     len(shared.server_tensors), shared.architecture, self.dtype)
         return model
+
+    def release_shared_base(self) -> None:
+        """The server whose weights the base is built on died (its restart loads them anew, elsewhere):
+        let go of its memory at once, so the old weights are not kept alive beside the new ones, and
+        take no step until :meth:`reshare_base`. Tenants' slots and optimizer states stay."""
+        if self.shared is None or self._base_views is None:
+            return
+        self._base_views.detach()
+        self.shared = None
+        gc.collect()  # the mapped storages go with their last reference; their IPC handles are closed
+
+    def reshare_base(self) -> SharedBase:
+        """Build the base on the (restarted) server's weights again: the same model and slots, each
+        frozen parameter a view of the new mapping (``BaseViews.rebind``)."""
+        if self._base_views is None or self.weights_source is None:
+            raise SkyrlError(409, "base_weights: this trainer's base is its own copy; there is nothing to share "
+                                  "again", "base_weights")
+        self.release_shared_base()
+        t0 = time.perf_counter()
+        try:
+            shared = self.weights_source()
+            self._base_views.rebind(hf_views(shared.server_tensors, _hf_config(Path(self.config.base_model))))
+        except SharingImpossible as exc:
+            raise SkyrlError(503, f"base_weights: the inference server's weights cannot be shared again yet: {exc}",
+                             "base_weights") from exc
+        self.shared = shared
+        logger.info("base model on the inference server's weights again (%s, %d tensors) in %.2f s",
+                    shared.incarnation, len(shared.server_tensors), time.perf_counter() - t0)
+        return shared
 
     # ------------------------------------------------------------------ tenants
     def create_lora(self, tenant: str, spec: LoraSpec) -> TenantInfo:
