@@ -47,6 +47,26 @@ def _write_checkpoint(model: Path, out: Path) -> None:
     assert json.loads((out / "config.json").read_text())["num_key_value_heads"] == 8
 
 
+def _weights_that_say_something() -> None:
+    """vLLM's dummy weights are uniform in +-1e-3, the norms' too: every logit is ~0, every logprob
+    ln(1/vocab), and no adapter moves them, so an equality of logprobs would say nothing (2026-12-03:
+    four steps moved them by 0.0002). Written through the mapping before anyone reads them: norms 1, the
+    rest N(0, 0.02) as HF initialises a Llama, so logits spread by ~1 and an adapter shows."""
+    from skyrl_lora.training.shared_base import map_server_weights
+
+    shared = map_server_weights(SERVER)
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    with torch.no_grad():
+        for name, tensor in shared.server_tensors.items():
+            if name.endswith("norm.weight"):
+                tensor.fill_(1.0)
+            else:
+                tensor.normal_(0.0, 0.02, generator=generator)
+    torch.cuda.synchronize()
+    del shared
+    torch.cuda.empty_cache()
+
+
 def _datum(seq_len: int, offset: int) -> Datum:
     tokens = [(7 * i + offset) % 200 + 3 for i in range(seq_len + 1)]
     return Datum(model_input=tokens[:-1], loss_fn_inputs={"target_tokens": tokens[1:]})
@@ -61,6 +81,7 @@ def test_colocated_trainer_equals_a_standalone_one_at_8b(ray_local: None, tiny: 
     own_model = tmp_path / "own-model"
     trainers: list[Any] = []
     try:
+        _weights_that_say_something()
         _write_checkpoint(model, own_model)
         common = dict(sampler_root=tmp_path / "adapters", max_lora_rank=32, resident_budget_bytes=16 << 30)
         shared = start_trainer_actor(TrainerConfig(base_model=str(model), state_dir=tmp_path / "shared",
@@ -98,6 +119,9 @@ def test_colocated_trainer_equals_a_standalone_one_at_8b(ray_local: None, tiny: 
         assert worst(trained, logprobs(own)) < 0.1, (trained[:8], logprobs(own)[:8])
         assert max(abs(a - b) / max(abs(b), 1.0) for a, b in zip(losses[0], losses[1])) < 0.02, losses
         assert ray.get(shared.shared_base_checksum.remote()) == before  # the base was never written
+        print(f"8b: logprobs colocated vs standalone, worst |diff| {worst(start, logprobs(own)):.4f} before training, "
+              f"{worst(trained, logprobs(own)):.4f} after; training moved them by {worst(trained, start):.3f}; "
+              f"losses {losses}")
     finally:
         for actor in (*trainers, server):
             ray.kill(actor)

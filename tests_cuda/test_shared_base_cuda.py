@@ -11,6 +11,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import ray
 import torch
@@ -25,14 +26,14 @@ from skyrl_lora.training.protocol import AdamParams, Datum, LoraSpec
 SERVER = "skyrl-colocated-server"
 
 
-def _datum(tok, phrase: str) -> Datum:
+def _datum(tok: Any, phrase: str) -> Datum:
     p = tok.encode("def main():\n    return")
     seq = p + tok.encode(phrase, add_special_tokens=False) * 6
     return Datum(model_input=seq[:-1], loss_fn_inputs={"target_tokens": seq[1:],
                                                        "weights": [0.0] * (len(p) - 1) + [1.0] * (len(seq) - len(p))})
 
 
-def test_colocated_trainer_on_the_servers_weights(ray_local, tiny, tok, tmp_path) -> None:
+def test_colocated_trainer_on_the_servers_weights(ray_local: None, tiny: Any, tok: Any, tmp_path: Path) -> None:
     assert torch.cuda.is_available()
     config = ServerConfig(model=str(tiny.base), loras={"s1": str(tiny.loras["meow"]), "s2": str(tiny.loras["woof"])},
                           max_loras=4, max_lora_rank=16, max_model_len=512, gpu_memory_utilization=0.3)
@@ -56,15 +57,16 @@ def test_colocated_trainer_on_the_servers_weights(ray_local, tiny, tok, tmp_path
         for t in (shared, own):
             ray.get([t.create_lora.remote("a", spec), t.create_lora.remote("b", spec)])
 
-        def logprobs(t):
-            return ray.get(t.forward.remote("a", probe)).loss_fn_outputs[0]["logprobs"]
+        def logprobs(t: Any) -> list[float]:
+            out: list[float] = ray.get(t.forward.remote("a", probe)).loss_fn_outputs[0]["logprobs"]
+            return out
 
-        def worst(x, y):
+        def worst(x: list[float], y: list[float]) -> float:
             return max(abs(p - q) for p, q in zip(x, y))
         assert worst(logprobs(shared), logprobs(own)) < 0.05
 
-        async def sample_while_training() -> list:
-            async def tenant_samples(name: str) -> list:
+        async def sample_while_training() -> tuple[list[Any], list[Any]]:
+            async def tenant_samples(name: str) -> list[Any]:
                 return await asyncio.gather(*(client.sample(prompt, {"max_tokens": 16}, name) for _ in range(8)))
 
             sampling = asyncio.gather(tenant_samples("s1"), tenant_samples("s2"))

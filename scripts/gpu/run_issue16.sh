@@ -61,7 +61,7 @@ case "${1:-stall}" in
   colocated-8b)  # issue 17's forward/backward equality at 8B shape (tests_cuda/test_shared_base_8b.py, ~4 min)
     timeout 540 python3 -m pytest tests_cuda/test_shared_base_8b.py -p no:cacheprovider -x -q -rA -s \
       --junitxml="$res/colocated-8b-junit.xml" > "$res/colocated-8b.log" 2>&1 || rc=$?
-    tail -5 "$res/colocated-8b.log" ;;
+    grep "8b:" "$res/colocated-8b.log"; tail -5 "$res/colocated-8b.log" ;;
   restart)  # a colocated trainer follows its server across a crash (tests_cuda/test_shared_base_restart.py), and
             # what a mapping does when the process that exported it dies (torch alone)
     timeout 120 python3 scripts/gpu/ipc_exporter_exit.py --out "$res" > "$res/ipc-exporter-exit.log" 2>&1 || rc=$?

@@ -107,9 +107,12 @@ class VLLMServerActor:
         return {**await self.server.share_weights(path), "incarnation": self._incarnation}
 
     def incarnation(self) -> ServerIncarnation:
-        """Which run of this actor answers, and whether its engine (with the weights) is up: a colocated
-        trainer re-maps the weights when the run changes (``training/base_watch.py``)."""
-        return ServerIncarnation(incarnation=self._incarnation, started=self.server.engine is not None)
+        """Which run of this actor answers, and whether it serves (its engine holds the weights and its
+        routes answer): a colocated trainer re-maps the weights when the run changes, once the new run
+        serves, so that its next publication finds the routes up (``training/base_watch.py``)."""
+        serving = self._starting is not None and self._starting.done() and not self._starting.cancelled() \
+            and self._starting.exception() is None  # start() returned: the engine is up and its routes answer
+        return ServerIncarnation(incarnation=self._incarnation, started=serving)
 
     def log_tail(self) -> str:
         return self.server.log_tail()

@@ -233,10 +233,10 @@ class SlotPlanResponse(_Frozen):
 
 class ServerIncarnation(_Frozen):
     """Which run of a server actor answers (a restart is another run, with its weights in other GPU
-    memory), and whether its engine is up: what a colocated trainer follows (``training/base_watch``)."""
+    memory), and whether it serves yet: what a colocated trainer follows (``training/base_watch``)."""
 
     incarnation: str
-    started: bool
+    started: bool = Field(description="the run's start() has returned: its engine is up and its routes answer")
 
 
 class ServerState(_Frozen):
