@@ -122,6 +122,7 @@ class TrainerActor:
             answer: ServerIncarnation = await self._server.incarnation.remote()
             return answer
         except (RayActorError, ValueError) as exc:  # dead, restarting, or no actor of that name any more
+            self._server = None  # looked up by name again: a server made anew under it is another actor
             raise ServerDown(str(exc)) from exc
 
     async def _release_base(self) -> None:
