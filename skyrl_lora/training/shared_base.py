@@ -150,9 +150,6 @@ class BaseViews:
         self.params = dict(model.named_parameters())
         self.shapes = {name: (tuple(p.shape), p.dtype) for name, p in self.params.items()}
 
-    def __bool__(self) -> bool:
-        return bool(self.params)
-
     def rebind(self, views: Mapping[str, torch.Tensor]) -> None:
         """Point each parameter at its view in ``views``. All are checked before any moves, so a
         mismatch leaves the model as it was."""

@@ -531,7 +531,7 @@ def _image_from_gpu(state: dict[str, Any], adapter_manager: Any, lora_int_id: in
     return lora, image
 
 
-READY_ATTR = "_skyrl_views_pending"  # on a LoRAModel whose layer views are not made yet
+VIEWS_PENDING_ATTR = "_skyrl_views_pending"  # on a LoRAModel whose layer views are not made yet
 VIEWS_TIMEOUT_S = 60.0
 
 
@@ -550,25 +550,25 @@ def _lora_model_of_views(adapter_manager: Any, layout: _SlotLayout, plan: BuildP
     from vllm.lora.lora_model import LoRAModel
 
     lora = LoRAModel(lora_int_id, rank, {})
-    setattr(lora, READY_ATTR, (threading.Lock(), (adapter_manager, layout, plan, shapes, mapped, rank, alpha)))
+    setattr(lora, VIEWS_PENDING_ATTR, (threading.Lock(), (adapter_manager, layout, plan, shapes, mapped, rank, alpha)))
     return lora
 
 
 def fill_views(lora: Any) -> None:
     """Make the layer views of a ``LoRAModel`` from :func:`_lora_model_of_views` (once, on whichever
     thread first needs them; a second caller waits for the first's); at once for any other."""
-    pending = getattr(lora, READY_ATTR, None)
+    pending = getattr(lora, VIEWS_PENDING_ATTR, None)
     if pending is None:
         return
     lock, args = pending
     if not lock.acquire(timeout=VIEWS_TIMEOUT_S):
         raise RuntimeError(f"the layer views of LoRA {lora.id} were not made within {VIEWS_TIMEOUT_S:.0f} s")
     try:
-        if getattr(lora, READY_ATTR, None) is not None:
+        if getattr(lora, VIEWS_PENDING_ATTR, None) is not None:
             # one assignment, never a dict changed in place: vLLM's thread may be iterating the model's
             # layers while this runs
             lora.loras = _layer_views(*args)
-            delattr(lora, READY_ATTR)
+            delattr(lora, VIEWS_PENDING_ATTR)
     finally:
         lock.release()
 
